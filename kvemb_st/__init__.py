@@ -1,0 +1,18 @@
+"""kvemb-st: training-free sentence embeddings from frozen decoder-only LLMs (KV-Embedding) for sentence-transformers."""
+
+from kvemb_st import attention as _attention  # noqa: F401  (registers the attention function at import)
+from kvemb_st.api import from_base, load
+from kvemb_st.config import COMPRESSION_TEMPLATE, PROMPTEOL_TEMPLATE, ConfigError, KVEmbeddingConfig
+from kvemb_st.module import KVEmbedding
+from kvemb_st.version import __version__
+
+__all__ = [
+    "COMPRESSION_TEMPLATE",
+    "PROMPTEOL_TEMPLATE",
+    "ConfigError",
+    "KVEmbedding",
+    "KVEmbeddingConfig",
+    "__version__",
+    "from_base",
+    "load",
+]

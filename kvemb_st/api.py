@@ -1,0 +1,92 @@
+"""Entry points: build a KV-Embedding model from a base LLM, or load a saved one without remote code."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.util import load_file_path
+from sentence_transformers.util.environment import check_version_requirements
+
+from kvemb_st.config import KVEmbeddingConfig, parse_layer_spec
+from kvemb_st.module import KVEmbedding
+
+MODULE_TYPE = f"{KVEmbedding.__module__}.{KVEmbedding.__name__}"
+
+
+def from_base(
+    base_model: str,
+    layers: str | list[int] | range = (),
+    *,
+    base_revision: str | None = None,
+    query_template: str | None = None,
+    document_template: str | None = None,
+    device: str | None = None,
+    token: bool | str | None = None,
+    cache_folder: str | None = None,
+    local_files_only: bool = False,
+    model_kwargs: dict[str, Any] | None = None,
+    **knobs: Any,
+) -> SentenceTransformer:
+    """Wrap a frozen base LLM (Hub id, folder or ``.gguf``) as a KV-Embedding ``SentenceTransformer``.
+
+    ``knobs`` are fields of :class:`~kvemb_st.config.KVEmbeddingConfig` (``prefix_bias``, ``prefix_rope``,
+    ``pooling``, ``template``, ...). ``query_template``/``document_template`` become the ST prompts
+    ``query``/``document`` used by ``encode_query``/``encode_document``.
+    """
+    config = KVEmbeddingConfig(
+        base_model=base_model, base_revision=base_revision, layers=parse_layer_spec(layers), **knobs
+    )
+    module = KVEmbedding(
+        config, token=token, cache_folder=cache_folder, local_files_only=local_files_only, model_kwargs=model_kwargs
+    )
+    prompts = {name: t for name, t in (("query", query_template), ("document", document_template)) if t}
+    return SentenceTransformer(modules=[module], prompts=prompts, similarity_fn_name="cosine", device=device)
+
+
+def _read_json(name_or_path: str, filename: str, hub_kwargs: dict[str, Any]) -> Any:
+    path = load_file_path(name_or_path, filename, **hub_kwargs)
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load(
+    model_name_or_path: str,
+    *,
+    device: str | None = None,
+    revision: str | None = None,
+    token: bool | str | None = None,
+    cache_folder: str | None = None,
+    local_files_only: bool = False,
+    model_kwargs: dict[str, Any] | None = None,
+) -> SentenceTransformer:
+    """Load a saved KV-Embedding folder or Hub repo without ``trust_remote_code``.
+
+    Safe because nothing from the repo is imported: the only module class allowed is our own,
+    already-installed :class:`KVEmbedding`, and the folder is checked to contain nothing else.
+    """
+    hub_kwargs = {"token": token, "cache_folder": cache_folder, "revision": revision, "local_files_only": local_files_only}
+    modules = _read_json(model_name_or_path, "modules.json", hub_kwargs)
+    if modules is None:
+        raise FileNotFoundError(f"'{model_name_or_path}' has no modules.json: not a sentence-transformers model")
+    types = [m.get("type") for m in modules] if isinstance(modules, list) else None
+    if types != [MODULE_TYPE]:
+        raise ValueError(
+            f"{model_name_or_path}/modules.json lists modules {types}; kvemb_st.load only loads a single "
+            f"'{MODULE_TYPE}' module. Use SentenceTransformer(..., trust_remote_code=True) for other models."
+        )
+    st_config = _read_json(model_name_or_path, "config_sentence_transformers.json", hub_kwargs) or {}
+    check_version_requirements(st_config.get("requirements"), source=model_name_or_path)
+    module = KVEmbedding.load(
+        model_name_or_path, subfolder=modules[0].get("path", ""), model_kwargs=model_kwargs, **hub_kwargs
+    )
+    return SentenceTransformer(
+        modules=[module],
+        prompts=st_config.get("prompts") or {},
+        default_prompt_name=st_config.get("default_prompt_name"),
+        similarity_fn_name=st_config.get("similarity_fn_name") or "cosine",
+        device=device,
+    )

@@ -1,0 +1,182 @@
+"""The saved configuration of a KV-Embedding model, validated at the boundary.
+
+Everything a saved folder holds about the model lives in one :class:`KVEmbeddingConfig`; weights never
+do. Validation happens here, once, so that a bad hand-edited or downloaded ``kvemb_config.json`` fails
+with a message naming the file and the key instead of producing wrong vectors later.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+from kvemb_st.version import __version__
+
+CONFIG_FILE_NAME = "kvemb_config.json"
+ROPE_MODES = ("keep", "start", "relative0")
+POOLING_MODES = ("mean", "last", "mean+last")
+PROMPTEOL_TEMPLATE = 'This sentence : "{text}" means in one word:"'
+COMPRESSION_TEMPLATE = "Context: {text}\nCompress the context in one word:"
+TEXT_PLACEHOLDER = "{text}"
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the source and the key."""
+
+
+def _where(source: str | None, key: str) -> str:
+    return f"{source}: key '{key}'" if source else f"'{key}'"
+
+
+def parse_layer_spec(spec: str | int | list[int] | tuple[int, ...] | range) -> list[int]:
+    """Turn ``"20-29"``, ``"3,5,7"``, ``"3,10-12"``, an int or a list into a sorted list of layer indices.
+
+    Duplicates are an error rather than silently merged: a duplicate usually means a typo.
+    """
+    if isinstance(spec, bool):
+        raise ConfigError(f"layers must be integers, got {spec!r}")
+    if isinstance(spec, int):
+        items: list[int] = [spec]
+    elif isinstance(spec, str):
+        items = []
+        for part in (p.strip() for p in spec.split(",")):
+            match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+            if not match:
+                raise ConfigError(f"cannot parse layer spec {spec!r}: use e.g. '20-29' or '3,5,7'")
+            lo, hi = int(match.group(1)), int(match.group(2) or match.group(1))
+            if hi < lo:
+                raise ConfigError(f"layer range '{part}' in {spec!r} is reversed")
+            items.extend(range(lo, hi + 1))
+    else:
+        items = list(spec)
+    for layer in items:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise ConfigError(f"layers must be integers, got {layer!r} ({type(layer).__name__})")
+    if len(set(items)) != len(items):
+        dupes = sorted({x for x in items if items.count(x) > 1})
+        raise ConfigError(f"duplicate layer indices {dupes} in {spec!r}")
+    return sorted(items)
+
+
+@dataclass
+class KVEmbeddingConfig:
+    """All knobs of a KV-Embedding model.
+
+    Attributes:
+        base_model: Hub id, local folder or path to a ``.gguf`` file of the frozen decoder-only LLM.
+        base_revision: Hub revision (branch, tag or commit) of ``base_model``; ``None`` for the default.
+        layers: Decoder layers (0-based) whose attention gets the re-routed final-token key/value prefix.
+            Empty means no re-routing (plain prompt-based embedding).
+        prefix_bias: Added to the prefix slot's attention logit; larger values draw more attention to it.
+        prefix_rope: How the prefix key is positioned: ``keep`` (rotated at the final token's position),
+            ``start`` (at position 0, like a real prepended token) or ``relative0`` (at each query's own
+            position, i.e. relative distance 0).
+        pooling: ``mean`` over real tokens, ``last`` token, or ``mean+last`` (weighted sum of the two
+            L2-normalised vectors, weight ``last_weight`` on the last token).
+        last_weight: Weight of the last-token vector in ``mean+last`` pooling, in [0, 1].
+        template: Prompt with exactly one ``{text}`` placeholder; the text is truncated, never the template.
+        max_seq_length: Maximum number of tokens of the templated input.
+        layer_selection: Metadata of automatic layer selection (ID curve, calibration hash, window);
+            informational, written by ``kvemb build``.
+        kvemb_st_version: Package version that wrote the config.
+    """
+
+    base_model: str
+    base_revision: str | None = None
+    layers: list[int] = field(default_factory=list)
+    prefix_bias: float = 2.0
+    prefix_rope: str = "relative0"
+    pooling: str = "last"
+    last_weight: float = 0.5
+    template: str = PROMPTEOL_TEMPLATE
+    max_seq_length: int = 512
+    layer_selection: dict[str, Any] | None = None
+    kvemb_st_version: str = __version__
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, source: str | None = None) -> None:
+        """Check every field; raise :class:`ConfigError` naming ``source`` and the key on the first bad one."""
+        if not isinstance(self.base_model, str) or not self.base_model.strip():
+            raise ConfigError(f"{_where(source, 'base_model')} must be a non-empty Hub id or path")
+        if self.base_revision is not None and not isinstance(self.base_revision, str):
+            raise ConfigError(f"{_where(source, 'base_revision')} must be a string or null")
+        try:
+            self.layers = parse_layer_spec(self.layers)
+        except ConfigError as err:
+            raise ConfigError(f"{_where(source, 'layers')}: {err}") from None
+        if any(layer < 0 for layer in self.layers):
+            raise ConfigError(f"{_where(source, 'layers')} must be >= 0, got {self.layers}")
+        if isinstance(self.prefix_bias, bool) or not isinstance(self.prefix_bias, (int, float)):
+            raise ConfigError(f"{_where(source, 'prefix_bias')} must be a number, got {self.prefix_bias!r}")
+        if not math.isfinite(self.prefix_bias):
+            raise ConfigError(f"{_where(source, 'prefix_bias')} must be finite, got {self.prefix_bias!r}")
+        self.prefix_bias = float(self.prefix_bias)
+        if self.prefix_rope not in ROPE_MODES:
+            raise ConfigError(f"{_where(source, 'prefix_rope')} must be one of {ROPE_MODES}, got {self.prefix_rope!r}")
+        if self.pooling not in POOLING_MODES:
+            raise ConfigError(f"{_where(source, 'pooling')} must be one of {POOLING_MODES}, got {self.pooling!r}")
+        if (
+            isinstance(self.last_weight, bool)
+            or not isinstance(self.last_weight, (int, float))
+            or not 0.0 <= self.last_weight <= 1.0
+        ):
+            raise ConfigError(f"{_where(source, 'last_weight')} must be a number in [0, 1], got {self.last_weight!r}")
+        self.last_weight = float(self.last_weight)
+        validate_template(self.template, _where(source, "template"))
+        if isinstance(self.max_seq_length, bool) or not isinstance(self.max_seq_length, int) or self.max_seq_length < 8:
+            raise ConfigError(f"{_where(source, 'max_seq_length')} must be an integer >= 8, got {self.max_seq_length!r}")
+        if self.layer_selection is not None and not isinstance(self.layer_selection, dict):
+            raise ConfigError(f"{_where(source, 'layer_selection')} must be an object or null")
+
+    def check_layers_fit(self, num_layers: int, source: str | None = None) -> None:
+        """Layers can only be range-checked once the base model's depth is known."""
+        bad = [layer for layer in self.layers if layer >= num_layers]
+        if bad:
+            raise ConfigError(
+                f"{_where(source, 'layers')}: {bad} out of range for base model '{self.base_model}' with "
+                f"{num_layers} layers (valid: 0..{num_layers - 1})"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str | None = None) -> KVEmbeddingConfig:
+        """Build from a loaded JSON object; unknown keys are rejected, never silently ignored.
+
+        A config is data, not code: keys such as ``trust_remote_code`` are refused by name so that a
+        downloaded folder can never switch remote code on.
+        """
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source or 'config'} must hold a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            hint = (
+                " Remote code is never enabled from a config file."
+                if any("remote" in key or "code" in key for key in unknown)
+                else ""
+            )
+            raise ConfigError(
+                f"{source or 'config'}: unknown key(s) {unknown}; expected a subset of {sorted(known)}.{hint}"
+            )
+        if "base_model" not in data:
+            raise ConfigError(f"{_where(source, 'base_model')} is missing")
+        config = cls.__new__(cls)  # bypass __post_init__ so that validation can name the source file
+        for f in fields(cls):
+            if f.name in data:
+                value = data[f.name]
+            else:
+                value = f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
+            setattr(config, f.name, value)
+        config.validate(source)
+        return config
+
+
+def validate_template(template: Any, where: str) -> None:
+    if not isinstance(template, str) or template.count(TEXT_PLACEHOLDER) != 1:
+        raise ConfigError(f"{where} must be a string with exactly one '{TEXT_PLACEHOLDER}' placeholder, got {template!r}")

@@ -1,0 +1,194 @@
+"""The sentence-transformers module: template -> tokens -> one re-routed forward pass -> pooled vector.
+
+A saved folder holds only ``kvemb_config.json`` (plus ST's own JSON files and the model card); the
+base model is referenced by id and revision or path and loaded at ``load`` time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from sentence_transformers.base.modules.input_module import InputModule
+from transformers import PreTrainedModel
+from transformers.utils import logging
+
+from kvemb_st.attention import KVRouting
+from kvemb_st.backbone import load_backbone
+from kvemb_st.config import CONFIG_FILE_NAME, ConfigError, KVEmbeddingConfig
+from kvemb_st.inputs import validate_texts
+from kvemb_st.pooling import last_token_index, pool
+from kvemb_st.prompting import Template, TemplateTokenizer, resolve_template
+from kvemb_st.version import __version__
+
+logger = logging.get_logger(__name__)
+
+REQUIREMENT = {"kvemb-st": f">={__version__}"}
+
+
+class KVEmbedding(InputModule):
+    """Training-free sentence embeddings from a frozen decoder-only LLM (KV-Embedding, arXiv 2601.01046).
+
+    Args:
+        config: All knobs; see :class:`~kvemb_st.config.KVEmbeddingConfig`.
+        backbone, tokenizer: An already loaded base model (with ``attn_implementation="kvemb_reroute"``)
+            and its tokenizer; loaded from ``config.base_model`` when omitted.
+        token, cache_folder, local_files_only, model_kwargs: Passed to the base model's ``from_pretrained``.
+    """
+
+    config_file_name = CONFIG_FILE_NAME
+    save_in_root = True
+
+    def __init__(
+        self,
+        config: KVEmbeddingConfig,
+        backbone: PreTrainedModel | None = None,
+        tokenizer: Any = None,
+        *,
+        token: bool | str | None = None,
+        cache_folder: str | None = None,
+        local_files_only: bool = False,
+        model_kwargs: dict[str, Any] | None = None,
+        config_source: str | None = None,
+    ) -> None:
+        super().__init__()
+        if backbone is None:
+            backbone, tokenizer = load_backbone(
+                config.base_model,
+                config.base_revision,
+                token=token,
+                cache_folder=cache_folder,
+                local_files_only=local_files_only,
+                model_kwargs=model_kwargs,
+            )
+        elif tokenizer is None:
+            raise ValueError("a tokenizer must be given together with a preloaded backbone")
+        config.check_layers_fit(backbone.config.num_hidden_layers, config_source)
+        self.config = config
+        self.auto_model = backbone
+        self.tokenizer = tokenizer
+        self._template = Template.parse(config.template)
+        self._template_tokenizer = TemplateTokenizer(tokenizer, config.max_seq_length)
+        self._warned_truncation = False
+
+    # ----------------------------------------------------------------------------------------- config
+    def get_config_dict(self) -> dict[str, Any]:
+        return {**self.config.to_dict(), "kvemb_st_version": __version__}
+
+    @property
+    def max_seq_length(self) -> int:
+        return self.config.max_seq_length
+
+    @max_seq_length.setter
+    def max_seq_length(self, value: int) -> None:
+        self.config.max_seq_length = value
+        self.config.validate()
+        self._template_tokenizer = TemplateTokenizer(self.tokenizer, value)
+
+    def get_embedding_dimension(self) -> int:
+        return self.auto_model.config.hidden_size
+
+    # ------------------------------------------------------------------------------------ input / forward
+    def preprocess(
+        self, inputs: Sequence[str], prompt: str | None = None, **kwargs: Any
+    ) -> dict[str, torch.Tensor | Any]:
+        """Wrap each text in the template (or the ST prompt, see :func:`resolve_template`) and tokenize."""
+        texts = validate_texts(inputs)
+        features, truncated = self._template_tokenizer.encode(texts, resolve_template(self._template, prompt))
+        if truncated and not self._warned_truncation:
+            self._warned_truncation = True
+            logger.warning(
+                f"{truncated} text(s) in this batch exceed max_seq_length={self.max_seq_length} tokens with the "
+                "template; the texts were shortened and the template's instruction kept whole. "
+                "(This warning is shown once per model.)"
+            )
+        return features
+
+    def routing(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> KVRouting | None:
+        """Per-call routing data for the attention function; ``None`` when no layer is re-routed."""
+        if not self.config.layers:
+            return None
+        cos = sin = None
+        if self.config.prefix_rope != "keep":
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+            dtype_probe = torch.empty(0, dtype=self.auto_model.dtype, device=input_ids.device)
+            cos, sin = self.auto_model.rotary_emb(dtype_probe, positions)
+        return KVRouting(
+            layers=frozenset(self.config.layers),
+            last_index=last_token_index(attention_mask),
+            prefix_bias=self.config.prefix_bias,
+            prefix_rope=self.config.prefix_rope,
+            cos=cos,
+            sin=sin,
+        )
+
+    def forward(self, features: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, torch.Tensor]:
+        input_ids, attention_mask = features["input_ids"], features["attention_mask"]
+        output = self.auto_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            kv_routing=self.routing(input_ids, attention_mask),
+            use_cache=False,
+        )
+        hidden = output.last_hidden_state
+        embedding = pool(hidden, attention_mask, self.config.pooling, self.config.last_weight)
+        features.update(
+            token_embeddings=hidden,
+            sentence_embedding=F.normalize(embedding, dim=-1),
+        )
+        return features
+
+    # ------------------------------------------------------------------------------------- save / load
+    def save(self, output_path: str, *args: Any, safe_serialization: bool = True, **kwargs: Any) -> None:
+        """Write the config only -- never weights -- and record our package as a requirement of the folder."""
+        self.save_config(output_path)
+        st_config_path = os.path.join(output_path, "config_sentence_transformers.json")
+        if os.path.exists(st_config_path):  # written by SentenceTransformer.save just before the modules
+            with open(st_config_path, encoding="utf-8") as f:
+                st_config = json.load(f)
+            st_config["requirements"] = {**(st_config.get("requirements") or {}), **REQUIREMENT}
+            with open(st_config_path, "w", encoding="utf-8") as f:
+                json.dump(st_config, f, indent=2, sort_keys=True)
+
+    @classmethod
+    def load(
+        cls,
+        model_name_or_path: str,
+        subfolder: str = "",
+        token: bool | str | None = None,
+        cache_folder: str | None = None,
+        revision: str | None = None,
+        local_files_only: bool = False,
+        model_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> KVEmbedding:
+        """Rebuild from a saved folder or Hub repo.
+
+        ``revision``/``subfolder`` address the KV-Embedding repo only; the base model is loaded at the
+        ``base_revision`` recorded in the config. ``trust_remote_code`` (passed by ST) is deliberately
+        ignored for the base model.
+        """
+        source = os.path.join(model_name_or_path, subfolder, CONFIG_FILE_NAME)
+        data = cls.load_config(
+            model_name_or_path,
+            subfolder=subfolder,
+            token=token,
+            cache_folder=cache_folder,
+            revision=revision,
+            local_files_only=local_files_only,
+        )
+        if not data:
+            raise ConfigError(f"{source} not found: '{model_name_or_path}' is not a KV-Embedding model folder")
+        config = KVEmbeddingConfig.from_dict(data, source=source)
+        return cls(
+            config,
+            token=token,
+            cache_folder=cache_folder,
+            local_files_only=local_files_only,
+            model_kwargs=model_kwargs,
+            config_source=source,
+        )

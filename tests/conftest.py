@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny random decoder-only models (built in-test with ``from_config``) saved as local folders."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,  # GQA
+    max_position_embeddings=1024,
+)
+ARCHS = {
+    "llama": lambda vocab: LlamaConfig(vocab_size=vocab, **TINY),
+    "mistral": lambda vocab: MistralConfig(vocab_size=vocab, sliding_window=None, **TINY),
+    "qwen2": lambda vocab: Qwen2Config(vocab_size=vocab, **TINY),
+    "qwen3": lambda vocab: Qwen3Config(vocab_size=vocab, head_dim=16, **TINY),
+}
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(tmp_path_factory):
+    """The real SmolLM2 tokenizer (fast, 49k vocab), saved alone so tiny models can reuse it."""
+    from kvemb_st.assets import smollm2_folder
+
+    path = tmp_path_factory.mktemp("tokenizer")
+    AutoTokenizer.from_pretrained(smollm2_folder()).save_pretrained(path)
+    return path
+
+
+def make_tiny_model(arch: str, directory, tokenizer_dir, seed: int = 0, dtype=torch.float32):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    config = ARCHS[arch](len(tokenizer))
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, smollm2_tokenizer_dir):
+    """One saved tiny random model folder per supported architecture."""
+    return {
+        arch: make_tiny_model(arch, tmp_path_factory.mktemp(f"tiny-{arch}"), smollm2_tokenizer_dir)
+        for arch in ARCHS
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_models):
+    return str(tiny_models["llama"])
