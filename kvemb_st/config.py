@@ -67,16 +67,21 @@ class KVEmbeddingConfig:
     Attributes:
         base_model: Hub id, local folder or path to a ``.gguf`` file of the frozen decoder-only LLM.
         base_revision: Hub revision (branch, tag or commit) of ``base_model``; ``None`` for the default.
+        method: ``kv`` (KV-Embedding) or a training-free baseline run by the same module: ``mean``, ``last``,
+            ``prompteol``, ``echo``, ``token_prepending`` (see :mod:`kvemb_st.methods` for each paper's recipe).
         layers: Decoder layers (0-based) whose attention gets the re-routed final-token key/value prefix.
-            Empty means no re-routing (plain prompt-based embedding).
+            Empty means no re-routing (plain prompt-based embedding). Method ``kv`` only.
+        tp_layers: Layers at whose input Token Prepending overwrites the placeholder's state (method
+            ``token_prepending`` only); ``None`` = layers 1 .. 7/32 of the depth, the paper's setting.
         prefix_bias: Added to the prefix slot's attention logit; larger values draw more attention to it.
         prefix_rope: How the prefix key is positioned: ``keep`` (rotated at the final token's position),
             ``start`` (at position 0, like a real prepended token) or ``relative0`` (at each query's own
             position, i.e. relative distance 0).
         pooling: ``mean`` over real tokens, ``last`` token, or ``mean+last`` (weighted sum of the two
-            L2-normalised vectors, weight ``last_weight`` on the last token).
+            L2-normalised vectors, weight ``last_weight`` on the last token); ``None`` = the method's default.
         last_weight: Weight of the last-token vector in ``mean+last`` pooling, in [0, 1].
-        template: Prompt with exactly one ``{text}`` placeholder; the text is truncated, never the template.
+        template: Prompt with one ``{text}`` placeholder (two for ``echo``); the text is truncated, never the
+            template. ``None`` = the method's default.
         max_seq_length: Maximum number of tokens of the templated input.
         layer_selection: Metadata of automatic layer selection (ID curve, calibration hash, window);
             informational, written by ``kvemb build``.
@@ -85,12 +90,14 @@ class KVEmbeddingConfig:
 
     base_model: str
     base_revision: str | None = None
+    method: str = "kv"
     layers: list[int] = field(default_factory=list)
+    tp_layers: list[int] | None = None
     prefix_bias: float = 2.0
     prefix_rope: str = "relative0"
-    pooling: str = "last"
+    pooling: str | None = None
     last_weight: float = 0.5
-    template: str = PROMPTEOL_TEMPLATE
+    template: str | None = None
     max_seq_length: int = 512
     layer_selection: dict[str, Any] | None = None
     kvemb_st_version: str = __version__
@@ -104,12 +111,24 @@ class KVEmbeddingConfig:
             raise ConfigError(f"{_where(source, 'base_model')} must be a non-empty Hub id or path")
         if self.base_revision is not None and not isinstance(self.base_revision, str):
             raise ConfigError(f"{_where(source, 'base_revision')} must be a string or null")
+        from kvemb_st.methods import get_method  # imported here: methods builds on this module
+
+        method = get_method(self.method, _where(source, "method"))
+        self.template = method.template if self.template is None else self.template
+        self.pooling = method.pooling if self.pooling is None else self.pooling
         try:
             self.layers = parse_layer_spec(self.layers)
         except ConfigError as err:
             raise ConfigError(f"{_where(source, 'layers')}: {err}") from None
         if any(layer < 0 for layer in self.layers):
             raise ConfigError(f"{_where(source, 'layers')} must be >= 0, got {self.layers}")
+        if self.tp_layers is not None:
+            try:
+                self.tp_layers = parse_layer_spec(self.tp_layers)
+            except ConfigError as err:
+                raise ConfigError(f"{_where(source, 'tp_layers')}: {err}") from None
+            if not self.tp_layers or self.tp_layers[0] < 0:
+                raise ConfigError(f"{_where(source, 'tp_layers')} must be non-empty and >= 0, got {self.tp_layers}")
         if isinstance(self.prefix_bias, bool) or not isinstance(self.prefix_bias, (int, float)):
             raise ConfigError(f"{_where(source, 'prefix_bias')} must be a number, got {self.prefix_bias!r}")
         if not math.isfinite(self.prefix_bias):
@@ -126,7 +145,7 @@ class KVEmbeddingConfig:
         ):
             raise ConfigError(f"{_where(source, 'last_weight')} must be a number in [0, 1], got {self.last_weight!r}")
         self.last_weight = float(self.last_weight)
-        validate_template(self.template, _where(source, "template"))
+        method.check_config(self, source)
         if isinstance(self.max_seq_length, bool) or not isinstance(self.max_seq_length, int) or self.max_seq_length < 8:
             raise ConfigError(f"{_where(source, 'max_seq_length')} must be an integer >= 8, got {self.max_seq_length!r}")
         if self.layer_selection is not None and not isinstance(self.layer_selection, dict):
@@ -134,12 +153,13 @@ class KVEmbeddingConfig:
 
     def check_layers_fit(self, num_layers: int, source: str | None = None) -> None:
         """Layers can only be range-checked once the base model's depth is known."""
-        bad = [layer for layer in self.layers if layer >= num_layers]
-        if bad:
-            raise ConfigError(
-                f"{_where(source, 'layers')}: {bad} out of range for base model '{self.base_model}' with "
-                f"{num_layers} layers (valid: 0..{num_layers - 1})"
-            )
+        for key, layers in (("layers", self.layers), ("tp_layers", self.tp_layers or [])):
+            bad = [layer for layer in layers if layer >= num_layers]
+            if bad:
+                raise ConfigError(
+                    f"{_where(source, key)}: {bad} out of range for base model '{self.base_model}' with "
+                    f"{num_layers} layers (valid: 0..{num_layers - 1})"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -177,6 +197,7 @@ class KVEmbeddingConfig:
         return config
 
 
-def validate_template(template: Any, where: str) -> None:
-    if not isinstance(template, str) or template.count(TEXT_PLACEHOLDER) != 1:
-        raise ConfigError(f"{where} must be a string with exactly one '{TEXT_PLACEHOLDER}' placeholder, got {template!r}")
+def validate_template(template: Any, where: str, copies: int = 1) -> None:
+    if not isinstance(template, str) or template.count(TEXT_PLACEHOLDER) != copies:
+        count = "exactly one" if copies == 1 else f"exactly {copies}"
+        raise ConfigError(f"{where} must be a string with {count} '{TEXT_PLACEHOLDER}' placeholder(s), got {template!r}")

@@ -21,6 +21,7 @@ from kvemb_st.attention import KVRouting
 from kvemb_st.backbone import load_backbone
 from kvemb_st.config import CONFIG_FILE_NAME, ConfigError, KVEmbeddingConfig
 from kvemb_st.inputs import validate_texts
+from kvemb_st.methods import get_method
 from kvemb_st.pooling import last_token_index, pool
 from kvemb_st.prompting import Template, TemplateTokenizer, resolve_template
 from kvemb_st.version import __version__
@@ -71,7 +72,9 @@ class KVEmbedding(InputModule):
         self.config = config
         self.auto_model = backbone
         self.tokenizer = tokenizer
-        self._template = Template.parse(config.template)
+        self.method = get_method(config.method)
+        self._template = Template.parse(config.template, self.method.copies)
+        self.method.prepare_template(self._template, tokenizer)  # fail at load time, not at the first encode
         self._template_tokenizer = TemplateTokenizer(tokenizer, config.max_seq_length)
         self._warned_truncation = False
 
@@ -98,7 +101,8 @@ class KVEmbedding(InputModule):
     ) -> dict[str, torch.Tensor | Any]:
         """Wrap each text in the template (or the ST prompt, see :func:`resolve_template`) and tokenize."""
         texts = validate_texts(inputs)
-        features, truncated = self._template_tokenizer.encode(texts, resolve_template(self._template, prompt))
+        template = self.method.prepare_template(resolve_template(self._template, prompt), self.tokenizer)
+        features, truncated = self._template_tokenizer.encode(texts, template)
         if truncated and not self._warned_truncation:
             self._warned_truncation = True
             logger.warning(
@@ -127,15 +131,9 @@ class KVEmbedding(InputModule):
         )
 
     def forward(self, features: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, torch.Tensor]:
-        input_ids, attention_mask = features["input_ids"], features["attention_mask"]
-        output = self.auto_model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            kv_routing=self.routing(input_ids, attention_mask),
-            use_cache=False,
-        )
-        hidden = output.last_hidden_state
-        embedding = pool(hidden, attention_mask, self.config.pooling, self.config.last_weight)
+        hidden = self.method.run(self, features)
+        pool_mask = features.get("pool_mask", features["attention_mask"])  # echo: the text's last copy only
+        embedding = pool(hidden, pool_mask, self.config.pooling, self.config.last_weight)
         features.update(
             token_embeddings=hidden,
             sentence_embedding=F.normalize(embedding, dim=-1),
