@@ -10,9 +10,22 @@ from sentence_transformers.util import load_file_path
 from sentence_transformers.util.environment import check_version_requirements
 
 from kvemb_st.config import KVEmbeddingConfig, parse_layer_spec
+from kvemb_st.inputs import validate_texts
 from kvemb_st.module import KVEmbedding
 
 MODULE_TYPE = f"{KVEmbedding.__module__}.{KVEmbedding.__name__}"
+
+
+class KVSentenceTransformer(SentenceTransformer):
+    """A ``SentenceTransformer`` that checks inputs before ST sorts them, so errors name the caller's index.
+
+    Returned by :func:`from_base` and :func:`load`; everything else is plain sentence-transformers.
+    """
+
+    def encode(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(inputs, str):
+            validate_texts(inputs, where="in the inputs")
+        return super().encode(inputs, *args, **kwargs)
 
 
 def from_base(
@@ -28,7 +41,7 @@ def from_base(
     local_files_only: bool = False,
     model_kwargs: dict[str, Any] | None = None,
     **knobs: Any,
-) -> SentenceTransformer:
+) -> KVSentenceTransformer:
     """Wrap a frozen base LLM (Hub id, folder or ``.gguf``) as a KV-Embedding ``SentenceTransformer``.
 
     ``knobs`` are fields of :class:`~kvemb_st.config.KVEmbeddingConfig` (``prefix_bias``, ``prefix_rope``,
@@ -42,7 +55,21 @@ def from_base(
         config, token=token, cache_folder=cache_folder, local_files_only=local_files_only, model_kwargs=model_kwargs
     )
     prompts = {name: t for name, t in (("query", query_template), ("document", document_template)) if t}
-    return SentenceTransformer(modules=[module], prompts=prompts, similarity_fn_name="cosine", device=device)
+    return KVSentenceTransformer(
+        modules=[module], prompts=prompts, similarity_fn_name="cosine", device=_st_device(device, module, model_kwargs)
+    )
+
+
+def _st_device(device: str | None, module: KVEmbedding, model_kwargs: dict[str, Any] | None) -> str | None:
+    """Keep a backbone placed by ``device_map`` where it is.
+
+    ST reads ``device_map`` only when it loads the modules itself; handed ready-made modules, it would
+    move them to its default device (e.g. ``cuda:0`` for ``device_map="cpu"``). A multi-device map keeps
+    its accelerate hooks, which ST already respects.
+    """
+    if device is None and (model_kwargs or {}).get("device_map") is not None:
+        return str(module.auto_model.device)
+    return device
 
 
 def _read_json(name_or_path: str, filename: str, hub_kwargs: dict[str, Any]) -> Any:
@@ -62,8 +89,11 @@ def load(
     cache_folder: str | None = None,
     local_files_only: bool = False,
     model_kwargs: dict[str, Any] | None = None,
-) -> SentenceTransformer:
+    base_model: str | None = None,
+) -> KVSentenceTransformer:
     """Load a saved KV-Embedding folder or Hub repo without ``trust_remote_code``.
+
+    ``base_model`` replaces the base named in the config, e.g. with a local copy of it.
 
     Safe because nothing from the repo is imported: the only module class allowed is our own,
     already-installed :class:`KVEmbedding`, and the folder is checked to contain nothing else.
@@ -81,12 +111,16 @@ def load(
     st_config = _read_json(model_name_or_path, "config_sentence_transformers.json", hub_kwargs) or {}
     check_version_requirements(st_config.get("requirements"), source=model_name_or_path)
     module = KVEmbedding.load(
-        model_name_or_path, subfolder=modules[0].get("path", ""), model_kwargs=model_kwargs, **hub_kwargs
+        model_name_or_path,
+        subfolder=modules[0].get("path", ""),
+        model_kwargs=model_kwargs,
+        base_model=base_model,
+        **hub_kwargs,
     )
-    return SentenceTransformer(
+    return KVSentenceTransformer(
         modules=[module],
         prompts=st_config.get("prompts") or {},
         default_prompt_name=st_config.get("default_prompt_name"),
         similarity_fn_name=st_config.get("similarity_fn_name") or "cosine",
-        device=device,
+        device=_st_device(device, module, model_kwargs),
     )
