@@ -30,6 +30,14 @@ def _where(source: str | None, key: str) -> str:
     return f"{source}: key '{key}'" if source else f"'{key}'"
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+
+
+def is_hub_id(name: str) -> bool:
+    """``org/name`` or ``name`` as the Hub spells repo ids; anything else (``/abs``, ``../x``, ``a/b/c``) is a path."""
+    return bool(_HUB_ID.fullmatch(name)) and ".." not in name and not name.endswith(".gguf")
+
+
 def parse_layer_spec(spec: str | int | list[int] | tuple[int, ...] | range) -> list[int]:
     """Turn ``"20-29"``, ``"3,5,7"``, ``"3,10-12"``, an int or a list into a sorted list of layer indices.
 

@@ -65,6 +65,11 @@ class Method:
     def check_config(self, config: KVEmbeddingConfig, source: str | None = None) -> None:
         """Raise :class:`ConfigError` for knobs that do not belong to this method."""
         validate_template(config.template, _where(source, "template"), copies=self.copies)
+        if not config.layers and self.name == "kv":
+            raise ConfigError(
+                f"{_where(source, 'layers')} is empty: method 'kv' re-routes at least one layer. Pass e.g. "
+                "layers='20-29', let `kvemb build` choose them, or use method='prompteol' for the prompt alone"
+            )
         if config.layers and self.name != "kv":
             raise ConfigError(
                 f"{_where(source, 'layers')}: re-routed layers {config.layers} only apply to method 'kv', not "

@@ -19,7 +19,7 @@ from transformers.utils import logging
 
 from kvemb_st.attention import KVRouting
 from kvemb_st.backbone import load_backbone
-from kvemb_st.config import CONFIG_FILE_NAME, ConfigError, KVEmbeddingConfig
+from kvemb_st.config import CONFIG_FILE_NAME, ConfigError, KVEmbeddingConfig, is_hub_id
 from kvemb_st.inputs import validate_texts
 from kvemb_st.methods import get_method
 from kvemb_st.pooling import last_token_index, pool
@@ -162,13 +162,17 @@ class KVEmbedding(InputModule):
         revision: str | None = None,
         local_files_only: bool = False,
         model_kwargs: dict[str, Any] | None = None,
+        base_model: str | None = None,
         **kwargs: Any,
     ) -> KVEmbedding:
         """Rebuild from a saved folder or Hub repo.
 
         ``revision``/``subfolder`` address the KV-Embedding repo only; the base model is loaded at the
         ``base_revision`` recorded in the config. ``trust_remote_code`` (passed by ST) is deliberately
-        ignored for the base model.
+        ignored for the base model. ``base_model`` overrides the config's base (e.g. a local copy).
+
+        A config that did not come from a local folder (i.e. was downloaded) must name its base by Hub
+        id: a downloaded file has no business pointing the loader at paths on this machine.
         """
         source = os.path.join(model_name_or_path, subfolder, CONFIG_FILE_NAME)
         data = cls.load_config(
@@ -182,6 +186,14 @@ class KVEmbedding(InputModule):
         if not data:
             raise ConfigError(f"{source} not found: '{model_name_or_path}' is not a KV-Embedding model folder")
         config = KVEmbeddingConfig.from_dict(data, source=source)
+        if base_model is not None:
+            config.base_model = base_model
+        elif not os.path.isdir(model_name_or_path) and not is_hub_id(config.base_model):
+            raise ConfigError(
+                f"{source}: key 'base_model' is {config.base_model!r}, a local path, but this config was downloaded "
+                "from the Hub; a published model must name its base by Hub id. If you trust it, pass the base "
+                "explicitly: kvemb_st.load(..., base_model=PATH_OR_ID)."
+            )
         return cls(
             config,
             token=token,

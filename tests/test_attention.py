@@ -92,7 +92,7 @@ def test_rerouted_hidden_states_equal_reference(tiny_models, arch, rope, bias, l
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
 def test_no_selected_layers_equals_stock_model(tiny_models, arch):
     folder = str(tiny_models[arch])
-    module = KVEmbedding(KVEmbeddingConfig(base_model=folder, layers=[]))
+    module = KVEmbedding(KVEmbeddingConfig(base_model=folder, method="prompteol"))  # same path, no layers
     features = module.preprocess(TEXTS)
     stock = AutoModel.from_pretrained(folder, attn_implementation="sdpa").eval()
     with torch.no_grad():

@@ -34,7 +34,7 @@ def _spearman(model, pairs) -> float:
 
 def test_rerouting_is_no_worse_than_the_same_template_without_it(smollm2, dev_pairs):
     kv = kvemb_st.from_base(smollm2, layers=LAYERS)
-    plain = kvemb_st.from_base(smollm2, layers=[])
+    plain = kvemb_st.from_base(smollm2, method="prompteol")  # same template and pooling, no re-routing
     texts = ["A man is playing a guitar.", "The stock market fell sharply today."]
     assert np.abs(kv.encode(texts) - plain.encode(texts)).max() > 1e-2  # re-routing changes the embedding
     kv_score, plain_score = _spearman(kv, dev_pairs), _spearman(plain, dev_pairs)
