@@ -1,0 +1,128 @@
+"""The evaluation harness: STS-B subsets, the document task, precomputed scoring and the eval script end to end.
+
+Budget: < 30 s (a tiny random Llama, a handful of STS-B pairs).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+import kvemb_st
+from kvemb_st.assets import load_sts_b
+from kvemb_st.evaluation import (
+    DOC_METRICS,
+    build_document_task,
+    evaluate_documents,
+    evaluate_sts,
+    markdown_table,
+    precomputed_document_metrics,
+    precomputed_sts_spearman,
+    sts_pairs,
+)
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def eval_sts():
+    return load_script("eval_sts")
+
+
+def test_sts_subset_is_fixed_by_seed_and_drawn_from_the_split():
+    full = load_sts_b("dev")
+    subset = sts_pairs("dev", limit=10, seed=3)
+    assert subset == sts_pairs("dev", limit=10, seed=3)
+    assert subset != sts_pairs("dev", limit=10, seed=4)
+    assert len(subset) == 10 and all(pair in full for pair in subset)
+    assert sts_pairs("dev") == full
+    with pytest.raises(ValueError, match="at least 2"):
+        sts_pairs("dev", limit=1)
+
+
+def test_document_task_hides_each_partner_in_exactly_its_own_paragraph():
+    task = build_document_task("dev", n_queries=20, sentences_per_doc=5, seed=1)
+    partners = {s1: s2 for s1, s2, score in load_sts_b("dev") if score >= 4.0}
+    assert len(task.queries) == len(task.corpus) == 20
+    for qid, query in task.queries.items():
+        (did,) = task.relevant[qid]
+        assert partners[query] in task.corpus[did]
+        assert all(partners[query] not in doc for other, doc in task.corpus.items() if other != did)
+    assert task == build_document_task("dev", n_queries=20, sentences_per_doc=5, seed=1)
+    with pytest.raises(ValueError, match="n_queries"):
+        build_document_task("dev", n_queries=100_000)
+
+
+def test_precomputed_scores_equal_the_evaluators_on_the_model(tiny_llama):
+    model = kvemb_st.from_base(tiny_llama, layers="1-3", query_template="Q: {text}", document_template="D: {text}")
+    pairs = sts_pairs("dev", limit=12, seed=0)
+    texts = sorted({s for p in pairs for s in p[:2]})
+    vectors = dict(zip(texts, model.encode(texts)))
+    assert precomputed_sts_spearman(model, pairs, vectors) == pytest.approx(evaluate_sts(model, pairs), abs=1e-6)
+
+    task = build_document_task("dev", n_queries=6, sentences_per_doc=3)
+    queries = dict(zip(task.queries.values(), model.encode_query(list(task.queries.values()))))
+    documents = dict(zip(task.corpus.values(), model.encode_document(list(task.corpus.values()))))
+    expected = evaluate_documents(model, task)
+    got = precomputed_document_metrics(model, task, queries, documents)
+    assert got == pytest.approx(expected, abs=1e-6)
+    assert set(got) == set(DOC_METRICS)
+
+
+def test_eval_script_end_to_end_on_a_tiny_model(eval_sts, tiny_llama, tmp_path):
+    result = eval_sts.main(
+        ["--base", tiny_llama, "--split", "dev", "--limit", "8", "--docs", "--doc-queries", "4",
+         "--doc-sentences", "3", "--out", str(tmp_path), "--name", "tiny",
+         "kv:layers=1-3,prefix_bias=2,template=compression", "mean"]
+    )
+    saved = json.loads((tmp_path / "tiny.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert saved["pairs"] == 8 and [r["method"] for r in saved["results"]] == ["kv", "mean"]
+    kv = saved["results"][0]
+    assert kv["config"]["layers"] == [1, 2, 3] and kv["config"]["template"] == kvemb_st.COMPRESSION_TEMPLATE
+    for row in saved["results"]:
+        assert all(math.isfinite(row[k]) for k in ("sts_spearman", "docs_mrr@10", "docs_ndcg@10"))
+    table = (tmp_path / "tiny.md").read_text()
+    assert "| kv:layers=1-3,prefix_bias=2,template=compression |" in table and "python scripts/eval_sts.py" in table
+    # deterministic: the same spec twice gives the same numbers
+    again = eval_sts.evaluate_spec("mean", tiny_llama, sts_pairs("dev", limit=8), None, 32)
+    assert again["sts_spearman"] == pytest.approx(saved["results"][1]["sts_spearman"], abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [(":layers=1", "no method name"), ("kv:layers", "not key=value"), ("kv:{bad", "not valid JSON"),
+     ("kv:method=mean", "also method")],
+)
+def test_bad_method_spec_is_a_clear_error(eval_sts, spec, message):
+    with pytest.raises(ValueError, match=message):
+        eval_sts.parse_spec(spec)
+
+
+def test_spec_parsing_reads_json_values_and_template_aliases(eval_sts):
+    method, kwargs = eval_sts.parse_spec("kv:layers=20-29,prefix_bias=3,query_template=prompteol")
+    assert method == "kv"
+    assert kwargs == {"method": "kv", "layers": "20-29", "prefix_bias": 3, "query_template": kvemb_st.PROMPTEOL_TEMPLATE}
+    assert eval_sts.parse_spec('kv:{"layers": [1, 2]}')[1] == {"method": "kv", "layers": [1, 2]}
+
+
+def test_markdown_table_formats_floats_and_missing_cells():
+    table = markdown_table([{"a": 0.12345, "b": "x|y"}, {"a": None}], ["a", "b"])
+    assert table.splitlines() == ["| a | b |", "|---|---|", "| 0.123 | x\\|y |", "| - | - |"]
+
+
+def test_unknown_method_fails_before_any_work(eval_sts, tmp_path):
+    with pytest.raises(ValueError, match="unknown method"):
+        eval_sts.main(["--base", "/nonexistent", "--out", str(tmp_path), "nosuchmethod"])
+    assert not list(tmp_path.iterdir())
