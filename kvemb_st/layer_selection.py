@@ -1,0 +1,323 @@
+"""Which layers get the re-routed KV prefix: chosen by intrinsic dimensionality, or given explicitly.
+
+Automatic selection follows the design notes (``shared/README.md`` §2): the TwoNN intrinsic dimension
+(ID) of the final-token hidden state is computed after every decoder layer on templated calibration
+texts; the first layers are skipped (their low ID reflects token identity, not compression), and a
+window of layers starting at (or centred on) the ID minimum is taken. The whole curve and every
+parameter are recorded so a reader of the saved config can see -- and redo -- the choice.
+
+ID curves are cached on disk per (base model, revision, template, calibration hash, estimator), so a
+rebuild with other knobs does not run the calibration forward passes again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+from transformers.utils import logging
+
+from kvemb_st.assets import cache_root
+from kvemb_st.calibration import calibration_hash
+from kvemb_st.config import ConfigError, parse_layer_spec
+from kvemb_st.intrinsic_dim import ESTIMATORS, twonn
+from kvemb_st.pooling import last_token_index
+from kvemb_st.prompting import Template, TemplateTokenizer
+
+logger = logging.get_logger(__name__)
+
+AUTO = "auto"
+ANCHORS = ("start", "center")
+DEFAULT_SKIP_FRACTION = 0.2
+DEFAULT_WINDOW_FRACTION = 1 / 3  # chosen on STS-B dev, see results/layer_window_sts_dev.md
+DEFAULT_ANCHOR = "start"
+FLAT_TOLERANCE = 0.01  # a curve whose range is below 1% of its mean has no meaningful minimum
+CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class SelectionParams:
+    """How a window is placed on the ID curve.
+
+    Attributes:
+        skip_fraction: Fraction of the first layers never considered for the minimum, in [0, 1).
+        window: Window width in layers; ``None`` means ``round(window_fraction * num_layers)`` (at least 1).
+        window_fraction: Width relative to the model's depth, so one default fits models of any depth.
+        anchor: ``start`` -- the window starts at the minimum (``[argmin, argmin + width)``); ``center``
+            -- the minimum is in its middle. Either way the window is shifted to stay inside the model.
+    """
+
+    skip_fraction: float = DEFAULT_SKIP_FRACTION
+    window: int | None = None
+    window_fraction: float = DEFAULT_WINDOW_FRACTION
+    anchor: str = DEFAULT_ANCHOR
+
+    def __post_init__(self) -> None:
+        if isinstance(self.skip_fraction, bool) or not (
+            isinstance(self.skip_fraction, (int, float)) and 0.0 <= self.skip_fraction < 1.0
+        ):
+            raise ValueError(f"skip_fraction must be a number in [0, 1), got {self.skip_fraction!r}")
+        if self.window is not None and (
+            isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1
+        ):
+            raise ValueError(f"window must be a positive number of layers (or None), got {self.window!r}")
+        if isinstance(self.window_fraction, bool) or not (
+            isinstance(self.window_fraction, (int, float)) and 0.0 < self.window_fraction <= 1.0
+        ):
+            raise ValueError(f"window_fraction must be a number in (0, 1], got {self.window_fraction!r}")
+        if self.anchor not in ANCHORS:
+            raise ValueError(f"anchor must be one of {ANCHORS}, got {self.anchor!r}")
+
+    def width(self, num_layers: int) -> int:
+        if self.window is not None:
+            if self.window > num_layers:
+                raise ValueError(
+                    f"window of {self.window} layers does not fit a base model with {num_layers} layers; "
+                    f"use a window of at most {num_layers}"
+                )
+            return self.window
+        return max(1, round(self.window_fraction * num_layers))
+
+
+@dataclass
+class LayerSelection:
+    """The chosen layers and everything needed to explain them; ``to_dict`` goes into the saved config."""
+
+    layers: list[int]
+    mode: str  # "auto" or "explicit"
+    id_curve: list[float]
+    calibration_hash: str
+    num_calibration_texts: int
+    estimator: str
+    params: dict[str, Any] = field(default_factory=dict)
+    argmin: int | None = None
+    window: list[int] | None = None  # [first, last] layer of the window, inclusive
+    flat_curve: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------ choosing
+def explicit_layers(spec: str | int | Sequence[int], num_layers: int) -> list[int]:
+    """Parse ``"20-29"``, ``"3,5,7"`` or a list and check it against the base model's depth."""
+    try:
+        layers = [] if isinstance(spec, str) and not spec.strip() else parse_layer_spec(spec)
+    except ConfigError as err:
+        raise ValueError(f"invalid layer selection {spec!r}: {err}") from None
+    if not layers:
+        raise ValueError(
+            f"layer selection {spec!r} is empty: give at least one layer (e.g. '20-29'), or '{AUTO}' to choose "
+            "by intrinsic dimension"
+        )
+    bad = [layer for layer in layers if not 0 <= layer < num_layers]
+    if bad:
+        raise ValueError(
+            f"layers {bad} in {spec!r} are out of range for a base model with {num_layers} layers "
+            f"(valid: 0..{num_layers - 1})"
+        )
+    return layers
+
+
+def format_layer_spec(layers: Sequence[int]) -> str:
+    """The inverse of :func:`~kvemb_st.config.parse_layer_spec`: ``[3, 5, 6, 7]`` -> ``"3,5-7"``."""
+    runs: list[list[int]] = []
+    for layer in sorted(layers):
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ",".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
+
+
+def is_flat(id_curve: Sequence[float]) -> bool:
+    mean = sum(id_curve) / len(id_curve)
+    return max(id_curve) - min(id_curve) <= FLAT_TOLERANCE * abs(mean)
+
+
+def select_window(id_curve: Sequence[float], params: SelectionParams) -> tuple[list[int], int]:
+    """Return ``(layers, argmin)``: a contiguous window placed at the ID minimum past the skipped layers.
+
+    Ties (values within 1e-9 relative) resolve to the earliest layer, so near-equal curves give stable
+    choices; a flat curve thus yields the first eligible layer, and the caller warns.
+    """
+    num_layers = len(id_curve)
+    if num_layers == 0:
+        raise ValueError("the ID curve is empty: the base model reports no layers")
+    bad = [i for i, value in enumerate(id_curve) if not math.isfinite(value)]
+    if bad:
+        raise ValueError(
+            f"the ID curve is not finite at layers {bad} ({[id_curve[i] for i in bad]}): the calibration "
+            "states there are (nearly) identical; use more and more varied calibration texts"
+        )
+    width = params.width(num_layers)
+    first = min(int(params.skip_fraction * num_layers), num_layers - 1)
+    lowest = min(id_curve[first:])
+    argmin = next(i for i in range(first, num_layers) if id_curve[i] <= lowest + 1e-9 * abs(lowest))
+    start = argmin if params.anchor == "start" else argmin - (width - 1) // 2
+    start = max(0, min(start, num_layers - width))
+    return list(range(start, start + width)), argmin
+
+
+# ------------------------------------------------------------------------------------- the ID curve
+@torch.inference_mode()
+def compute_id_curve(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    texts: Sequence[str],
+    template: str,
+    *,
+    max_seq_length: int = 512,
+    batch_size: int = 32,
+    estimator: str = "mle",
+    progress: bool = True,
+) -> list[float]:
+    """TwoNN ID of the final-token state after each decoder layer, on ``texts`` wrapped in ``template``.
+
+    The forward pass is the plain one (no re-routing). Layer ``l``'s value is that of its *output*: the
+    input of layer 0 is the final token's embedding, which a template makes identical for every text.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown TwoNN estimator {estimator!r}; expected one of {ESTIMATORS}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    encoder = TemplateTokenizer(tokenizer, max_seq_length)
+    parsed = Template.parse(template)
+    device = next(model.parameters()).device
+    per_layer: list[list[torch.Tensor]] = [[] for _ in range(model.config.num_hidden_layers)]
+    by_length = sorted(texts, key=len)  # less padding; TwoNN does not depend on the order of the points
+    batches = range(0, len(by_length), batch_size)
+    for start in tqdm(batches, desc="ID curve: calibration batches", unit="batch", disable=not progress):
+        features, _ = encoder.encode(by_length[start : start + batch_size], parsed)
+        input_ids, attention_mask = features["input_ids"].to(device), features["attention_mask"].to(device)
+        output = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+        rows = torch.arange(input_ids.shape[0], device=device)
+        last = last_token_index(attention_mask)
+        for layer, hidden in enumerate(output.hidden_states[1:]):
+            per_layer[layer].append(hidden[rows, last].float().cpu())
+    return [twonn(torch.cat(states), estimator) for states in per_layer]
+
+
+def _source_fingerprint(base_model: str) -> list[Any] | None:
+    """Size and mtime of a local model's files, so that a model re-saved at the same path is not a cache hit."""
+    path = Path(base_model)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file())
+    else:
+        return None  # a Hub id: the revision identifies it
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def cache_key(base_model: str, revision: str | None, template: str, calib_hash: str, estimator: str, max_seq_length: int) -> str:
+    local = os.path.exists(base_model)
+    key = {
+        "format": CACHE_FORMAT,
+        "base_model": os.path.abspath(base_model) if local else base_model,
+        "revision": revision,
+        "fingerprint": _source_fingerprint(base_model),
+        "template": template,
+        "calibration_hash": calib_hash,
+        "estimator": estimator,
+        "max_seq_length": max_seq_length,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def default_cache_dir() -> Path:
+    return cache_root() / "id_curves"
+
+
+# ----------------------------------------------------------------------------------------- together
+def select_layers(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    *,
+    base_model: str,
+    base_revision: str | None,
+    template: str,
+    texts: Sequence[str],
+    layers: str | Sequence[int] = AUTO,
+    params: SelectionParams | None = None,
+    estimator: str = "mle",
+    max_seq_length: int = 512,
+    batch_size: int = 32,
+    cache_dir: str | os.PathLike[str] | None = None,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> LayerSelection:
+    """Compute (or load from cache) the ID curve of ``model`` and choose the layers.
+
+    ``layers`` is ``"auto"`` or an explicit spec; explicit layers are range-checked and recorded
+    alongside the curve, so the saved config and plot show where they sit on it.
+    """
+    params = params or SelectionParams()
+    num_layers = model.config.num_hidden_layers
+    chosen = None if layers == AUTO else explicit_layers(layers, num_layers)
+    if chosen is None:
+        params.width(num_layers)  # fail on a too-wide window before the forward passes
+    calib_hash = calibration_hash(texts)
+    cache_file = Path(cache_dir or default_cache_dir()) / (
+        cache_key(base_model, base_revision, template, calib_hash, estimator, max_seq_length) + ".json"
+    )
+    curve = _read_cached_curve(cache_file, num_layers) if use_cache else None
+    if curve is None:
+        curve = compute_id_curve(
+            model, tokenizer, texts, template,
+            max_seq_length=max_seq_length, batch_size=batch_size, estimator=estimator, progress=progress,
+        )  # fmt: skip
+        if use_cache:
+            _write_cached_curve(cache_file, curve)
+    else:
+        logger.info(f"ID curve loaded from cache {cache_file}")
+    common = dict(
+        id_curve=curve, calibration_hash=calib_hash, num_calibration_texts=len(texts), estimator=estimator
+    )
+    if chosen is not None:
+        return LayerSelection(layers=chosen, mode="explicit", **common)
+    window, argmin = select_window(curve, params)
+    flat = is_flat(curve)
+    if flat:
+        logger.warning(
+            f"the ID curve is flat (range within {FLAT_TOLERANCE:.0%} of its mean), so its minimum says little; "
+            f"layers {window[0]}-{window[-1]} were chosen by position. Consider passing explicit layers."
+        )
+    return LayerSelection(
+        layers=window,
+        mode=AUTO,
+        params=asdict(params),
+        argmin=argmin,
+        window=[window[0], window[-1]],
+        flat_curve=flat,
+        **common,
+    )
+
+
+def _read_cached_curve(path: Path, num_layers: int) -> list[float] | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            curve = json.load(f)["id_curve"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(curve, list) or len(curve) != num_layers:
+        return None
+    return [float(value) for value in curve]
+
+
+def _write_cached_curve(path: Path, curve: list[float]) -> None:
+    """Write atomically (temp file + rename): concurrent builds must never read a half-written curve."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"id_curve": curve}, f)
+    os.replace(tmp, path)

@@ -1,0 +1,125 @@
+"""The model card (``README.md``) of a built folder, rendered from ``model_cards/kvemb_model_card.md``.
+
+sentence-transformers writes its own card on ``save``, but it cannot know what KV-Embedding is, how
+the layers were chosen or how to rebuild the model. The Hub reads the YAML header for search and
+widgets; it is produced by ``huggingface_hub.ModelCardData`` so that it is valid YAML by construction.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from string import Template
+
+from huggingface_hub import ModelCardData
+
+from kvemb_st.config import KVEmbeddingConfig
+from kvemb_st.layer_selection import format_layer_spec
+from kvemb_st.version import __version__
+
+TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "kvemb_model_card.md"
+TAGS = ["sentence-transformers", "sentence-similarity", "feature-extraction", "kv-embedding", "training-free"]
+
+
+def hub_base_model(config: KVEmbeddingConfig, base_model_id: str | None = None) -> str | None:
+    """The Hub id for the ``base_model`` metadata; ``None`` for a local folder or GGUF without ``base_model_id``."""
+    if base_model_id:
+        return base_model_id
+    return None if os.path.exists(config.base_model) or config.base_model.endswith(".gguf") else config.base_model
+
+
+def _layer_selection_text(config: KVEmbeddingConfig, has_plot: bool) -> str:
+    selection = config.layer_selection or {}
+    layers = format_layer_spec(config.layers) if config.layers else "none"
+    curve = selection.get("id_curve")
+    lines: list[str] = []
+    if selection.get("mode") == "auto":
+        params = selection["params"]
+        window = selection["window"]
+        anchor = "starting at" if params["anchor"] == "start" else "centred on"
+        width = window[1] - window[0] + 1
+        lines.append(
+            f"Chosen automatically: the TwoNN intrinsic dimension (`{selection['estimator']}` estimator) of the "
+            f"final-token hidden state was measured after every layer on {selection['num_calibration_texts']} "
+            f"calibration texts wrapped in the template (`{selection['calibration_hash']}`). Skipping the first "
+            f"{params['skip_fraction']:.0%} of the layers, the minimum is at layer {selection['argmin']}; a window of "
+            f"{width} layers {anchor} it (shifted to fit inside the model) gives layers **{layers}**."
+        )
+        if selection.get("flat_curve"):
+            lines.append(
+                "\n**Note:** the ID curve is flat, so its minimum carries little information; the window was "
+                "effectively chosen by position."
+            )
+    elif curve:
+        lines.append(f"Layers **{layers}** were given explicitly; the ID curve below is shown for reference.")
+    else:
+        lines.append(f"Layers **{layers}** were given explicitly.")
+    if has_plot:
+        lines.append("\n![Intrinsic dimension per layer, selected layers shaded](id_curve.png)")
+    if curve:
+        values = ", ".join(f"{value:.2f}" for value in curve)
+        lines.append(f"\nID per layer (layer 0 to {len(curve) - 1}): {values}")
+    return "\n".join(lines)
+
+
+def _evaluation_text(eval_results: Mapping[str, int | float | str] | None) -> str:
+    if not eval_results:
+        return (
+            "No evaluation results were recorded at build time (pass them with "
+            "`kvemb build ... --eval-results results.json`, a JSON object of metric name to value)."
+        )
+    rows = "\n".join(
+        f"| {name} | {value:.4f} |" if isinstance(value, float) else f"| {name} | {value} |"
+        for name, value in eval_results.items()
+    )
+    return f"| Metric | Value |\n|---|---|\n{rows}"
+
+
+def render_model_card(
+    config: KVEmbeddingConfig,
+    *,
+    dimension: int,
+    num_layers: int,
+    model_id: str,
+    command: str,
+    command_language: str = "bash",
+    base_model_id: str | None = None,
+    eval_results: Mapping[str, int | float | str] | None = None,
+    has_plot: bool = True,
+) -> str:
+    """Fill the card template for a built model whose config (with ``layer_selection``) is ``config``."""
+    if not TEMPLATE_PATH.is_file():
+        raise FileNotFoundError(
+            f"model card template {TEMPLATE_PATH} is missing; install kvemb-st from a source checkout (pip install -e .)"
+        )
+    hub_id = hub_base_model(config, base_model_id)
+    metadata = ModelCardData(
+        library_name="sentence-transformers",
+        base_model=hub_id,
+        pipeline_tag="sentence-similarity",
+        tags=TAGS,
+    ).to_yaml()
+    base_model_ref = f"[{hub_id}](https://huggingface.co/{hub_id})" if hub_id else f"`{config.base_model}`"
+    name = hub_id or Path(config.base_model).name
+    pooling = config.pooling if config.pooling != "mean+last" else f"mean+last (last-token weight {config.last_weight})"
+    return Template(TEMPLATE_PATH.read_text(encoding="utf-8")).substitute(
+        metadata=metadata,
+        title=f"KV-Embedding on {name}",
+        base_model_ref=base_model_ref,
+        base_revision=config.base_revision or "default",
+        kvemb_version=__version__,
+        layers=format_layer_spec(config.layers) if config.layers else "none",
+        num_layers=num_layers,
+        prefix_bias=config.prefix_bias,
+        prefix_rope=config.prefix_rope,
+        pooling=pooling,
+        template=config.template.replace("\n", "\\n"),
+        max_seq_length=config.max_seq_length,
+        dimension=dimension,
+        layer_selection=_layer_selection_text(config, has_plot),
+        model_id=model_id,
+        command_language=command_language,
+        command=command,
+        evaluation=_evaluation_text(eval_results),
+    )

@@ -1,0 +1,162 @@
+"""``kvemb build`` end to end: folder contents, loading, the model card, Hub upload (to a recorder), errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import yaml
+from huggingface_hub import HfApi
+from sentence_transformers import SentenceTransformer
+
+import kvemb_st
+from kvemb_st.assets import smollm2_folder
+from kvemb_st.build import build
+from kvemb_st.cli import main
+from kvemb_st.layer_selection import SelectionParams
+
+EXPECTED_FILES = {"modules.json", "config_sentence_transformers.json", "kvemb_config.json", "id_curve.png", "README.md"}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".onnx")
+SENTENCES = ["A man is playing a guitar.", "Someone plays an instrument.", "The stock market fell sharply."]
+
+
+def read_card(folder) -> tuple[dict, str]:
+    text = (folder / "README.md").read_text(encoding="utf-8")
+    _, header, body = text.split("---\n", 2)
+    return yaml.safe_load(header), body
+
+
+@pytest.fixture(scope="module")
+def built(tiny_llama, tmp_path_factory):
+    """One CLI build of the tiny model with explicit knobs, evaluation results and a recorded Hub push."""
+    root = tmp_path_factory.mktemp("build")
+    (root / "eval.json").write_text(json.dumps({"STS-B dev Spearman": 0.5123, "pairs": 1500}), encoding="utf-8")
+    calls: list[tuple[str, dict]] = []
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(("create_repo", {"repo_id": repo_id, "token": self.token, **kwargs}))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, *, folder_path, **kwargs):
+        files = sorted(os.listdir(folder_path))  # what upload_folder would send: the folder, recursively flat here
+        calls.append(("upload_folder", {"files": files, **kwargs}))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(HfApi, "create_repo", create_repo)
+        patch.setattr(HfApi, "upload_folder", upload_folder)
+        argv = [
+            "build", tiny_llama, "-o", str(root / "model"), "--calibration-limit", "32", "--cache-dir", str(root / "cache"),
+            "--prefix-bias", "3.5", "--prefix-rope", "keep", "--pooling", "mean+last", "--last-weight", "0.25",
+            "--max-seq-length", "64", "--query-template", 'Query : "{text}" means in one word:"',
+            "--eval-results", str(root / "eval.json"), "--push-to-hub", "someone/kvemb-tiny", "--private",
+            "--token", "hf_SECRET", "--quiet",
+        ]  # fmt: skip
+        status = main(argv)
+    return status, root / "model", calls, tiny_llama
+
+
+def test_cli_build_writes_a_weight_free_folder(built, capsys):
+    status, folder, _, _ = built
+    assert status == 0
+    assert {p.name for p in folder.iterdir()} == EXPECTED_FILES
+    assert (folder / "id_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = json.loads((folder / "kvemb_config.json").read_text())
+    selection = config["layer_selection"]
+    assert config["layers"] == selection["layers"] and selection["mode"] == "auto"
+    assert len(selection["id_curve"]) == 4 and selection["num_calibration_texts"] == 32
+    assert selection["calibration_hash"].startswith("sha256:") and selection["window"] == [config["layers"][0]] * 2
+    assert (config["prefix_bias"], config["prefix_rope"], config["pooling"]) == (3.5, "keep", "mean+last")
+    assert (config["last_weight"], config["max_seq_length"]) == (0.25, 64)
+
+
+def test_folder_loads_with_sentence_transformers_and_kvemb_load(built):
+    _, folder, _, _ = built
+    remote = SentenceTransformer(str(folder), trust_remote_code=True)
+    safe = kvemb_st.load(str(folder))
+    assert remote[0].config.layers == safe[0].config.layers == json.loads((folder / "kvemb_config.json").read_text())["layers"]
+    assert remote.prompts["query"] == 'Query : "{text}" means in one word:"'
+    torch.testing.assert_close(remote.encode(SENTENCES, convert_to_tensor=True), safe.encode(SENTENCES, convert_to_tensor=True))
+
+
+def test_model_card_has_hub_metadata_and_the_build(built):
+    _, folder, _, _ = built
+    metadata, body = read_card(folder)
+    assert metadata["library_name"] == "sentence-transformers"
+    assert metadata["pipeline_tag"] == "sentence-similarity"
+    assert {"sentence-transformers", "kv-embedding"} <= set(metadata["tags"])
+    assert "base_model" not in metadata  # a local path is not a Hub id
+    layers = json.loads((folder / "kvemb_config.json").read_text())["layers"]
+    assert f"| Re-routed layers | {layers[0]} (4-layer model) |" in body
+    assert "kvemb build " in body and "--prefix-bias 3.5" in body and "hf_SECRET" not in body
+    assert "| STS-B dev Spearman | 0.5123 |" in body and "| pairs | 1500 |" in body
+    assert 'SentenceTransformer("someone/kvemb-tiny", trust_remote_code=True)' in body
+    assert "kvemb_st.load(" in body and "arXiv 2601.01046" in body and "eprint        = {2601.01046}" in body
+    assert "![Intrinsic dimension per layer" in body
+
+
+def test_push_uploads_the_folder_and_no_weights(built):
+    _, _, calls, _ = built
+    assert [name for name, _ in calls] == ["create_repo", "upload_folder"]
+    repo = calls[0][1]
+    assert (repo["repo_id"], repo["repo_type"], repo["private"], repo["exist_ok"]) == ("someone/kvemb-tiny", "model", True, True)
+    assert repo["token"] == "hf_SECRET"
+    upload = calls[1][1]
+    assert upload["repo_id"] == "someone/kvemb-tiny" and upload["repo_type"] == "model"
+    assert set(upload["files"]) == EXPECTED_FILES
+    assert not [f for f in upload["files"] if f.endswith(WEIGHT_SUFFIXES)]
+
+
+def test_python_build_with_explicit_layers(built, tmp_path):
+    _, _, _, tiny_llama = built
+    texts = [f"calibration sentence {i} about topic {i % 5}" for i in range(20)]
+    result = build(tiny_llama, tmp_path / "m", layers="1-2", calibration=texts, cache_dir=tmp_path, progress=False)
+    assert result.selection.layers == [1, 2] and result.selection.mode == "explicit"
+    reloaded = kvemb_st.load(str(tmp_path / "m"))
+    assert reloaded[0].config.layers == [1, 2]
+    torch.testing.assert_close(result.model.encode(SENTENCES), reloaded.encode(SENTENCES))
+    metadata, body = read_card(tmp_path / "m")
+    assert metadata["library_name"] == "sentence-transformers"
+    assert "build(" in body and "layers='1-2'" in body and "calibration='<list of 20 texts>'" in body
+    assert "given explicitly" in body
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--layers", "2-5"], "out of range for a base model with 4 layers"),
+        (["--layers", ""], "is empty"),
+        (["--window", "9"], "window of 9 layers does not fit"),
+        (["--prefix-rope", "keep", "--template", "no placeholder"], "placeholder"),
+    ],
+)
+def test_bad_selection_fails_cleanly_without_output(built, tmp_path, capsys, extra, message):
+    _, _, _, tiny_llama = built
+    status = main(["build", tiny_llama, "-o", str(tmp_path / "out"), "--calibration-limit", "16", "--quiet", *extra])
+    assert status == 1
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith("kvemb build: error: ") and message in last_line
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuses_to_overwrite_a_non_empty_folder(built, tmp_path, capsys):
+    _, _, _, tiny_llama = built
+    (tmp_path / "keep.txt").write_text("mine")
+    assert main(["build", tiny_llama, "-o", str(tmp_path), "--quiet"]) == 1
+    assert "not empty" in capsys.readouterr().err and (tmp_path / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_smollm2_build_offline_prints_its_layers(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = ["build", str(smollm2_folder()), "-o", str(tmp_path / "smollm2"), "--local-files-only",
+            "--calibration-limit", "16", "--cache-dir", str(tmp_path / "cache"), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    print(out)
+    line = next(line for line in out.splitlines() if line.startswith("selected layers: "))
+    layers = kvemb_st.config.parse_layer_spec(line.split()[2])
+    assert len(layers) == SelectionParams().width(30) and 6 <= layers[0] and layers[-1] <= 29  # past the skipped 20%
+    curve = json.loads((tmp_path / "smollm2" / "kvemb_config.json").read_text())["layer_selection"]["id_curve"]
+    assert len(curve) == 30

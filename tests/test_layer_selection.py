@@ -1,0 +1,191 @@
+"""Layer selection: window placement and its edge cases, explicit specs, the ID curve, its cache, calibration sets."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from kvemb_st import layer_selection
+from kvemb_st.backbone import load_backbone
+from kvemb_st.calibration import DEFAULT_CALIBRATION_FILE, calibration_hash, load_calibration
+from kvemb_st.config import PROMPTEOL_TEMPLATE, parse_layer_spec
+from kvemb_st.intrinsic_dim import twonn
+from kvemb_st.layer_selection import (
+    SelectionParams,
+    compute_id_curve,
+    explicit_layers,
+    format_layer_spec,
+    is_flat,
+    select_layers,
+    select_window,
+)
+
+# A 30-layer curve shaped like SmolLM2's: low at the very start (skipped), a hump, a minimum at 23.
+CURVE30 = [9.0, 10, 11, 12, 12, 13, 13, 14, 14, 15, 15, 15, 16, 16, 16, 16, 15, 15, 14, 13, 12, 11, 10.5, 10.0, 10.2, 10.4, 10.6, 10.8, 11, 11]
+
+
+# ---------------------------------------------------------------------------------------- windows
+def test_window_starts_at_the_minimum_and_is_shifted_to_fit():
+    assert select_window(CURVE30, SelectionParams(window=5)) == ([23, 24, 25, 26, 27], 23)
+    # 10 layers from 23 would run past layer 29: the window ends at the last layer instead.
+    assert select_window(CURVE30, SelectionParams(window=10)) == (list(range(20, 30)), 23)
+    assert select_window(CURVE30, SelectionParams()) == (list(range(20, 30)), 23)  # default: a third of 30
+
+
+def test_centre_anchor():
+    assert select_window(CURVE30, SelectionParams(window=5, anchor="center")) == ([21, 22, 23, 24, 25], 23)
+
+
+def test_skipped_layers_never_hold_the_minimum():
+    curve = [1.0, 2.0, 5.0, 4.0, 3.0, 6.0, 7.0, 8.0, 9.0, 9.5]
+    assert select_window(curve, SelectionParams(skip_fraction=0.2, window=2)) == ([4, 5], 4)
+    assert select_window(curve, SelectionParams(skip_fraction=0.0, window=2)) == ([0, 1], 0)
+
+
+def test_minimum_at_the_last_layer():
+    curve = [5.0, 4.0, 3.5, 3.0, 2.9, 2.8, 2.5, 2.0]
+    assert select_window(curve, SelectionParams(window=3)) == ([5, 6, 7], 7)
+    assert select_window(curve, SelectionParams(window=3, anchor="center")) == ([5, 6, 7], 7)
+
+
+def test_minimum_at_the_first_eligible_layer():
+    curve = [1.0, 0.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]
+    assert select_window(curve, SelectionParams(window=3, anchor="center")) == ([1, 2, 3], 2)
+
+
+def test_flat_curve_takes_the_first_eligible_layer_and_is_flagged():
+    flat = [12.0] * 10
+    assert select_window(flat, SelectionParams(window=3)) == ([2, 3, 4], 2)
+    assert is_flat(flat) and is_flat([12.0, 12.05, 11.98] * 3) and not is_flat(CURVE30)
+
+
+def test_ties_resolve_to_the_earliest_layer():
+    curve = [9.0, 9.0, 3.0, 5.0, 3.0, 5.0, 3.0 + 1e-12, 8.0, 8.0, 8.0]
+    assert select_window(curve, SelectionParams(window=1)) == ([2], 2)
+
+
+@pytest.mark.parametrize("num_layers", [1, 2, 3, 4])
+@pytest.mark.parametrize("anchor", ["start", "center"])
+def test_tiny_models_get_a_valid_window(num_layers, anchor):
+    for argmin in range(num_layers):
+        curve = [5.0] * num_layers
+        curve[argmin] = 1.0
+        layers, found = select_window(curve, SelectionParams(anchor=anchor))
+        assert layers == [found] and 0 <= found < num_layers  # a third of <= 4 layers is one layer
+        wide, _ = select_window(curve, SelectionParams(window=num_layers, anchor=anchor))
+        assert wide == list(range(num_layers))
+
+
+def test_window_wider_than_the_model_is_an_error():
+    with pytest.raises(ValueError, match="window of 5 layers does not fit a base model with 4 layers"):
+        select_window([1.0, 2.0, 3.0, 4.0], SelectionParams(window=5))
+
+
+def test_non_finite_curve_is_an_error():
+    with pytest.raises(ValueError, match=r"not finite at layers \[2\]"):
+        select_window([1.0, 2.0, float("inf"), 3.0], SelectionParams())
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(skip_fraction=1.0), "skip_fraction"),
+        (dict(skip_fraction=-0.1), "skip_fraction"),
+        (dict(window=0), "window must be a positive"),
+        (dict(window=2.5), "window must be a positive"),
+        (dict(window_fraction=0.0), "window_fraction"),
+        (dict(anchor="end"), "anchor must be one of"),
+    ],
+)
+def test_bad_selection_params(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SelectionParams(**kwargs)
+
+
+# ------------------------------------------------------------------------------------ explicit specs
+def test_explicit_layers():
+    assert explicit_layers("20-29", 30) == list(range(20, 30))
+    assert explicit_layers([5, 3], 30) == [3, 5]
+    with pytest.raises(ValueError, match="is empty"):
+        explicit_layers("", 30)
+    with pytest.raises(ValueError, match="is empty"):
+        explicit_layers([], 30)
+    with pytest.raises(ValueError, match=r"layers \[30, 31\] in '28-31' are out of range .* 30 layers \(valid: 0..29\)"):
+        explicit_layers("28-31", 30)
+    with pytest.raises(ValueError, match="cannot parse layer spec"):
+        explicit_layers("twenty", 30)
+
+
+@pytest.mark.parametrize("layers", [[0], [3, 5, 6, 7], list(range(20, 30)), [1, 3, 5], [2, 3, 9, 10, 11, 14]])
+def test_format_layer_spec_round_trips(layers):
+    assert parse_layer_spec(format_layer_spec(layers)) == layers
+
+
+# ------------------------------------------------------------------------------------- calibration
+def test_default_calibration_set():
+    texts = load_calibration()
+    assert len(texts) == len(set(texts)) == 512
+    assert calibration_hash(texts) == "sha256:" + hashlib.sha256(DEFAULT_CALIBRATION_FILE.read_bytes()).hexdigest()
+    assert load_calibration(limit=20) == texts[:20]
+
+
+def test_calibration_from_file_and_list(tmp_path):
+    texts = [f"sentence number {i}" for i in range(20)]
+    path = tmp_path / "calib.txt"
+    path.write_text("\n".join(texts[:10]) + "\n\n  \n" + "\n".join(texts[10:]) + "\n", encoding="utf-8")
+    assert load_calibration(path) == texts == load_calibration(str(path))
+    assert load_calibration(texts) == texts
+    with pytest.raises(ValueError, match="at position 3"):
+        load_calibration(texts[:3] + [""] + texts[3:])
+    with pytest.raises(ValueError, match="5 distinct text"):
+        load_calibration(texts[:5] * 4)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_calibration(tmp_path / "missing.txt")
+    with pytest.raises(ValueError, match="calibration limit"):
+        load_calibration(texts, limit=2)
+
+
+# ------------------------------------------------------------------------------------ the ID curve
+@pytest.fixture(scope="module")
+def tiny(tiny_llama):
+    return load_backbone(tiny_llama)
+
+
+def test_id_curve_equals_unbatched_reference(tiny):
+    model, tokenizer = tiny
+    texts = load_calibration(limit=16)
+    curve = compute_id_curve(model, tokenizer, texts, PROMPTEOL_TEMPLATE, batch_size=7, progress=False)
+    states = []
+    with torch.no_grad():
+        for text in texts:  # one text at a time: no padding, the final token is simply the last one
+            ids = tokenizer(PROMPTEOL_TEMPLATE.replace("{text}", text), return_tensors="pt")
+            hidden = model(**ids, output_hidden_states=True).hidden_states[1:]
+            states.append(torch.stack([h[0, -1] for h in hidden]))
+    reference = [twonn(layer) for layer in torch.stack(states, dim=1)]
+    assert len(curve) == model.config.num_hidden_layers
+    assert curve == pytest.approx(reference, rel=1e-4)
+    again = compute_id_curve(model, tokenizer, texts, PROMPTEOL_TEMPLATE, batch_size=7, progress=False)
+    assert again == curve  # deterministic
+
+
+def test_curve_is_cached_per_calibration_set(tiny, tiny_llama, tmp_path, monkeypatch):
+    model, tokenizer = tiny
+    texts = load_calibration(limit=20)
+    common = dict(base_model=tiny_llama, base_revision=None, template=PROMPTEOL_TEMPLATE, cache_dir=tmp_path, progress=False)
+    first = select_layers(model, tokenizer, texts=texts, **common)
+    assert first.mode == "auto" and len(first.id_curve) == 4 and first.layers == [first.argmin]
+    assert first.calibration_hash == calibration_hash(texts) and first.num_calibration_texts == 20
+
+    def no_recompute(*args, **kwargs):
+        raise AssertionError("the cached ID curve should have been used")
+
+    monkeypatch.setattr(layer_selection, "compute_id_curve", no_recompute)
+    assert select_layers(model, tokenizer, texts=texts, **common) == first
+    explicit = select_layers(model, tokenizer, texts=texts, layers="1-2", **common)
+    assert explicit.layers == [1, 2] and explicit.mode == "explicit" and explicit.id_curve == first.id_curve
+    with pytest.raises(AssertionError, match="cached"):
+        select_layers(model, tokenizer, texts=texts[:-1], **common)  # another calibration set: another key
+    with pytest.raises(ValueError, match="out of range"):
+        select_layers(model, tokenizer, texts=texts, layers="3-4", **common)
