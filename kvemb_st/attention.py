@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward, use_gqa_in_sdpa
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTN_IMPLEMENTATION = "kvemb_reroute"
@@ -60,15 +60,26 @@ def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
     return rotate(x, cos, sin, transpose=True) / (cos * cos + sin * sin)
 
 
-def _additive_mask(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, query: torch.Tensor) -> torch.Tensor:
-    """Float mask (0 = attend, -inf-like = blocked) from transformers' bool/float mask or ``None`` (= causal)."""
-    min_value = torch.finfo(query.dtype).min
-    if attention_mask is None:
-        allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
-        return torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(~allowed, min_value)[None, None]
+def _additive_mask(attention_mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """Float mask (0 = attend, -inf-like = blocked) from transformers' bool or float mask."""
     if attention_mask.dtype == torch.bool:
+        min_value = torch.finfo(query.dtype).min
         return torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(~attention_mask, min_value)
     return attention_mask.to(query.dtype)
+
+
+def _prefix_logits(query: torch.Tensor, prefix_key: torch.Tensor, routing: KVRouting, scale: float) -> torch.Tensor:
+    """``(B, H, T)`` float32 logit of every query on the prefix slot, bias included.
+
+    ``relative0`` places the (position-free) prefix key at each query's own position:
+    ``q_i . R(i) k = (R(i)^T q_i) . k``.
+    """
+    query = query.float()
+    if routing.prefix_rope == "relative0":
+        cos, sin = (t.float()[:, None] for t in (routing.cos, routing.sin))
+        query = rotate(query, cos, sin, transpose=True)
+    keys = repeat_kv(prefix_key.float()[:, :, None], query.shape[1] // prefix_key.shape[1])  # (B, H, 1, D)
+    return (query * keys).sum(-1) * scale + routing.prefix_bias
 
 
 def kv_reroute_attention(
@@ -86,12 +97,20 @@ def kv_reroute_attention(
 
     Receives what every transformers attention function receives: post-RoPE ``query`` ``(B, H, T, D)``
     and ``key``/``value`` ``(B, H_kv, T, D)`` before the GQA repeat.
+
+    The prefix logit differs per query (bias, ``relative0``), which SDPA's fused kernels cannot take as a
+    mask without losing their fast path. So it rides on one extra head channel instead: queries become
+    ``[q ; s0 / scale]``, ordinary keys ``[k ; 0]`` and the prefix key ``[0 ; 1]`` (values get a zero channel so
+    all head dims match). Without a mask (no padding), a zero query is put first so that SDPA's square
+    ``is_causal`` alignment lets token ``i`` see the prefix and keys ``0..i`` -- the same fused causal
+    kernel as the plain forward. With a mask, the prefix column is simply allowed for every query.
     """
     if kv_routing is None or getattr(module, "layer_idx", None) not in kv_routing.layers:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    batch, _, q_len, head_dim = query.shape
+    batch, heads, q_len, head_dim = query.shape
+    kv_heads = key.shape[1]
     rows = torch.arange(batch, device=key.device)
     last = kv_routing.last_index.to(key.device)
     prefix_key = key[rows, :, last]  # (B, H_kv, D), post-RoPE at the final token's position
@@ -106,23 +125,34 @@ def kv_reroute_attention(
         prefix_key = unrotate(prefix_key, cos[rows, last][:, None], sin[rows, last][:, None])  # position-free key
         if kv_routing.prefix_rope == "start":
             prefix_key = rotate(prefix_key, cos[:, :1], sin[:, :1])  # as if it sat at position 0
-    if kv_routing.prefix_rope == "relative0":
-        # The prefix key sits at each query's own position: q_i . R(i) k = (R(i)^T q_i) . k. Each query thus
-        # needs its own prefix logit; one SDPA call still does it if the head dimension is widened:
-        # queries become [q ; R^T q], ordinary keys [k ; 0] and the prefix key [0 ; k].
-        query = torch.cat([query, rotate(query, cos[:, None], sin[:, None], transpose=True)], dim=-1)
-        prefix_key = torch.cat([torch.zeros_like(prefix_key), prefix_key], dim=-1)
-        key = torch.cat([key, torch.zeros_like(key)], dim=-1)
+    prefix_logit = _prefix_logits(query, prefix_key, kv_routing, scale)
 
-    n_rep = query.shape[1] // key.shape[1]
-    keys = repeat_kv(torch.cat([prefix_key[:, :, None], key], dim=2), n_rep)
-    values = repeat_kv(torch.cat([prefix_value[:, :, None], value], dim=2), n_rep)
-    kv_len = key.shape[2]
-    mask = _additive_mask(attention_mask, q_len, kv_len, query).expand(batch, 1, q_len, kv_len)
-    prefix_column = mask.new_full((batch, 1, q_len, 1), kv_routing.prefix_bias)
-    mask = torch.cat([prefix_column, mask], dim=-1)
-    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, dropout_p=dropout, scale=scale)
-    return out.transpose(1, 2).contiguous(), None
+    query = torch.cat([query, (prefix_logit / scale).to(query.dtype)[..., None]], dim=-1)
+    prefix_key = torch.cat([torch.zeros_like(prefix_key), torch.ones_like(prefix_key[..., :1])], dim=-1)
+    key = torch.cat([prefix_key[:, :, None], F.pad(key, (0, 1))], dim=2)
+    value = F.pad(torch.cat([prefix_value[:, :, None], value], dim=2), (0, 1))
+    if attention_mask is None:
+        query = torch.cat([torch.zeros_like(query[:, :, :1]), query], dim=2)
+    else:
+        mask = _additive_mask(attention_mask, query).expand(batch, 1, q_len, key.shape[2] - 1)
+        attention_mask = torch.cat([mask.new_zeros(batch, 1, q_len, 1), mask], dim=-1)
+    sdpa_kwargs = {}
+    if kv_heads != heads:
+        if use_gqa_in_sdpa(attention_mask, key, value):
+            sdpa_kwargs["enable_gqa"] = True
+        else:
+            key, value = repeat_kv(key, heads // kv_heads), repeat_kv(value, heads // kv_heads)
+    out = F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        dropout_p=dropout,
+        is_causal=attention_mask is None,
+        scale=scale,
+        **sdpa_kwargs,
+    )
+    return out[:, :, out.shape[2] - q_len :, :head_dim].transpose(1, 2).contiguous(), None
 
 
 def register() -> None:
