@@ -82,8 +82,9 @@ class Embedder:
             convert_to_numpy=True,
             show_progress_bar=False,
         )
-        flat = pa.array(vectors.astype("float32", copy=False).reshape(-1))
-        return batch.append_column(self.vector_column, pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]))
+        flat = pa.array(vectors.astype("float32", copy=False).reshape(-1), type=pa.float32())  # (0,) for no rows
+        dimension = self.model.get_embedding_dimension()
+        return batch.append_column(self.vector_column, pa.FixedSizeListArray.from_arrays(flat, dimension))
 
 
 def check_columns(columns: list[str], text_column: str, vector_column: str) -> None:
@@ -124,7 +125,7 @@ def embed_dataset(
         fn_constructor_kwargs={"text_column": text_column, "vector_column": vector_column, **embedder_kwargs},
         batch_format="pyarrow",
         batch_size=batch_size,
-        concurrency=num_actors,
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
         num_cpus=cpus_per_actor,
         num_gpus=gpus_per_actor,
     )

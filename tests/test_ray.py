@@ -77,6 +77,9 @@ def test_embedder_in_process(folder, model):
     assert out.column_names == ["key", "body", "vec"] and out.column("key").to_pylist() == [3, 1, 2]
     np.testing.assert_allclose(np.stack(out.column("vec").to_numpy(zero_copy_only=False)), model.encode(TEXTS[:3]), atol=1e-5)
 
+    empty = embedder(pa.table({"body": pa.array([], pa.string())}))  # Ray may hand over empty blocks
+    assert empty.num_rows == 0 and empty.schema.field("vec").type == out.schema.field("vec").type
+
     with pytest.raises(ValueError, match=r"column 'body' has 1 null value"):
         embedder(pa.table({"body": ["a", None]}))
     with pytest.raises(ValueError, match=r"prompt_name 'passage' is not a prompt.*'document'"):
