@@ -1,0 +1,292 @@
+"""Cost of KV-Embedding against a plain forward pass of the same tokens and against echo embeddings.
+
+For each sequence length L the same text is embedded three ways:
+
+- ``plain``: method ``prompteol`` -- the templated input of exactly L tokens, one ordinary forward pass;
+- ``kv``: method ``kv`` -- the same L tokens with K/V re-routing at ``--layers``;
+- ``echo``: method ``echo`` -- the same text twice (about 2L tokens), mean over the second copy.
+
+Each (variant, length) lives in its own fresh worker process. Time: wall-clock of one
+``SentenceTransformer.encode`` call (tokenization + forward + pooling), the variants interleaved within
+each repeat so that load changes on a shared machine hit all of them alike; the median is reported.
+Memory: the peak RSS of the worker's first call (which also serves as warm-up and is not timed) (``VmHWM`` after resetting it through
+``/proc/self/clear_refs``) and, on CUDA, ``max_memory_allocated``. All ratios are against ``plain`` from
+the same run. Offline; SmolLM2-135M-Instruct by default::
+
+    python scripts/bench.py                                  # writes results/bench_smollm2.{json,md}
+    python scripts/bench.py --lengths 64,512 --repeats 3     # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import kvemb_st
+from kvemb_st.assets import load_sts_b, smollm2_folder
+from kvemb_st.config import KVEmbeddingConfig
+
+METHOD_OF = {"plain": "prompteol", "kv": "kv", "echo": "echo"}
+DEFAULT_BATCH = {64: 4, 512: 4, 2048: 1, 4096: 1}
+DEFAULT_REPEATS = {64: 7, 512: 5, 2048: 3, 4096: 2}
+
+
+def build(variant: str, base: str, layers: str, max_seq_length: int, device: str) -> Any:
+    knobs: dict[str, Any] = {"method": METHOD_OF[variant], "max_seq_length": max_seq_length}
+    if variant == "kv":
+        knobs["layers"] = layers
+    return kvemb_st.from_base(base, device=device, **knobs)
+
+
+def text_of_length(model: Any, length: int) -> str:
+    """A text (running STS-B sentences) whose ``plain``-templated input is exactly ``length`` tokens."""
+    tokenizer = model.tokenizer
+    corpus = " ".join(s for pair in load_sts_b("train") for s in pair[:2])
+    ids = tokenizer(corpus, add_special_tokens=False)["input_ids"]
+    overhead = len(model[0].preprocess([""])["input_ids"][0])
+    for start in range(64):  # token merges at the cut may make a window miss by one: slide it
+        keep = length - overhead
+        for _ in range(3):
+            text = tokenizer.decode(ids[start : start + keep]).strip()
+            n = len(model[0].preprocess([text])["input_ids"][0])
+            if n == length:
+                return text
+            keep += length - n
+    raise RuntimeError(f"could not build a text of exactly {length} templated tokens")
+
+
+def _rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def worker(args: argparse.Namespace) -> None:
+    """A fresh process holding one variant: on each ``run`` line from stdin, embed the batch once and print
+    the wall-clock time and the peak memory of that call as one JSON line."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = build(args.variant, args.base, args.layers, args.max_seq_length, args.device)
+    texts = json.loads(Path(args.texts_file).read_text())
+    model.encode(["warm up"])  # lazy initialisation outside the measurement
+    tokens = int(model[0].preprocess(texts)["attention_mask"].sum(1).max())
+    print(json.dumps({"tokens": tokens}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        before = _rss_kb("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (peak RSS) to the current RSS
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            cuda_before = torch.cuda.memory_allocated()
+        sync(args.device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        model.encode(texts, batch_size=len(texts))
+        sync(args.device)
+        result = {
+            "time_s": time.perf_counter() - start,
+            "cpu_s": time.process_time() - cpu_start,
+            "rss_before_mb": before / 1024,
+            "peak_rss_mb": _rss_kb("VmHWM") / 1024,
+        }
+        if torch.cuda.is_available():
+            result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            result["cuda_extra_mb"] = (torch.cuda.max_memory_allocated() - cuda_before) / 2**20
+        print(json.dumps(result), flush=True)
+
+
+class Worker:
+    """Parent side of :func:`worker`."""
+
+    def __init__(self, args: argparse.Namespace, variant: str, texts_file: Path, log: Path) -> None:
+        command = [
+            sys.executable, __file__, "--worker", "--variant", variant, "--texts-file", str(texts_file),
+            "--base", args.base, "--layers", args.layers, "--max-seq-length", str(args.max_seq_length),
+            "--device", args.device, "--threads", str(args.threads or 0),
+        ]  # fmt: skip
+        self.variant, self.log = variant, log
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log.open("w"), text=True
+        )
+        self.tokens = json.loads(self._read())["tokens"]
+
+    def _read(self) -> str:
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"bench worker for {self.variant} died:\n{self.log.read_text()[-3000:]}")
+        return line
+
+    def run(self) -> dict[str, Any]:
+        self.process.stdin.write("run\n")
+        self.process.stdin.flush()
+        return json.loads(self._read())
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    plain = build("plain", args.base, args.layers, args.max_seq_length, "cpu")
+    out_dir = Path(args.out).parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    text = {length: text_of_length(plain, length) for length in args.lengths}  # fail before measuring
+    for length in args.lengths:
+        batch = args.batch or DEFAULT_BATCH.get(length, 1)
+        repeats = args.repeats or DEFAULT_REPEATS.get(length, 2)
+        texts = [text[length]] * batch
+        texts_file, log = out_dir / f".bench_texts_{length}.json", out_dir / f".bench_{length}.log"
+        texts_file.write_text(json.dumps(texts))
+        workers = {v: Worker(args, v, texts_file, log.with_suffix(f".{v}.log")) for v in METHOD_OF}
+        runs: dict[str, list[dict[str, Any]]] = {v: [] for v in METHOD_OF}
+        for _ in range(repeats + 1):  # interleaved: a load change on a shared machine hits every variant alike
+            for variant, w in workers.items():
+                runs[variant].append(w.run())
+        for w in workers.values():
+            w.close()
+            w.log.unlink()
+        texts_file.unlink()
+        rows.append(summarise(length, batch, {v: w.tokens for v, w in workers.items()}, runs))
+        row = rows[-1]
+        print(f"L={length}: time kv {row['time_ratio']['kv']:.3f}x echo {row['time_ratio']['echo']:.3f}x; "
+              f"peak RSS kv {row['peak_rss_ratio']['kv']:.3f}x echo {row['peak_rss_ratio']['echo']:.3f}x", flush=True)
+    kv = KVEmbeddingConfig(base_model=args.base, method="kv", layers=args.layers)
+    return {
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "base": args.base,
+        "kv_config": {"layers": args.layers, "prefix_rope": kv.prefix_rope, "prefix_bias": kv.prefix_bias},
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({platform.machine()})",
+        "torch_threads": args.threads or torch.get_num_threads(),
+        "torch": torch.__version__,
+        "rows": rows,
+    }
+
+
+def summarise(
+    length: int, batch: int, tokens: dict[str, int], runs: dict[str, list[dict[str, Any]]]
+) -> dict[str, Any]:
+    """Memory from each variant's first call (its true peak in a fresh process), which also warms it up;
+    median time over the later calls."""
+    median = {v: statistics.median(r["time_s"] for r in rs[1:]) for v, rs in runs.items()}
+    cpu = {v: statistics.median(r["cpu_s"] for r in rs[1:]) for v, rs in runs.items()}
+    memory = {v: rs[0] for v, rs in runs.items()}
+    row: dict[str, Any] = {
+        "length": length,
+        "batch": batch,
+        "tokens": tokens,
+        "repeats": len(runs["plain"]) - 1,
+        "time_s": median,
+        "cpu_s": cpu,
+        "times_s": {v: [r["time_s"] for r in rs[1:]] for v, rs in runs.items()},
+        "memory_mb": {v: {k: m[k] for k in m if k.endswith("_mb")} for v, m in memory.items()},
+        "time_ratio": {v: median[v] / median["plain"] for v in ("kv", "echo")},
+        "cpu_ratio": {v: cpu[v] / cpu["plain"] for v in ("kv", "echo")},
+        "peak_rss_ratio": {v: memory[v]["peak_rss_mb"] / memory["plain"]["peak_rss_mb"] for v in ("kv", "echo")},
+        "rss_growth_ratio": {v: _extra(memory[v]) / max(_extra(memory["plain"]), 1e-9) for v in ("kv", "echo")},
+    }
+    if "cuda_peak_mb" in memory["plain"]:
+        row["cuda_peak_ratio"] = {v: memory[v]["cuda_peak_mb"] / memory["plain"]["cuda_peak_mb"] for v in ("kv", "echo")}
+    return row
+
+
+def _extra(memory: dict[str, Any]) -> float:
+    """Memory the encode call added on top of the loaded model."""
+    return memory["peak_rss_mb"] - memory["rss_before_mb"]
+
+
+def markdown(result: dict[str, Any]) -> str:
+    cuda = "cuda_peak_ratio" in result["rows"][0]
+    kv = result["kv_config"]
+    lines = [
+        f"Device: {result['device']}, {result['torch_threads']} torch thread(s), torch {result['torch']}. "
+        f"`kv`: layers {kv['layers']}, prefix_rope {kv['prefix_rope']}, prefix_bias {kv['prefix_bias']}. "
+        "Time: median wall-clock (and process CPU time) over interleaved repeats; memory: peak of the encode "
+        "call in a fresh process. "
+        "Ratios are against `plain` (same templated tokens, no re-routing) from the same run; "
+        "RSS growth = peak RSS during encode minus RSS of the loaded model.",
+        "",
+        "| tokens plain = kv / echo | batch | repeats | plain s | kv s | echo s | **kv / plain time** "
+        "| echo / plain time | kv / plain CPU time | echo / plain CPU time | plain peak RSS MB | **kv / plain peak RSS** | echo / plain peak RSS "
+        "| kv / plain RSS growth | echo / plain RSS growth"
+        + (" | **kv / plain CUDA peak** | echo / plain CUDA peak" if cuda else "")
+        + " |",
+        "|---" * (15 + (2 if cuda else 0)) + "|",
+    ]
+    for row in result["rows"]:
+        t, m, tokens = row["time_s"], row["memory_mb"], row["tokens"]
+        cells = [
+            f"{tokens['plain']} / {tokens['echo']}",
+            str(row["batch"]),
+            str(row["repeats"]),
+            f"{t['plain']:.2f}",
+            f"{t['kv']:.2f}",
+            f"{t['echo']:.2f}",
+            f"**{row['time_ratio']['kv']:.3f}**",
+            f"{row['time_ratio']['echo']:.2f}",
+            f"{row['cpu_ratio']['kv']:.3f}",
+            f"{row['cpu_ratio']['echo']:.2f}",
+            f"{m['plain']['peak_rss_mb']:.0f}",
+            f"**{row['peak_rss_ratio']['kv']:.3f}**",
+            f"{row['peak_rss_ratio']['echo']:.3f}",
+            f"{row['rss_growth_ratio']['kv']:.2f}",
+            f"{row['rss_growth_ratio']['echo']:.2f}",
+        ]
+        if cuda:
+            cells += [f"**{row['cuda_peak_ratio']['kv']:.3f}**", f"{row['cuda_peak_ratio']['echo']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Command: `{result['command']}`", ""]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", default=None, help="base model folder or .gguf (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--layers", default="20-29", help="re-routed layers of the kv variant")
+    parser.add_argument("--lengths", default="64,512,2048,4096", help="comma-separated templated lengths")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default: 4 up to 512 tokens, else 1)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per length after the memory/warm-up call (default: 7, 5, 3, 2)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="results/bench_smollm2", help="output path without extension")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=sorted(METHOD_OF), help=argparse.SUPPRESS)
+    parser.add_argument("--texts-file", help=argparse.SUPPRESS)
+    parser.add_argument("--max-seq-length", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.base = args.base or str(smollm2_folder())
+    if not args.worker:
+        args.lengths = [int(x) for x in args.lengths.split(",")]
+        args.max_seq_length = 2 * max(args.lengths) + 64  # room for echo's second copy
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        worker(args)
+        return
+    result = run(args)
+    Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
+    Path(args.out + ".md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
