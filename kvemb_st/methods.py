@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from kvemb_st.config import PROMPTEOL_TEMPLATE, ConfigError, KVEmbeddingConfig, validate_template
+from kvemb_st.config import PROMPTEOL_TEMPLATE, ConfigError, KVEmbeddingConfig, _where, validate_template
 from kvemb_st.pooling import last_token_index
 from kvemb_st.prompting import Template
 
@@ -39,10 +39,6 @@ PLACEHOLDER = "<PST>"
 RAW_TEMPLATE = "{text}"
 ECHO_TEMPLATE = "Rewrite the sentence: {text}, rewritten sentence: {text}"
 TOKEN_PREPENDING_TEMPLATE = 'This sentence : <PST> "{text}" means in one word:"'
-
-
-def _where(source: str | None, key: str) -> str:
-    return f"{source}: key '{key}'" if source else f"'{key}'"
 
 
 @dataclass(frozen=True)
@@ -184,11 +180,15 @@ class TokenPrepending(Method):
         placeholder_id = module.tokenizer.convert_tokens_to_ids(placeholder_token(module.tokenizer))
         hits = (input_ids == placeholder_id) & attention_mask.bool()
         if not bool(hits.any(dim=1).all()):
-            raise ValueError("token_prepending: a row of the batch has no placeholder token; was it truncated away?")
-        num_layers = module.auto_model.config.num_hidden_layers
-        layers = frozenset(module.config.tp_layers if module.config.tp_layers is not None else default_tp_layers(num_layers))
-        prepending = Prepending(layers, hits.int().argmax(dim=1), last_token_index(attention_mask))
-        with _prepend_hooks(module.auto_model, layers):
+            raise ValueError(
+                f"token_prepending: the tokenizer did not keep the placeholder {placeholder_token(module.tokenizer)!r} "
+                "as one token in every row of the batch"
+            )
+        tp_layers = module.config.tp_layers
+        if tp_layers is None:
+            tp_layers = default_tp_layers(module.auto_model.config.num_hidden_layers)
+        prepending = Prepending(frozenset(tp_layers), hits.int().argmax(dim=1), last_token_index(attention_mask))
+        with _prepend_hooks(module.auto_model, prepending.layers):
             return super().run(module, features, token_prepending=prepending, **model_kwargs)
 
 

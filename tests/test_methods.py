@@ -96,7 +96,8 @@ def test_token_prepending_equals_layer_loop_reference(tiny_models, arch, tp_laye
     folder = str(tiny_models[arch])
     model = kvemb_st.from_base(folder, method="token_prepending", tp_layers=tp_layers)
     expected_layers = [1] if tp_layers is None else tp_layers  # default for 4 layers: layer 1 only
-    np.testing.assert_allclose(model.encode(TEXTS), token_prepending_reference(folder, TEXTS, expected_layers), atol=1e-5)
+    expected = token_prepending_reference(folder, TEXTS, expected_layers)
+    np.testing.assert_allclose(model.encode(TEXTS), expected, atol=1e-5)
 
 
 def test_token_prepending_changes_the_vector(built):
