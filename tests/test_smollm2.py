@@ -34,7 +34,10 @@ def _spearman(model, pairs) -> float:
 
 def test_rerouting_is_no_worse_than_the_same_template_without_it(smollm2, dev_pairs):
     kv = kvemb_st.from_base(smollm2, layers=LAYERS)
-    plain = kvemb_st.from_base(smollm2, method="prompteol")  # same template and pooling, no re-routing
+    knobs = kv[0].config
+    plain = kvemb_st.from_base(  # same template and pooling, no re-routing
+        smollm2, method="prompteol", template=knobs.template, pooling=knobs.pooling, last_weight=knobs.last_weight
+    )
     texts = ["A man is playing a guitar.", "The stock market fell sharply today."]
     assert np.abs(kv.encode(texts) - plain.encode(texts)).max() > 1e-2  # re-routing changes the embedding
     kv_score, plain_score = _spearman(kv, dev_pairs), _spearman(plain, dev_pairs)
