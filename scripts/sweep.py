@@ -3,10 +3,10 @@
 Never tunes on test. Stages (each appends one JSON line per scored setting to ``<out>/<stage>.jsonl`` and
 skips settings already there, so an interrupted run resumes):
 
-* ``coarse``  -- a fixed random subset of STS-B dev pairs, coordinate descent per template: no re-routing;
-  for the first template ``prefix_rope`` x ``prefix_bias`` at layers 20-29, then every window at the best
-  (rope, bias); later templates start from the first one's best and sweep bias, rope, then windows; last,
-  bias and rope again at the best window.
+* ``coarse``  -- a fixed random subset of STS-B dev pairs, coordinate descent per template (one knob at
+  a time, each at the best of the previous ones): no re-routing; for the first template every
+  ``prefix_bias`` at layers 20-29 with RoPE ``keep``, every ``prefix_rope``, every window, then the bias
+  again; later templates start from the first one's best and sweep its neighbourhood.
 * ``confirm`` -- the best settings of ``coarse`` on all 1,500 dev pairs.
 * ``docs``    -- the best settings (of ``confirm``, else of ``coarse``) on the paragraph-retrieval task
   built from STS-B train (:func:`kvemb_st.evaluation.build_document_task`), with every query/document
@@ -186,6 +186,10 @@ def best_of(rows: Sequence[dict]) -> dict:
     return max(rows, key=lambda r: r["spearman"])
 
 
+def neighbours(bias: float) -> list[float]:
+    return [b for b in (bias - 1.0, bias, bias + 1.0) if BIASES[0] <= b <= BIASES[-1]]
+
+
 def window_start(layers: str) -> int:
     return min(parse_layer_spec(layers))
 
@@ -210,15 +214,15 @@ def stage_coarse(args, backbone, tokenizer, st_model) -> None:
             return best_of([row for s in settings for row in score_sts(runner, s, pairs, done, path, st_model)])
 
         score([Setting(template, NONE)])
-        if seed is None:  # first template: full rope x bias grid at the start window, then every window
-            best = score(Setting(template, START_WINDOW, r, b) for r in ROPES for b in BIASES)
-            best = score(Setting(template, w, best["rope"], best["bias"]) for w in WINDOWS)
-        else:  # later templates: descend from the first template's best, one knob at a time
-            best = score(Setting(template, seed["layers"], seed["rope"], b) for b in BIASES)
-            best = score(Setting(template, seed["layers"], r, best["bias"]) for r in ROPES)
-            best = score(Setting(template, w, best["rope"], best["bias"]) for w in WINDOWS)
-        window, rope, bias = best["layers"], best["rope"], best["bias"]
-        best = score([Setting(template, window, rope, b) for b in BIASES] + [Setting(template, window, r, bias) for r in ROPES])
+        if seed is None:  # first template: every bias, then every rope, then every window
+            window, rope, biases, ropes, windows = START_WINDOW, "keep", BIASES, ROPES, WINDOWS
+        else:  # later templates: around the first template's best
+            window, rope = seed["layers"], seed["rope"]
+            biases, ropes, windows = neighbours(seed["bias"]), (rope,), sorted({window, START_WINDOW})
+        best = score(Setting(template, window, rope, b) for b in biases)
+        best = score(Setting(template, window, r, best["bias"]) for r in ropes)
+        best = score(Setting(template, w, best["rope"], best["bias"]) for w in windows)
+        best = score(Setting(template, best["layers"], best["rope"], b) for b in neighbours(best["bias"]))
         seed = seed or best
     summarize(path, args.out / "coarse.md", f"STS-B dev, {args.limit} random pairs (seed {args.seed})")
 
@@ -258,9 +262,12 @@ def stage_confirm(args, backbone, tokenizer, st_model) -> None:
 def stage_docs(args, backbone, tokenizer, st_model) -> None:
     """Each forward setting of the top list is run with both templates on queries and on paragraphs."""
     task = build_document_task(args.doc_split, n_queries=args.doc_queries, sentences_per_doc=args.doc_sentences)
-    ranked = args.out / "confirm.jsonl"
-    ranked = ranked if ranked.exists() else args.out / "coarse.jsonl"
-    forward = {(s.layers, s.rope, s.bias) for s in top_settings(ranked, args.top)}
+    if args.settings:
+        forward = {(layers, rope, float(bias)) for layers, rope, bias in (s.split("|") for s in args.settings)}
+    else:
+        ranked = args.out / "confirm.jsonl"
+        ranked = ranked if ranked.exists() else args.out / "coarse.jsonl"
+        forward = {(s.layers, s.rope, s.bias) for s in top_settings(ranked, args.top)}
     path = args.out / "docs.jsonl"
     done = read_done(path)
     queries, documents = list(task.queries.values()), list(task.corpus.values())
@@ -313,6 +320,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--templates", nargs="+", default=list(TEMPLATES), choices=list(TEMPLATES))
     parser.add_argument("--top", type=int, default=3, help="settings per template carried to the next stage")
+    parser.add_argument(
+        "--settings", nargs="+", metavar="LAYERS|ROPE|BIAS",
+        help="docs stage: these forward settings (e.g. '20-29|keep|3' 'none|keep|0') instead of the best ranked ones",
+    )
     parser.add_argument("--doc-split", default="train", choices=("train", "dev"))
     parser.add_argument("--doc-queries", type=int, default=200)
     parser.add_argument("--doc-sentences", type=int, default=10)
