@@ -23,6 +23,7 @@ from transformers.utils import logging
 
 from kvemb_st.api import from_base
 from kvemb_st.calibration import load_calibration
+from kvemb_st.config import is_hub_id
 from kvemb_st.layer_selection import AUTO, LayerSelection, SelectionParams, select_layers
 from kvemb_st.model_card import render_model_card
 
@@ -132,10 +133,11 @@ def build(
     (output / CARD_FILE).write_text(card, encoding="utf-8")
     repo_url = None
     if push_to_hub:
-        if os.path.exists(base_model):
+        if not is_hub_id(base_model) or os.path.exists(base_model):
             logger.warning(
-                f"the pushed config names the local base model '{base_model}', which other users do not have; "
-                "build from a Hub id for a repository that loads anywhere"
+                f"the pushed config names the local base model '{base_model}', which other users do not have: "
+                "loading the repository will need base_model=... (see the card). Build from a Hub id for a "
+                "repository that loads anywhere."
             )
         repo_url = push_folder(output, push_to_hub, token=token, private=private)
     return BuildResult(output_dir=output, model=model, selection=chosen, repo_url=repo_url)
@@ -148,7 +150,10 @@ def push_folder(
     api = HfApi(token=token)
     url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     api.upload_folder(
-        repo_id=repo_id, folder_path=str(folder), repo_type="model", commit_message="Upload KV-Embedding model (kvemb build)"
+        repo_id=repo_id,
+        folder_path=str(folder),
+        repo_type="model",
+        commit_message="Upload KV-Embedding model (kvemb build)",
     )
     return str(url)
 
@@ -170,10 +175,14 @@ def plot_id_curve(selection: LayerSelection, path: Path, title: str) -> bool:
         if skipped:
             ax.axvspan(-0.5, skipped - 0.5, color="0.85", label="skipped (never the minimum)")
     for index, layer in enumerate(selection.layers):
-        ax.axvspan(layer - 0.5, layer + 0.5, color="tab:orange", alpha=0.3, lw=0, label=None if index else "re-routed layers")
+        ax.axvspan(
+            layer - 0.5, layer + 0.5, color="tab:orange", alpha=0.3, lw=0, label=None if index else "re-routed layers"
+        )
     ax.plot(range(len(curve)), curve, marker="o", ms=3.5, color="tab:blue", label="intrinsic dimension (TwoNN)")
     if selection.argmin is not None:
-        ax.plot([selection.argmin], [curve[selection.argmin]], marker="*", ms=13, color="tab:red", ls="", label="minimum")
+        ax.plot(
+            [selection.argmin], [curve[selection.argmin]], marker="*", ms=13, color="tab:red", ls="", label="minimum"
+        )
     ax.set_xlabel("layer (output of decoder layer)")
     ax.set_ylabel("intrinsic dimension")
     ax.set_title(f"{title}: final-token ID per layer ({selection.num_calibration_texts} calibration texts)", fontsize=9)
@@ -193,4 +202,3 @@ def _python_call(call: dict[str, Any]) -> str:
     args = [repr(str(call.pop("base_model"))), repr(str(call.pop("output_dir")))]
     args += [f"{name}={value!r}" for name, value in {**call, **knobs}.items() if defaults.get(name) != value]
     return "from kvemb_st.build import build\n\nbuild(" + ", ".join(args) + ")"
-

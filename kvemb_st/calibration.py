@@ -42,7 +42,8 @@ def load_calibration(
         bad = next((i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()), None)
         if bad is not None:
             raise ValueError(
-                f"calibration text at position {bad} is {texts[bad]!r}: every calibration text must be a non-empty string"
+                f"calibration text at position {bad} is {texts[bad]!r}: "
+                "every calibration text must be a non-empty string"
             )
     if limit is not None:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < MIN_CALIBRATION_TEXTS:

@@ -58,7 +58,9 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
 
     knobs = parser.add_argument_group("model knobs (defaults: those of KVEmbeddingConfig)")
-    knobs.add_argument("--layers", default=AUTO, help=f"'{AUTO}' (default) or an explicit list/range, e.g. '20-29', '3,5,7'")
+    knobs.add_argument(
+        "--layers", default=AUTO, help=f"'{AUTO}' (default) or an explicit list/range, e.g. '20-29', '3,5,7'"
+    )
     for name, options in KNOB_OPTIONS.items():
         _knob(knobs, name, **options)
     knobs.add_argument("--query-template", help="template for encode_query (ST prompt 'query')")
@@ -67,11 +69,26 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> None:
     select = parser.add_argument_group("automatic layer selection")
     select.add_argument("--calibration", type=Path, help="calibration file, one text per line (default: shipped set)")
     select.add_argument("--calibration-limit", type=int, help="use only the first N calibration texts")
-    select.add_argument("--skip-fraction", type=float, default=DEFAULT_SKIP_FRACTION, help="fraction of first layers skipped (default: %(default)s)")
+    select.add_argument(
+        "--skip-fraction",
+        type=float,
+        default=DEFAULT_SKIP_FRACTION,
+        help="fraction of first layers skipped (default: %(default)s)",
+    )
     window = select.add_mutually_exclusive_group()
     window.add_argument("--window", type=int, help="window width in layers")
-    window.add_argument("--window-fraction", type=float, default=DEFAULT_WINDOW_FRACTION, help="window width as a fraction of the layers (default: %(default).3f)")
-    select.add_argument("--anchor", choices=ANCHORS, default=DEFAULT_ANCHOR, help="window starts at / is centred on the minimum (default: %(default)s)")
+    window.add_argument(
+        "--window-fraction",
+        type=float,
+        default=DEFAULT_WINDOW_FRACTION,
+        help="window width as a fraction of the layers (default: %(default).3f)",
+    )
+    select.add_argument(
+        "--anchor",
+        choices=ANCHORS,
+        default=DEFAULT_ANCHOR,
+        help="window starts at / is centred on the minimum (default: %(default)s)",
+    )
     select.add_argument("--estimator", choices=ESTIMATORS, default="mle", help="TwoNN estimator (default: %(default)s)")
     select.add_argument("--batch-size", type=int, default=32, help="calibration batch size (default: %(default)s)")
     select.add_argument("--cache-dir", type=Path, help="ID-curve cache folder (default: <kvemb cache>/id_curves)")

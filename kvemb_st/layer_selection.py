@@ -219,7 +219,9 @@ def _source_fingerprint(base_model: str) -> list[Any] | None:
     return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
-def cache_key(base_model: str, revision: str | None, template: str, calib_hash: str, estimator: str, max_seq_length: int) -> str:
+def cache_key(
+    base_model: str, revision: str | None, template: str, calib_hash: str, estimator: str, max_seq_length: int
+) -> str:
     local = os.path.exists(base_model)
     key = {
         "format": CACHE_FORMAT,
@@ -280,9 +282,7 @@ def select_layers(
             _write_cached_curve(cache_file, curve)
     else:
         logger.info(f"ID curve loaded from cache {cache_file}")
-    common = dict(
-        id_curve=curve, calibration_hash=calib_hash, num_calibration_texts=len(texts), estimator=estimator
-    )
+    common = dict(id_curve=curve, calibration_hash=calib_hash, num_calibration_texts=len(texts), estimator=estimator)
     if chosen is not None:
         return LayerSelection(layers=chosen, mode="explicit", **common)
     window, argmin = select_window(curve, params)

@@ -14,7 +14,7 @@ from string import Template
 
 from huggingface_hub import ModelCardData
 
-from kvemb_st.config import KVEmbeddingConfig
+from kvemb_st.config import KVEmbeddingConfig, is_hub_id
 from kvemb_st.layer_selection import format_layer_spec
 from kvemb_st.version import __version__
 
@@ -26,7 +26,7 @@ def hub_base_model(config: KVEmbeddingConfig, base_model_id: str | None = None) 
     """The Hub id for the ``base_model`` metadata; ``None`` for a local folder or GGUF without ``base_model_id``."""
     if base_model_id:
         return base_model_id
-    return None if os.path.exists(config.base_model) or config.base_model.endswith(".gguf") else config.base_model
+    return config.base_model if is_hub_id(config.base_model) and not os.path.exists(config.base_model) else None
 
 
 def _layer_selection_text(config: KVEmbeddingConfig, has_plot: bool) -> str:
@@ -91,7 +91,8 @@ def render_model_card(
     """Fill the card template for a built model whose config (with ``layer_selection``) is ``config``."""
     if not TEMPLATE_PATH.is_file():
         raise FileNotFoundError(
-            f"model card template {TEMPLATE_PATH} is missing; install kvemb-st from a source checkout (pip install -e .)"
+            f"model card template {TEMPLATE_PATH} is missing; "
+            "install kvemb-st from a source checkout (pip install -e .)"
         )
     hub_id = hub_base_model(config, base_model_id)
     metadata = ModelCardData(
@@ -101,6 +102,13 @@ def render_model_card(
         tags=TAGS,
     ).to_yaml()
     base_model_ref = f"[{hub_id}](https://huggingface.co/{hub_id})" if hub_id else f"`{config.base_model}`"
+    local_base_note = (
+        ""
+        if is_hub_id(config.base_model) and not os.path.exists(config.base_model)
+        else f"\nThe config names its base model by a local path (`{config.base_model}`). On another machine, point "
+        f"it at your copy of {hub_id or 'the base model'}: "
+        f'`kvemb_st.load("{model_id}", base_model="<Hub id or path>")`.\n'
+    )
     name = hub_id or Path(config.base_model).name
     pooling = config.pooling if config.pooling != "mean+last" else f"mean+last (last-token weight {config.last_weight})"
     return Template(TEMPLATE_PATH.read_text(encoding="utf-8")).substitute(
@@ -119,6 +127,7 @@ def render_model_card(
         dimension=dimension,
         layer_selection=_layer_selection_text(config, has_plot),
         model_id=model_id,
+        local_base_note=local_base_note,
         command_language=command_language,
         command=command,
         evaluation=_evaluation_text(eval_results),

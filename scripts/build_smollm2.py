@@ -27,7 +27,16 @@ def main() -> int:
     parser.add_argument("-o", "--output", type=Path, default=Path("kvemb-smollm2"))
     args, extra = parser.parse_known_args()
     status = kvemb(
-        ["build", str(smollm2_folder()), "-o", str(args.output), "--base-model-id", HUB_ID, "--local-files-only", *extra]
+        [
+            "build",
+            str(smollm2_folder()),
+            "-o",
+            str(args.output),
+            "--base-model-id",
+            HUB_ID,
+            "--local-files-only",
+            *extra,
+        ]
     )
     if status == 0:
         DOCS_PLOT.parent.mkdir(exist_ok=True)

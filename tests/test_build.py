@@ -47,7 +47,8 @@ def built(tiny_llama, tmp_path_factory):
         patch.setattr(HfApi, "create_repo", create_repo)
         patch.setattr(HfApi, "upload_folder", upload_folder)
         argv = [
-            "build", tiny_llama, "-o", str(root / "model"), "--calibration-limit", "32", "--cache-dir", str(root / "cache"),
+            "build", tiny_llama, "-o", str(root / "model"), "--calibration-limit", "32",
+            "--cache-dir", str(root / "cache"),
             "--prefix-bias", "3.5", "--prefix-rope", "keep", "--pooling", "mean+last", "--last-weight", "0.25",
             "--max-seq-length", "64", "--query-template", 'Query : "{text}" means in one word:"',
             "--eval-results", str(root / "eval.json"), "--push-to-hub", "someone/kvemb-tiny", "--private",
@@ -75,9 +76,15 @@ def test_folder_loads_with_sentence_transformers_and_kvemb_load(built):
     _, folder, _, _ = built
     remote = SentenceTransformer(str(folder), trust_remote_code=True)
     safe = kvemb_st.load(str(folder))
-    assert remote[0].config.layers == safe[0].config.layers == json.loads((folder / "kvemb_config.json").read_text())["layers"]
+    assert (
+        remote[0].config.layers
+        == safe[0].config.layers
+        == json.loads((folder / "kvemb_config.json").read_text())["layers"]
+    )
     assert remote.prompts["query"] == 'Query : "{text}" means in one word:"'
-    torch.testing.assert_close(remote.encode(SENTENCES, convert_to_tensor=True), safe.encode(SENTENCES, convert_to_tensor=True))
+    torch.testing.assert_close(
+        remote.encode(SENTENCES, convert_to_tensor=True), safe.encode(SENTENCES, convert_to_tensor=True)
+    )
 
 
 def test_model_card_has_hub_metadata_and_the_build(built):
@@ -94,13 +101,19 @@ def test_model_card_has_hub_metadata_and_the_build(built):
     assert 'SentenceTransformer("someone/kvemb-tiny", trust_remote_code=True)' in body
     assert "kvemb_st.load(" in body and "arXiv 2601.01046" in body and "eprint        = {2601.01046}" in body
     assert "![Intrinsic dimension per layer" in body
+    assert 'kvemb_st.load("someone/kvemb-tiny", base_model="<Hub id or path>")' in body  # the base is a local path
 
 
 def test_push_uploads_the_folder_and_no_weights(built):
     _, _, calls, _ = built
     assert [name for name, _ in calls] == ["create_repo", "upload_folder"]
     repo = calls[0][1]
-    assert (repo["repo_id"], repo["repo_type"], repo["private"], repo["exist_ok"]) == ("someone/kvemb-tiny", "model", True, True)
+    assert (repo["repo_id"], repo["repo_type"], repo["private"], repo["exist_ok"]) == (
+        "someone/kvemb-tiny",
+        "model",
+        True,
+        True,
+    )
     assert repo["token"] == "hf_SECRET"
     upload = calls[1][1]
     assert upload["repo_id"] == "someone/kvemb-tiny" and upload["repo_type"] == "model"

@@ -23,7 +23,38 @@ from kvemb_st.layer_selection import (
 )
 
 # A 30-layer curve shaped like SmolLM2's: low at the very start (skipped), a hump, a minimum at 23.
-CURVE30 = [9.0, 10, 11, 12, 12, 13, 13, 14, 14, 15, 15, 15, 16, 16, 16, 16, 15, 15, 14, 13, 12, 11, 10.5, 10.0, 10.2, 10.4, 10.6, 10.8, 11, 11]
+CURVE30 = [
+    9.0,
+    10,
+    11,
+    12,
+    12,
+    13,
+    13,
+    14,
+    14,
+    15,
+    15,
+    15,
+    16,
+    16,
+    16,
+    16,
+    15,
+    15,
+    14,
+    13,
+    12,
+    11,
+    10.5,
+    10.0,
+    10.2,
+    10.4,
+    10.6,
+    10.8,
+    11,
+    11,
+]
 
 
 # ---------------------------------------------------------------------------------------- windows
@@ -112,7 +143,9 @@ def test_explicit_layers():
         explicit_layers("", 30)
     with pytest.raises(ValueError, match="is empty"):
         explicit_layers([], 30)
-    with pytest.raises(ValueError, match=r"layers \[30, 31\] in '28-31' are out of range .* 30 layers \(valid: 0..29\)"):
+    with pytest.raises(
+        ValueError, match=r"layers \[30, 31\] in '28-31' are out of range .* 30 layers \(valid: 0..29\)"
+    ):
         explicit_layers("28-31", 30)
     with pytest.raises(ValueError, match="cannot parse layer spec"):
         explicit_layers("twenty", 30)
@@ -173,7 +206,9 @@ def test_id_curve_equals_unbatched_reference(tiny):
 def test_curve_is_cached_per_calibration_set(tiny, tiny_llama, tmp_path, monkeypatch):
     model, tokenizer = tiny
     texts = load_calibration(limit=20)
-    common = dict(base_model=tiny_llama, base_revision=None, template=PROMPTEOL_TEMPLATE, cache_dir=tmp_path, progress=False)
+    common = dict(
+        base_model=tiny_llama, base_revision=None, template=PROMPTEOL_TEMPLATE, cache_dir=tmp_path, progress=False
+    )
     first = select_layers(model, tokenizer, texts=texts, **common)
     assert first.mode == "auto" and len(first.id_curve) == 4 and first.layers == [first.argmin]
     assert first.calibration_hash == calibration_hash(texts) and first.num_calibration_texts == 20
@@ -189,3 +224,14 @@ def test_curve_is_cached_per_calibration_set(tiny, tiny_llama, tmp_path, monkeyp
         select_layers(model, tokenizer, texts=texts[:-1], **common)  # another calibration set: another key
     with pytest.raises(ValueError, match="out of range"):
         select_layers(model, tokenizer, texts=texts, layers="3-4", **common)
+
+
+def test_flat_curve_of_a_tiny_model_is_recorded(tiny, tiny_llama, tmp_path, monkeypatch):
+    model, tokenizer = tiny
+    monkeypatch.setattr(layer_selection, "compute_id_curve", lambda *args, **kwargs: [7.0, 7.01, 7.0, 7.02])
+    selection = select_layers(
+        model, tokenizer, base_model=tiny_llama, base_revision=None, template=PROMPTEOL_TEMPLATE,
+        texts=load_calibration(limit=16), cache_dir=tmp_path, use_cache=False,
+    )  # fmt: skip
+    assert selection.flat_curve and selection.layers == [0] and selection.window == [0, 0]
+    assert not list(tmp_path.iterdir())  # use_cache=False writes nothing
