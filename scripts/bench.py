@@ -6,12 +6,14 @@ For each sequence length L the same text is embedded three ways:
 - ``kv``: method ``kv`` -- the same L tokens with K/V re-routing at ``--layers``;
 - ``echo``: method ``echo`` -- the same text twice (about 2L tokens), mean over the second copy.
 
-Each (variant, length) lives in its own fresh worker process. Time: wall-clock of one
-``SentenceTransformer.encode`` call (tokenization + forward + pooling), the variants interleaved within
-each repeat so that load changes on a shared machine hit all of them alike; the median is reported.
-Memory: the peak RSS of the worker's first call (which also serves as warm-up and is not timed) (``VmHWM`` after resetting it through
-``/proc/self/clear_refs``) and, on CUDA, ``max_memory_allocated``. All ratios are against ``plain`` from
-the same run. Offline; SmolLM2-135M-Instruct by default::
+Each variant runs in fresh worker processes. Time: wall-clock of one ``SentenceTransformer.encode`` call
+(tokenization + forward + pooling) after an untimed warm-up call, the variants interleaved within each
+repeat so that load changes on a shared machine hit all of them alike; the median is reported.
+Memory: one call in another fresh process, its peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs``
+just before) and, on CUDA, ``max_memory_allocated``. That process runs with a fixed glibc mmap threshold,
+so that freed tensors leave RSS at once and the peak is that of live memory, not of allocator caching
+(which made identical runs differ by 40 MB); it is not used for timing, as the setting slows calls down.
+All ratios are against ``plain`` from the same run. Offline; SmolLM2-135M-Instruct by default::
 
     python scripts/bench.py                                  # writes results/bench_smollm2.{json,md}
     python scripts/bench.py --lengths 64,512 --repeats 3     # a quick look
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import statistics
@@ -39,6 +42,7 @@ from kvemb_st.config import KVEmbeddingConfig
 METHOD_OF = {"plain": "prompteol", "kv": "kv", "echo": "echo"}
 DEFAULT_BATCH = {64: 4, 512: 4, 2048: 1, 4096: 1}
 DEFAULT_REPEATS = {64: 7, 512: 5, 2048: 3, 4096: 2}
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # fixed threshold: big frees go back to the OS at once
 
 
 def build(variant: str, base: str, layers: str, max_seq_length: int, device: str) -> Any:
@@ -79,7 +83,7 @@ def sync(device: str) -> None:
 
 def worker(args: argparse.Namespace) -> None:
     """A fresh process holding one variant: on each ``run`` line from stdin, embed the batch once and print
-    the wall-clock time and the peak memory of that call as one JSON line."""
+    the time and the peak memory of that call as one JSON line."""
     if args.threads:
         torch.set_num_threads(args.threads)
     model = build(args.variant, args.base, args.layers, args.max_seq_length, args.device)
@@ -114,15 +118,16 @@ def worker(args: argparse.Namespace) -> None:
 class Worker:
     """Parent side of :func:`worker`."""
 
-    def __init__(self, args: argparse.Namespace, variant: str, texts_file: Path, log: Path) -> None:
+    def __init__(self, args: argparse.Namespace, variant: str, texts_file: Path, log: Path, memory: bool) -> None:
         command = [
             sys.executable, __file__, "--worker", "--variant", variant, "--texts-file", str(texts_file),
             "--base", args.base, "--layers", args.layers, "--max-seq-length", str(args.max_seq_length),
             "--device", args.device, "--threads", str(args.threads or 0),
         ]  # fmt: skip
+        env = {**os.environ, **(MEMORY_ENV if memory else {})}
         self.variant, self.log = variant, log
         self.process = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log.open("w"), text=True
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env=env
         )
         self.tokens = json.loads(self._read())["tokens"]
 
@@ -140,6 +145,7 @@ class Worker:
     def close(self) -> None:
         self.process.stdin.close()
         self.process.wait()
+        self.log.unlink()
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -154,16 +160,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         texts = [text[length]] * batch
         texts_file, log = out_dir / f".bench_texts_{length}.json", out_dir / f".bench_{length}.log"
         texts_file.write_text(json.dumps(texts))
-        workers = {v: Worker(args, v, texts_file, log.with_suffix(f".{v}.log")) for v in METHOD_OF}
+        workers = {v: Worker(args, v, texts_file, log.with_suffix(f".{v}.log"), memory=False) for v in METHOD_OF}
         runs: dict[str, list[dict[str, Any]]] = {v: [] for v in METHOD_OF}
         for _ in range(repeats + 1):  # interleaved: a load change on a shared machine hits every variant alike
             for variant, w in workers.items():
                 runs[variant].append(w.run())
         for w in workers.values():
             w.close()
-            w.log.unlink()
+        memory = {}
+        for variant in METHOD_OF:
+            w = Worker(args, variant, texts_file, log.with_suffix(f".{variant}.mem.log"), memory=True)
+            memory[variant] = w.run()
+            w.close()
         texts_file.unlink()
-        rows.append(summarise(length, batch, {v: w.tokens for v, w in workers.items()}, runs))
+        tokens = {v: w.tokens for v, w in workers.items()}
+        rows.append(summarise(length, batch, tokens, {v: rs[1:] for v, rs in runs.items()}, memory))
         row = rows[-1]
         print(f"L={length}: time kv {row['time_ratio']['kv']:.3f}x echo {row['time_ratio']['echo']:.3f}x; "
               f"peak RSS kv {row['peak_rss_ratio']['kv']:.3f}x echo {row['peak_rss_ratio']['echo']:.3f}x", flush=True)
@@ -180,21 +191,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def summarise(
-    length: int, batch: int, tokens: dict[str, int], runs: dict[str, list[dict[str, Any]]]
+    length: int,
+    batch: int,
+    tokens: dict[str, int],
+    runs: dict[str, list[dict[str, Any]]],
+    memory: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
-    """Memory from each variant's first call (its true peak in a fresh process), which also warms it up;
-    median time over the later calls."""
-    median = {v: statistics.median(r["time_s"] for r in rs[1:]) for v, rs in runs.items()}
-    cpu = {v: statistics.median(r["cpu_s"] for r in rs[1:]) for v, rs in runs.items()}
-    memory = {v: rs[0] for v, rs in runs.items()}
+    """Median times of the timed calls and the memory calls' peaks, as ratios against ``plain``."""
+    median = {v: statistics.median(r["time_s"] for r in rs) for v, rs in runs.items()}
+    cpu = {v: statistics.median(r["cpu_s"] for r in rs) for v, rs in runs.items()}
     row: dict[str, Any] = {
         "length": length,
         "batch": batch,
         "tokens": tokens,
-        "repeats": len(runs["plain"]) - 1,
+        "repeats": len(runs["plain"]),
         "time_s": median,
         "cpu_s": cpu,
-        "times_s": {v: [r["time_s"] for r in rs[1:]] for v, rs in runs.items()},
+        "times_s": {v: [r["time_s"] for r in rs] for v, rs in runs.items()},
         "memory_mb": {v: {k: m[k] for k in m if k.endswith("_mb")} for v, m in memory.items()},
         "time_ratio": {v: median[v] / median["plain"] for v in ("kv", "echo")},
         "cpu_ratio": {v: cpu[v] / cpu["plain"] for v in ("kv", "echo")},
@@ -202,7 +215,8 @@ def summarise(
         "rss_growth_ratio": {v: _extra(memory[v]) / max(_extra(memory["plain"]), 1e-9) for v in ("kv", "echo")},
     }
     if "cuda_peak_mb" in memory["plain"]:
-        row["cuda_peak_ratio"] = {v: memory[v]["cuda_peak_mb"] / memory["plain"]["cuda_peak_mb"] for v in ("kv", "echo")}
+        plain_cuda = memory["plain"]["cuda_peak_mb"]
+        row["cuda_peak_ratio"] = {v: memory[v]["cuda_peak_mb"] / plain_cuda for v in ("kv", "echo")}
     return row
 
 
@@ -218,12 +232,13 @@ def markdown(result: dict[str, Any]) -> str:
         f"Device: {result['device']}, {result['torch_threads']} torch thread(s), torch {result['torch']}. "
         f"`kv`: layers {kv['layers']}, prefix_rope {kv['prefix_rope']}, prefix_bias {kv['prefix_bias']}. "
         "Time: median wall-clock (and process CPU time) over interleaved repeats; memory: peak of the encode "
-        "call in a fresh process. "
+        "call in a fresh process (glibc mmap threshold fixed, see scripts/bench.py). "
         "Ratios are against `plain` (same templated tokens, no re-routing) from the same run; "
         "RSS growth = peak RSS during encode minus RSS of the loaded model.",
         "",
         "| tokens plain = kv / echo | batch | repeats | plain s | kv s | echo s | **kv / plain time** "
-        "| echo / plain time | kv / plain CPU time | echo / plain CPU time | plain peak RSS MB | **kv / plain peak RSS** | echo / plain peak RSS "
+        "| echo / plain time | kv / plain CPU time | echo / plain CPU time | plain peak RSS MB "
+        "| **kv / plain peak RSS** | echo / plain peak RSS "
         "| kv / plain RSS growth | echo / plain RSS growth"
         + (" | **kv / plain CUDA peak** | echo / plain CUDA peak" if cuda else "")
         + " |",
@@ -261,7 +276,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layers", default="20-29", help="re-routed layers of the kv variant")
     parser.add_argument("--lengths", default="64,512,2048,4096", help="comma-separated templated lengths")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: 4 up to 512 tokens, else 1)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per length after the memory/warm-up call (default: 7, 5, 3, 2)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed calls per length after a warm-up call (default: 7, 5, 3, 2)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="results/bench_smollm2", help="output path without extension")
