@@ -101,10 +101,10 @@ class KVEmbeddingConfig:
     method: str = "kv"
     layers: list[int] = field(default_factory=list)
     tp_layers: list[int] | None = None
-    prefix_bias: float = 2.0
+    prefix_bias: float = 3.0
     prefix_rope: str = "relative0"
     pooling: str | None = None
-    last_weight: float = 0.5
+    last_weight: float = 0.75
     template: str | None = None
     max_seq_length: int = 512
     layer_selection: dict[str, Any] | None = None

@@ -202,7 +202,7 @@ def placeholder_token(tokenizer: Any) -> str:
 METHODS: dict[str, Method] = {
     method.name: method
     for method in (
-        Method("kv", PROMPTEOL_TEMPLATE, "last"),
+        Method("kv", PROMPTEOL_TEMPLATE, "mean+last"),
         Method("mean", RAW_TEMPLATE, "mean"),
         Method("last", RAW_TEMPLATE, "last"),
         Method("prompteol", PROMPTEOL_TEMPLATE, "last"),
