@@ -27,7 +27,6 @@ from sentence_transformers.sentence_transformer.evaluation import (
     EmbeddingSimilarityEvaluator,
     InformationRetrievalEvaluator,
 )
-
 from sentence_transformers.util import cos_sim
 
 from kvemb_st.assets import load_sts_b

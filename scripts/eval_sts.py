@@ -29,7 +29,6 @@ import torch
 import kvemb_st
 from kvemb_st.assets import smollm2_folder
 from kvemb_st.config import COMPRESSION_TEMPLATE, PROMPTEOL_TEMPLATE
-from kvemb_st.methods import METHODS
 from kvemb_st.evaluation import (
     DOC_METRICS,
     build_document_task,
@@ -39,6 +38,7 @@ from kvemb_st.evaluation import (
     sts_pairs,
     write_json,
 )
+from kvemb_st.methods import METHODS
 
 TEMPLATE_ALIASES = {"prompteol": PROMPTEOL_TEMPLATE, "compression": COMPRESSION_TEMPLATE}
 TEMPLATE_KEYS = ("template", "query_template", "document_template")

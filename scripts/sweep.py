@@ -37,7 +37,12 @@ from transformers.masking_utils import create_causal_mask
 
 from kvemb_st.assets import smollm2_folder
 from kvemb_st.backbone import load_backbone
-from kvemb_st.config import COMPRESSION_TEMPLATE, PROMPTEOL_TEMPLATE, KVEmbeddingConfig, parse_layer_spec
+from kvemb_st.config import (
+    COMPRESSION_TEMPLATE,
+    PROMPTEOL_TEMPLATE,
+    KVEmbeddingConfig,
+    parse_layer_spec,
+)
 from kvemb_st.evaluation import (
     build_document_task,
     markdown_table,
@@ -210,7 +215,7 @@ def stage_coarse(args, backbone, tokenizer, st_model) -> None:
             if diff > 1e-4:
                 raise SystemExit("the cached-prefix shortcut disagrees with the module; not sweeping")
 
-        def score(settings: Iterable[Setting]) -> dict:
+        def score(settings: Iterable[Setting], runner: TailRunner = runner) -> dict:
             return best_of([row for s in settings for row in score_sts(runner, s, pairs, done, path, st_model)])
 
         score([Setting(template, NONE)])
