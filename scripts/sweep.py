@@ -232,7 +232,7 @@ def stage_coarse(args, backbone, tokenizer, st_model) -> None:
     summarize(path, args.out / "coarse.md", f"STS-B dev, {args.limit} random pairs (seed {args.seed})")
 
 
-def top_settings(path: Path, k: int, per_template: bool = True) -> list[Setting]:
+def top_settings(path: Path, k: int) -> list[Setting]:
     """The ``k`` best forward settings (best pooling each) per template, plus no re-routing."""
     rows = list(read_done(path).values())
     chosen: list[Setting] = []
