@@ -20,6 +20,7 @@ POOLING_MODES = ("mean", "last", "mean+last")
 PROMPTEOL_TEMPLATE = 'This sentence : "{text}" means in one word:"'
 COMPRESSION_TEMPLATE = "Context: {text}\nCompress the context in one word:"
 TEXT_PLACEHOLDER = "{text}"
+NAMED_TEMPLATES = {"prompteol": PROMPTEOL_TEMPLATE, "compression": COMPRESSION_TEMPLATE}
 
 
 class ConfigError(ValueError):

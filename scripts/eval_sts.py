@@ -28,7 +28,7 @@ import torch
 
 import kvemb_st
 from kvemb_st.assets import smollm2_folder
-from kvemb_st.config import COMPRESSION_TEMPLATE, PROMPTEOL_TEMPLATE
+from kvemb_st.config import NAMED_TEMPLATES
 from kvemb_st.evaluation import (
     DOC_METRICS,
     build_document_task,
@@ -40,7 +40,6 @@ from kvemb_st.evaluation import (
 )
 from kvemb_st.methods import METHODS
 
-TEMPLATE_ALIASES = {"prompteol": PROMPTEOL_TEMPLATE, "compression": COMPRESSION_TEMPLATE}
 TEMPLATE_KEYS = ("template", "query_template", "document_template")
 
 
@@ -65,7 +64,7 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
             kwargs[key.strip()] = _value(value.strip())
     for key in TEMPLATE_KEYS:
         if key in kwargs:
-            kwargs[key] = TEMPLATE_ALIASES.get(kwargs[key], kwargs[key])
+            kwargs[key] = NAMED_TEMPLATES.get(kwargs[key], kwargs[key])
     if "method" in kwargs and kwargs["method"] != method:
         raise ValueError(f"method spec {spec!r} names method {method!r} and also method={kwargs['method']!r}")
     return method, {"method": method, **kwargs}

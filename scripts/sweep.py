@@ -37,12 +37,7 @@ from transformers.masking_utils import create_causal_mask
 
 from kvemb_st.assets import smollm2_folder
 from kvemb_st.backbone import load_backbone
-from kvemb_st.config import (
-    COMPRESSION_TEMPLATE,
-    PROMPTEOL_TEMPLATE,
-    KVEmbeddingConfig,
-    parse_layer_spec,
-)
+from kvemb_st.config import NAMED_TEMPLATES, KVEmbeddingConfig, parse_layer_spec
 from kvemb_st.evaluation import (
     build_document_task,
     markdown_table,
@@ -53,7 +48,6 @@ from kvemb_st.evaluation import (
 from kvemb_st.module import KVEmbedding
 from kvemb_st.pooling import pool
 
-TEMPLATES = {"prompteol": PROMPTEOL_TEMPLATE, "compression": COMPRESSION_TEMPLATE}
 ROPES = ("keep", "start", "relative0")
 BIASES = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0)
 WINDOWS = ("10-19", "15-24", "18-27", "20-29", "22-29", "24-29", "15-29")
@@ -105,7 +99,7 @@ class TailRunner:
             routing = {"method": "prompteol"}
         else:
             routing = {"method": "kv", "layers": setting.layers, "prefix_rope": setting.rope, "prefix_bias": setting.bias}
-        config = KVEmbeddingConfig(base_model="(preloaded)", template=TEMPLATES[setting.template], pooling="last", **routing)
+        config = KVEmbeddingConfig(base_model="(preloaded)", template=NAMED_TEMPLATES[setting.template], pooling="last", **routing)
         return KVEmbedding(config, self.backbone, self.tokenizer)
 
     def final_states(self, setting: Setting, batches: Sequence | None = None):
@@ -323,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("results/sweep"))
     parser.add_argument("--limit", type=int, default=600, help="dev pairs in the coarse stage")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--templates", nargs="+", default=list(TEMPLATES), choices=list(TEMPLATES))
+    parser.add_argument("--templates", nargs="+", default=list(NAMED_TEMPLATES), choices=list(NAMED_TEMPLATES))
     parser.add_argument("--top", type=int, default=3, help="settings per template carried to the next stage")
     parser.add_argument(
         "--settings", nargs="+", metavar="LAYERS|ROPE|BIAS",
