@@ -1,6 +1,6 @@
 """scripts/run_mteb.py: clear errors without mteb or without its data; a real run on an mteb mock task.
 
-mteb is optional and not part of the test extra, so the error paths use a stand-in module. Budget: < 20 s
+mteb is an optional extra (also in the test extra); the error paths use a stand-in module. Budget: < 20 s
 (the mock-task run, only where mteb is installed).
 """
 
