@@ -6,14 +6,15 @@ For each sequence length L the same text is embedded three ways:
 - ``kv``: method ``kv`` -- the same L tokens with K/V re-routing at ``--layers``;
 - ``echo``: method ``echo`` -- the same text twice (about 2L tokens), mean over the second copy.
 
-Each variant runs in fresh worker processes. Time: wall-clock of one ``SentenceTransformer.encode`` call
-(tokenization + forward + pooling) after an untimed warm-up call, the variants interleaved within each
-repeat so that load changes on a shared machine hit all of them alike; the median is reported.
-Memory: one call in another fresh process, its peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs``
-just before) and, on CUDA, ``max_memory_allocated``. That process runs with a fixed glibc mmap threshold,
-so that freed tensors leave RSS at once and the peak is that of live memory, not of allocator caching
-(which made identical runs differ by 40 MB); it is not used for timing, as the setting slows calls down.
-All ratios are against ``plain`` from the same run. Offline; SmolLM2-135M-Instruct by default::
+Time: wall-clock of one ``SentenceTransformer.encode`` call (tokenization + forward + pooling), in one
+process where the three variants share one loaded backbone (separately loaded copies of the same weights
+ran up to 15% apart in matrix-multiply speed), after an untimed warm-up call, the variants interleaved
+within each repeat so that load changes on a shared machine hit all of them alike; the median is reported.
+Memory: one call per variant in a fresh process, its peak RSS (``VmHWM``, reset through
+``/proc/self/clear_refs`` just before) and, on CUDA, ``max_memory_allocated``. That process runs with a
+fixed glibc mmap threshold, so that freed tensors leave RSS at once and the peak is that of live memory,
+not of allocator caching (which made identical runs differ by 40 MB); it is not timed, as the setting
+slows calls down. All ratios are against ``plain`` from the same run. Offline; SmolLM2-135M-Instruct by default::
 
     python scripts/bench.py                                  # writes results/bench_smollm2.{json,md}
     python scripts/bench.py --lengths 64,512 --repeats 3     # a quick look
@@ -35,9 +36,11 @@ from typing import Any
 
 import torch
 
-import kvemb_st
+from sentence_transformers import SentenceTransformer
+
 from kvemb_st.assets import load_sts_b, smollm2_folder
 from kvemb_st.config import KVEmbeddingConfig
+from kvemb_st.module import KVEmbedding
 
 METHOD_OF = {"plain": "prompteol", "kv": "kv", "echo": "echo"}
 DEFAULT_BATCH = {64: 4, 512: 4, 2048: 1, 4096: 1}
@@ -45,14 +48,23 @@ DEFAULT_REPEATS = {64: 7, 512: 5, 2048: 3, 4096: 2}
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # fixed threshold: big frees go back to the OS at once
 
 
-def build(variant: str, base: str, layers: str, max_seq_length: int, device: str) -> Any:
-    knobs: dict[str, Any] = {"method": METHOD_OF[variant], "max_seq_length": max_seq_length}
-    if variant == "kv":
-        knobs["layers"] = layers
-    return kvemb_st.from_base(base, device=device, **knobs)
+def config(variant: str, args: argparse.Namespace) -> KVEmbeddingConfig:
+    layers = args.layers if variant == "kv" else ()
+    return KVEmbeddingConfig(
+        base_model=args.base, method=METHOD_OF[variant], layers=layers, max_seq_length=args.max_seq_length
+    )
 
 
-def text_of_length(model: Any, length: int) -> str:
+def build(variant: str, args: argparse.Namespace, backbone: KVEmbedding | None = None) -> SentenceTransformer:
+    """One variant; with ``backbone``, it shares that module's loaded model and tokenizer."""
+    if backbone is None:
+        module = KVEmbedding(config(variant, args))
+    else:
+        module = KVEmbedding(config(variant, args), backbone.auto_model, backbone.tokenizer)
+    return SentenceTransformer(modules=[module], device=args.device)
+
+
+def text_of_length(model: SentenceTransformer, length: int) -> str:
     """A text (running STS-B sentences) whose ``plain``-templated input is exactly ``length`` tokens."""
     tokenizer = model.tokenizer
     corpus = " ".join(s for pair in load_sts_b("train") for s in pair[:2])
@@ -82,109 +94,80 @@ def sync(device: str) -> None:
 
 
 def worker(args: argparse.Namespace) -> None:
-    """A fresh process holding one variant: on each ``run`` line from stdin, embed the batch once and print
-    the time and the peak memory of that call as one JSON line."""
+    """A fresh process: build one variant, embed the batch once, print that call's peak memory as JSON."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = build(args.variant, args.base, args.layers, args.max_seq_length, args.device)
+    model = build(args.variant, args)
     texts = json.loads(Path(args.texts_file).read_text())
     model.encode(["warm up"])  # lazy initialisation outside the measurement
-    tokens = int(model[0].preprocess(texts)["attention_mask"].sum(1).max())
-    print(json.dumps({"tokens": tokens}), flush=True)
-    for line in sys.stdin:
-        if line.strip() != "run":
-            break
-        before = _rss_kb("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (peak RSS) to the current RSS
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-            cuda_before = torch.cuda.memory_allocated()
-        sync(args.device)
-        start, cpu_start = time.perf_counter(), time.process_time()
-        model.encode(texts, batch_size=len(texts))
-        sync(args.device)
-        result = {
-            "time_s": time.perf_counter() - start,
-            "cpu_s": time.process_time() - cpu_start,
-            "rss_before_mb": before / 1024,
-            "peak_rss_mb": _rss_kb("VmHWM") / 1024,
-        }
-        if torch.cuda.is_available():
-            result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-            result["cuda_extra_mb"] = (torch.cuda.max_memory_allocated() - cuda_before) / 2**20
-        print(json.dumps(result), flush=True)
+    before = _rss_kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (peak RSS) to the current RSS
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    model.encode(texts, batch_size=len(texts))
+    result = {"rss_before_mb": before / 1024, "peak_rss_mb": _rss_kb("VmHWM") / 1024}
+    if torch.cuda.is_available():
+        result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(result), flush=True)
 
 
-class Worker:
-    """Parent side of :func:`worker`."""
+def measure_memory(args: argparse.Namespace, variant: str, texts_file: Path) -> dict[str, Any]:
+    command = [
+        sys.executable, __file__, "--worker", "--variant", variant, "--texts-file", str(texts_file),
+        "--base", args.base, "--layers", args.layers, "--max-seq-length", str(args.max_seq_length),
+        "--device", args.device, "--threads", str(args.threads or 0),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **MEMORY_ENV})
+    if done.returncode != 0:
+        raise RuntimeError(f"memory worker for {variant} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
-    def __init__(self, args: argparse.Namespace, variant: str, texts_file: Path, log: Path, memory: bool) -> None:
-        command = [
-            sys.executable, __file__, "--worker", "--variant", variant, "--texts-file", str(texts_file),
-            "--base", args.base, "--layers", args.layers, "--max-seq-length", str(args.max_seq_length),
-            "--device", args.device, "--threads", str(args.threads or 0),
-        ]  # fmt: skip
-        env = {**os.environ, **(MEMORY_ENV if memory else {})}
-        self.variant, self.log = variant, log
-        self.process = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env=env
-        )
-        self.tokens = json.loads(self._read())["tokens"]
 
-    def _read(self) -> str:
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"bench worker for {self.variant} died:\n{self.log.read_text()[-3000:]}")
-        return line
-
-    def run(self) -> dict[str, Any]:
-        self.process.stdin.write("run\n")
-        self.process.stdin.flush()
-        return json.loads(self._read())
-
-    def close(self) -> None:
-        self.process.stdin.close()
-        self.process.wait()
-        self.log.unlink()
+def timed_encode(model: SentenceTransformer, texts: list[str], device: str) -> dict[str, float]:
+    sync(device)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    model.encode(texts, batch_size=len(texts))
+    sync(device)
+    return {"time_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu_start}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    plain = build("plain", args.base, args.layers, args.max_seq_length, "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    plain = build("plain", args)
+    models = {"plain": plain, **{v: build(v, args, backbone=plain[0]) for v in ("kv", "echo")}}
+    for model in models.values():
+        model.encode(["warm up"])
+    text = {length: text_of_length(plain, length) for length in args.lengths}  # fail before measuring
     out_dir = Path(args.out).parent
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    text = {length: text_of_length(plain, length) for length in args.lengths}  # fail before measuring
     for length in args.lengths:
         batch = args.batch or DEFAULT_BATCH.get(length, 1)
         repeats = args.repeats or DEFAULT_REPEATS.get(length, 2)
         texts = [text[length]] * batch
-        texts_file, log = out_dir / f".bench_texts_{length}.json", out_dir / f".bench_{length}.log"
+        tokens = {v: int(m[0].preprocess(texts[:1])["attention_mask"].sum()) for v, m in models.items()}
+        runs: dict[str, list[dict[str, float]]] = {v: [] for v in models}
+        for repeat in range(repeats + 1):  # interleaved: a load change on a shared machine hits every variant
+            for variant, model in models.items():
+                measured = timed_encode(model, texts, args.device)
+                if repeat:  # the first call at a new length warms up
+                    runs[variant].append(measured)
+        texts_file = out_dir / f".bench_texts_{length}.json"
         texts_file.write_text(json.dumps(texts))
-        workers = {v: Worker(args, v, texts_file, log.with_suffix(f".{v}.log"), memory=False) for v in METHOD_OF}
-        runs: dict[str, list[dict[str, Any]]] = {v: [] for v in METHOD_OF}
-        for _ in range(repeats + 1):  # interleaved: a load change on a shared machine hits every variant alike
-            for variant, w in workers.items():
-                runs[variant].append(w.run())
-        for w in workers.values():
-            w.close()
-        memory = {}
-        for variant in METHOD_OF:
-            w = Worker(args, variant, texts_file, log.with_suffix(f".{variant}.mem.log"), memory=True)
-            memory[variant] = w.run()
-            w.close()
+        memory = {v: measure_memory(args, v, texts_file) for v in models}
         texts_file.unlink()
-        tokens = {v: w.tokens for v, w in workers.items()}
-        rows.append(summarise(length, batch, tokens, {v: rs[1:] for v, rs in runs.items()}, memory))
-        row = rows[-1]
+        row = summarise(length, batch, tokens, runs, memory)
+        rows.append(row)
         print(f"L={length}: time kv {row['time_ratio']['kv']:.3f}x echo {row['time_ratio']['echo']:.3f}x; "
               f"peak RSS kv {row['peak_rss_ratio']['kv']:.3f}x echo {row['peak_rss_ratio']['echo']:.3f}x", flush=True)
-    kv = KVEmbeddingConfig(base_model=args.base, method="kv", layers=args.layers)
+    kv = models["kv"][0].config
     return {
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "base": args.base,
         "kv_config": {"layers": args.layers, "prefix_rope": kv.prefix_rope, "prefix_bias": kv.prefix_bias},
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({platform.machine()})",
-        "torch_threads": args.threads or torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "rows": rows,
     }
@@ -231,8 +214,9 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Device: {result['device']}, {result['torch_threads']} torch thread(s), torch {result['torch']}. "
         f"`kv`: layers {kv['layers']}, prefix_rope {kv['prefix_rope']}, prefix_bias {kv['prefix_bias']}. "
-        "Time: median wall-clock (and process CPU time) over interleaved repeats; memory: peak of the encode "
-        "call in a fresh process (glibc mmap threshold fixed, see scripts/bench.py). "
+        "Time: median wall-clock (and process CPU time) over interleaved repeats, all variants on one shared "
+        "backbone in one process; memory: peak of one encode call per variant in a fresh process (glibc mmap "
+        "threshold fixed, see scripts/bench.py). "
         "Ratios are against `plain` (same templated tokens, no re-routing) from the same run; "
         "RSS growth = peak RSS during encode minus RSS of the loaded model.",
         "",
