@@ -8,7 +8,9 @@ sequence. Everything that changes per call travels in a :class:`KVRouting` objec
 no global mutable state, so models with different settings can share a process and its threads.
 
 Non-selected layers (and calls without ``kv_routing``) go straight to transformers' SDPA attention,
-keeping its fast path.
+keeping its fast path. Selected layers run the same fused kernel at the model's own head dim and merge the
+prefix slot in afterwards (exact, through the kernel's log-sum-exp); where torch exposes no such kernel they
+fall back to one public SDPA call with the prefix logit on extra head channels.
 """
 
 from __future__ import annotations
@@ -82,6 +84,70 @@ def _prefix_logits(query: torch.Tensor, prefix_key: torch.Tensor, routing: KVRou
     return (query * keys).sum(-1) * scale + routing.prefix_bias
 
 
+def _attention_with_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Plain attention ``(B, H, T, D)`` and its float32 log-sum-exp ``(B, H, T)`` from one fused kernel, or ``None``.
+
+    Only CPU torch exposes such a kernel for every dtype and mask (``_scaled_dot_product_flash_attention_for_cpu``);
+    elsewhere the caller falls back to :func:`_attention_with_prefix_channel`.
+    """
+    kernel = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if kernel is None or query.device.type != "cpu":
+        return None
+    n_rep = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+    if mask is None:
+        out, lse = kernel(query, key, value, 0.0, True, scale=scale)
+    else:
+        out, lse = kernel(query, key, value, 0.0, False, attn_mask=_additive_mask(mask, query), scale=scale)
+    return out, lse
+
+
+def _attention_with_prefix_channel(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    prefix_logit: torch.Tensor,
+    prefix_value: torch.Tensor,
+    dropout: float,
+) -> torch.Tensor:
+    """Softmax over ``[prefix; keys]`` in one public SDPA call, the prefix logit riding on extra head channels.
+
+    The prefix logit differs per query (bias, ``relative0``), which SDPA's fused kernels cannot take as a mask
+    without losing their fast path. So queries become ``[q ; s0 / scale ; 0..]``, ordinary keys ``[k ; 0 ; 0..]``
+    and the prefix key ``[0 ; 1 ; 0..]``; the head dim is padded to a multiple of 8, which fused GPU kernels
+    require. Without a mask (no padding), a zero query is put first so that SDPA's square ``is_causal``
+    alignment lets token ``i`` see the prefix and keys ``0..i``. With a mask, the prefix column is allowed
+    for every query.
+    """
+    batch, heads, q_len, head_dim = query.shape
+    kv_heads = key.shape[1]
+    extra = 8 - head_dim % 8 if head_dim % 8 else 8
+    logit_channel = (prefix_logit / scale).to(query.dtype)[..., None]
+    query = torch.cat([query, F.pad(logit_channel, (0, extra - 1))], dim=-1)
+    prefix_key = F.pad(torch.ones_like(prefix_value[..., :1]), (head_dim, extra - 1))
+    key = torch.cat([prefix_key[:, :, None], F.pad(key, (0, extra))], dim=2)
+    value = F.pad(torch.cat([prefix_value[:, :, None], value], dim=2), (0, extra))
+    if mask is None:
+        query = torch.cat([torch.zeros_like(query[:, :, :1]), query], dim=2)
+    else:
+        mask = _additive_mask(mask, query).expand(batch, 1, q_len, key.shape[2] - 1)
+        mask = torch.cat([mask.new_zeros(batch, 1, q_len, 1), mask], dim=-1)
+    sdpa_kwargs = {}
+    if kv_heads != heads:
+        if use_gqa_in_sdpa(mask, key, value):
+            sdpa_kwargs["enable_gqa"] = True
+        else:
+            key, value = repeat_kv(key, heads // kv_heads), repeat_kv(value, heads // kv_heads)
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scale, **sdpa_kwargs
+    )
+    return out[:, :, out.shape[2] - q_len :, :head_dim]
+
+
 def kv_reroute_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -98,19 +164,15 @@ def kv_reroute_attention(
     Receives what every transformers attention function receives: post-RoPE ``query`` ``(B, H, T, D)``
     and ``key``/``value`` ``(B, H_kv, T, D)`` before the GQA repeat.
 
-    The prefix logit differs per query (bias, ``relative0``), which SDPA's fused kernels cannot take as a
-    mask without losing their fast path. So it rides on one extra head channel instead: queries become
-    ``[q ; s0 / scale]``, ordinary keys ``[k ; 0]`` and the prefix key ``[0 ; 1]`` (values get a zero channel so
-    all head dims match). Without a mask (no padding), a zero query is put first so that SDPA's square
-    ``is_causal`` alignment lets token ``i`` see the prefix and keys ``0..i`` -- the same fused causal
-    kernel as the plain forward. With a mask, the prefix column is simply allowed for every query.
+    Where a fused kernel also returns the log-sum-exp ``L`` of the ordinary causal attention ``O``, the prefix
+    slot is merged in exactly afterwards: softmax over ``[s0; logits]`` gives ``O * sigmoid(L - s0) +
+    v0 * sigmoid(s0 - L)``. The kernel then runs at the model's own head dim, as in the plain forward.
     """
     if kv_routing is None or getattr(module, "layer_idx", None) not in kv_routing.layers:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    batch, heads, q_len, head_dim = query.shape
-    kv_heads = key.shape[1]
+    batch, heads, _, head_dim = query.shape
     rows = torch.arange(batch, device=key.device)
     last = kv_routing.last_index.to(key.device)
     prefix_key = key[rows, :, last]  # (B, H_kv, D), post-RoPE at the final token's position
@@ -127,32 +189,17 @@ def kv_reroute_attention(
             prefix_key = rotate(prefix_key, cos[:, :1], sin[:, :1])  # as if it sat at position 0
     prefix_logit = _prefix_logits(query, prefix_key, kv_routing, scale)
 
-    query = torch.cat([query, (prefix_logit / scale).to(query.dtype)[..., None]], dim=-1)
-    prefix_key = torch.cat([torch.zeros_like(prefix_key), torch.ones_like(prefix_key[..., :1])], dim=-1)
-    key = torch.cat([prefix_key[:, :, None], F.pad(key, (0, 1))], dim=2)
-    value = F.pad(torch.cat([prefix_value[:, :, None], value], dim=2), (0, 1))
-    if attention_mask is None:
-        query = torch.cat([torch.zeros_like(query[:, :, :1]), query], dim=2)
+    plain = _attention_with_lse(query, key, value, attention_mask, scale) if dropout == 0.0 else None
+    if plain is None:
+        out = _attention_with_prefix_channel(
+            query, key, value, attention_mask, scale, prefix_logit, prefix_value, dropout
+        )
     else:
-        mask = _additive_mask(attention_mask, query).expand(batch, 1, q_len, key.shape[2] - 1)
-        attention_mask = torch.cat([mask.new_zeros(batch, 1, q_len, 1), mask], dim=-1)
-    sdpa_kwargs = {}
-    if kv_heads != heads:
-        if use_gqa_in_sdpa(attention_mask, key, value):
-            sdpa_kwargs["enable_gqa"] = True
-        else:
-            key, value = repeat_kv(key, heads // kv_heads), repeat_kv(value, heads // kv_heads)
-    out = F.scaled_dot_product_attention(
-        query,
-        key,
-        value,
-        attn_mask=attention_mask,
-        dropout_p=dropout,
-        is_causal=attention_mask is None,
-        scale=scale,
-        **sdpa_kwargs,
-    )
-    return out[:, :, out.shape[2] - q_len :, :head_dim].transpose(1, 2).contiguous(), None
+        out, lse = plain
+        prefix_weight = torch.sigmoid(prefix_logit - lse)[..., None]  # (B, H, T, 1)
+        prefix_value = repeat_kv(prefix_value.float()[:, :, None], heads // prefix_value.shape[1])  # (B, H, 1, D)
+        out = torch.lerp(out.float(), prefix_value, prefix_weight).to(query.dtype)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def register() -> None:

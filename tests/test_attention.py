@@ -8,6 +8,7 @@ from transformers import AttentionInterface, AutoModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import kvemb_st
+from kvemb_st import attention
 from kvemb_st.config import KVEmbeddingConfig
 from kvemb_st.module import KVEmbedding
 
@@ -59,6 +60,14 @@ AttentionInterface.register(REFERENCE, reference_attention)
 AttentionMaskInterface.register(REFERENCE, sdpa_mask)
 
 
+@pytest.fixture(params=["lse_merge", "prefix_channel"])
+def kernel(request, monkeypatch):
+    """Both ways of computing the re-routed layers: the exact log-sum-exp merge (CPU) and the public-SDPA fallback."""
+    if request.param == "prefix_channel":
+        monkeypatch.setattr(attention, "_attention_with_lse", lambda *args: None)
+    return request.param
+
+
 def reference_backbone(folder: str):
     model = AutoModel.from_pretrained(folder, attn_implementation=REFERENCE).eval()
     for layer in model.layers:
@@ -71,7 +80,7 @@ def reference_backbone(folder: str):
     "rope,bias,layers",
     [("keep", 0.0, [1, 2]), ("start", 1.5, [0, 3]), ("relative0", 3.0, [2, 3]), ("relative0", -1.0, [0, 1, 2, 3])],
 )
-def test_rerouted_hidden_states_equal_reference(tiny_models, arch, rope, bias, layers):
+def test_rerouted_hidden_states_equal_reference(tiny_models, kernel, arch, rope, bias, layers):
     folder = str(tiny_models[arch])
     module = KVEmbedding(KVEmbeddingConfig(base_model=folder, layers=layers, prefix_bias=bias, prefix_rope=rope))
     features = module.preprocess(TEXTS)
@@ -103,7 +112,7 @@ def test_no_selected_layers_equals_stock_model(tiny_models, arch):
 
 
 @pytest.mark.parametrize("rope", ["keep", "start", "relative0"])
-def test_text_alone_equals_text_in_padded_batch(tiny_llama, rope):
+def test_text_alone_equals_text_in_padded_batch(tiny_llama, kernel, rope):
     model = kvemb_st.from_base(tiny_llama, layers=[1, 3], prefix_rope=rope, prefix_bias=2.0, pooling="mean+last")
     batch = TEXTS + ["word " * 200, ""]
     together = model.encode(batch, batch_size=len(batch), convert_to_tensor=True)
