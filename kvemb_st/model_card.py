@@ -1,5 +1,8 @@
 """The model card (``README.md``) of a built folder, rendered from ``model_cards/kvemb_model_card.md``.
 
+That folder is installed as the data package ``kvemb_st.model_cards`` (see pyproject.toml), so the template
+is found the same way in a source checkout, an editable install and a wheel.
+
 sentence-transformers writes its own card on ``save``, but it cannot know what KV-Embedding is, how
 the layers were chosen or how to rebuild the model. The Hub reads the YAML header for search and
 widgets; it is produced by ``huggingface_hub.ModelCardData`` so that it is valid YAML by construction.
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from importlib.resources import files
 from pathlib import Path
 from string import Template
 
@@ -18,7 +22,7 @@ from kvemb_st.config import KVEmbeddingConfig, is_hub_id
 from kvemb_st.layer_selection import format_layer_spec
 from kvemb_st.version import __version__
 
-TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "kvemb_model_card.md"
+TEMPLATE = files("kvemb_st.model_cards") / "kvemb_model_card.md"
 TAGS = ["sentence-transformers", "sentence-similarity", "feature-extraction", "kv-embedding", "training-free"]
 
 
@@ -89,11 +93,6 @@ def render_model_card(
     has_plot: bool = True,
 ) -> str:
     """Fill the card template for a built model whose config (with ``layer_selection``) is ``config``."""
-    if not TEMPLATE_PATH.is_file():
-        raise FileNotFoundError(
-            f"model card template {TEMPLATE_PATH} is missing; "
-            "install kvemb-st from a source checkout (pip install -e .)"
-        )
     hub_id = hub_base_model(config, base_model_id)
     metadata = ModelCardData(
         library_name="sentence-transformers",
@@ -111,7 +110,7 @@ def render_model_card(
     )
     name = hub_id or Path(config.base_model).name
     pooling = config.pooling if config.pooling != "mean+last" else f"mean+last (last-token weight {config.last_weight})"
-    return Template(TEMPLATE_PATH.read_text(encoding="utf-8")).substitute(
+    return Template(TEMPLATE.read_text(encoding="utf-8")).substitute(
         metadata=metadata,
         title=f"KV-Embedding on {name}",
         base_model_ref=base_model_ref,

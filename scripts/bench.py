@@ -8,8 +8,10 @@ For each sequence length L the same text is embedded three ways:
 
 Time: wall-clock of one ``SentenceTransformer.encode`` call (tokenization + forward + pooling), in one
 process where the three variants share one loaded backbone (separately loaded copies of the same weights
-ran up to 15% apart in matrix-multiply speed), after an untimed warm-up call, the variants interleaved
-within each repeat so that load changes on a shared machine hit all of them alike; the median is reported.
+ran up to 15% apart in matrix-multiply speed), after an untimed warm-up call. Each repeat runs every variant
+once, in an order rotated from repeat to repeat; a time ratio is the median over repeats of variant / plain
+within one repeat (paired: on a shared VM single calls drifted by +-20%, which pairing largely cancels),
+with its min-max over repeats.
 Memory: one call per variant in a fresh process, its peak RSS (``VmHWM``, reset through
 ``/proc/self/clear_refs`` just before) and, on CUDA, ``max_memory_allocated``. That process runs with a
 fixed glibc mmap threshold, so that freed tensors leave RSS at once and the peak is that of live memory,
@@ -148,9 +150,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         texts = [text[length]] * batch
         tokens = {v: int(m[0].preprocess(texts[:1])["attention_mask"].sum()) for v, m in models.items()}
         runs: dict[str, list[dict[str, float]]] = {v: [] for v in models}
+        order = list(models)
         for repeat in range(repeats + 1):  # interleaved: a load change on a shared machine hits every variant
-            for variant, model in models.items():
-                measured = timed_encode(model, texts, args.device)
+            for variant in order[repeat % len(order) :] + order[: repeat % len(order)]:  # rotated: no fixed neighbour
+                measured = timed_encode(models[variant], texts, args.device)
                 if repeat:  # the first call at a new length warms up
                     runs[variant].append(measured)
         texts_file = out_dir / f".bench_texts_{length}.json"
@@ -180,20 +183,26 @@ def summarise(
     runs: dict[str, list[dict[str, Any]]],
     memory: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
-    """Median times of the timed calls and the memory calls' peaks, as ratios against ``plain``."""
+    """Time ratios against ``plain`` and the memory calls' peaks, as ratios against ``plain``.
+
+    A time ratio is the median over repeats of ``variant / plain`` within the same repeat (paired, so
+    that a slow spell of a shared machine cancels); its spread (min-max over repeats) is kept too.
+    """
     median = {v: statistics.median(r["time_s"] for r in rs) for v, rs in runs.items()}
-    cpu = {v: statistics.median(r["cpu_s"] for r in rs) for v, rs in runs.items()}
+    paired = {v: [r["time_s"] / p["time_s"] for r, p in zip(runs[v], runs["plain"])] for v in ("kv", "echo")}
+    paired_cpu = {v: [r["cpu_s"] / p["cpu_s"] for r, p in zip(runs[v], runs["plain"])] for v in ("kv", "echo")}
     row: dict[str, Any] = {
         "length": length,
         "batch": batch,
         "tokens": tokens,
         "repeats": len(runs["plain"]),
         "time_s": median,
-        "cpu_s": cpu,
         "times_s": {v: [r["time_s"] for r in rs] for v, rs in runs.items()},
+        "cpu_times_s": {v: [r["cpu_s"] for r in rs] for v, rs in runs.items()},
         "memory_mb": {v: {k: m[k] for k in m if k.endswith("_mb")} for v, m in memory.items()},
-        "time_ratio": {v: median[v] / median["plain"] for v in ("kv", "echo")},
-        "cpu_ratio": {v: cpu[v] / cpu["plain"] for v in ("kv", "echo")},
+        "time_ratio": {v: statistics.median(paired[v]) for v in paired},
+        "time_ratio_range": {v: [min(paired[v]), max(paired[v])] for v in paired},
+        "cpu_ratio": {v: statistics.median(paired_cpu[v]) for v in paired_cpu},
         "peak_rss_ratio": {v: memory[v]["peak_rss_mb"] / memory["plain"]["peak_rss_mb"] for v in ("kv", "echo")},
         "rss_growth_ratio": {v: _extra(memory[v]) / max(_extra(memory["plain"]), 1e-9) for v in ("kv", "echo")},
     }
@@ -201,6 +210,11 @@ def summarise(
         plain_cuda = memory["plain"]["cuda_peak_mb"]
         row["cuda_peak_ratio"] = {v: memory[v]["cuda_peak_mb"] / plain_cuda for v in ("kv", "echo")}
     return row
+
+
+def _span(row: dict[str, Any], variant: str) -> str:
+    low, high = row["time_ratio_range"][variant]
+    return f"{low:.2f}-{high:.2f}"
 
 
 def _extra(memory: dict[str, Any]) -> float:
@@ -214,13 +228,15 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Device: {result['device']}, {result['torch_threads']} torch thread(s), torch {result['torch']}. "
         f"`kv`: layers {kv['layers']}, prefix_rope {kv['prefix_rope']}, prefix_bias {kv['prefix_bias']}. "
-        "Time: median wall-clock (and process CPU time) over interleaved repeats, all variants on one shared "
-        "backbone in one process; memory: peak of one encode call per variant in a fresh process (glibc mmap "
+        "Time: wall-clock (and process CPU time) of one encode call, all variants on one shared backbone in one "
+        "process, interleaved in rotating order; a ratio is the median over repeats of variant / plain within "
+        "the same repeat, [min-max] over repeats in brackets; memory: peak of one encode call per variant in a "
+        "fresh process (glibc mmap "
         "threshold fixed, see scripts/bench.py). "
         "Ratios are against `plain` (same templated tokens, no re-routing) from the same run; "
         "RSS growth = peak RSS during encode minus RSS of the loaded model.",
         "",
-        "| tokens plain = kv / echo | batch | repeats | plain s | kv s | echo s | **kv / plain time** "
+        "| tokens plain = kv / echo | batch | repeats | median plain s | median kv s | median echo s | **kv / plain time** "
         "| echo / plain time | kv / plain CPU time | echo / plain CPU time | plain peak RSS MB "
         "| **kv / plain peak RSS** | echo / plain peak RSS "
         "| kv / plain RSS growth | echo / plain RSS growth"
@@ -237,8 +253,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"{t['plain']:.2f}",
             f"{t['kv']:.2f}",
             f"{t['echo']:.2f}",
-            f"**{row['time_ratio']['kv']:.3f}**",
-            f"{row['time_ratio']['echo']:.2f}",
+            f"**{row['time_ratio']['kv']:.3f}** [{_span(row, 'kv')}]",
+            f"{row['time_ratio']['echo']:.2f} [{_span(row, 'echo')}]",
             f"{row['cpu_ratio']['kv']:.3f}",
             f"{row['cpu_ratio']['echo']:.2f}",
             f"{m['plain']['peak_rss_mb']:.0f}",
