@@ -133,13 +133,56 @@ def timed_encode(model: SentenceTransformer, texts: list[str], device: str) -> d
     return {"time_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu_start}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def load_models(args: argparse.Namespace) -> dict[str, SentenceTransformer]:
+    """The three variants on one shared backbone, warmed up."""
     if args.threads:
         torch.set_num_threads(args.threads)
     plain = build("plain", args)
     models = {"plain": plain, **{v: build(v, args, backbone=plain[0]) for v in ("kv", "echo")}}
     for model in models.values():
         model.encode(["warm up"])
+    return models
+
+
+def profile_ops(args: argparse.Namespace) -> str:
+    """Self CPU time per torch op of one ``plain`` and one ``kv`` forward at ``--profile`` tokens, as Markdown.
+
+    Wall-clock ratios on a shared VM drift by several percent from call to call; this splits a kv - plain
+    difference into the ops only kv runs (its real cost) and ops both run identically, such as the
+    weight matrix multiplies, whose difference is the machine's drift.
+    """
+    from torch.profiler import profile
+
+    models = load_models(args)
+    texts = [text_of_length(models["plain"], args.profile)]
+    self_ms: dict[str, dict[str, float]] = {}
+    for variant in ("plain", "kv"):
+        features = models[variant][0].preprocess(texts)
+        with torch.inference_mode(), profile() as prof:
+            models[variant][0].forward(dict(features))
+        self_ms[variant] = {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}
+    ops = sorted(
+        set(self_ms["plain"]) | set(self_ms["kv"]),
+        key=lambda op: -max(self_ms["kv"].get(op, 0.0), self_ms["plain"].get(op, 0.0)),
+    )
+    total = {v: sum(ms.values()) for v, ms in self_ms.items()}
+    lines = [
+        f"One forward pass of {args.profile} templated tokens (batch 1), torch.profiler self CPU time per op, "
+        f"{torch.get_num_threads()} thread(s). kv / plain total: {total['kv'] / total['plain']:.3f}.",
+        "",
+        "| op | plain ms | kv ms | kv - plain ms |",
+        "|---|---|---|---|",
+    ]
+    for op in ops[:25]:
+        plain_ms, kv_ms = self_ms["plain"].get(op, 0.0), self_ms["kv"].get(op, 0.0)
+        lines.append(f"| `{op}` | {plain_ms:.1f} | {kv_ms:.1f} | {kv_ms - plain_ms:+.1f} |")
+    lines.append(f"| **total** | {total['plain']:.1f} | {total['kv']:.1f} | {total['kv'] - total['plain']:+.1f} |")
+    lines += ["", "Command: `python " + " ".join(shlex.quote(a) for a in sys.argv) + "`", ""]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    models = load_models(args)
     text = {length: text_of_length(plain, length) for length in args.lengths}  # fail before measuring
     out_dir = Path(args.out).parent
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -282,6 +325,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="results/bench_smollm2", help="output path without extension")
+    parser.add_argument(
+        "--profile", type=int, metavar="TOKENS", help="instead: per-op CPU profile of plain vs kv at TOKENS tokens"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=sorted(METHOD_OF), help=argparse.SUPPRESS)
     parser.add_argument("--texts-file", help=argparse.SUPPRESS)
@@ -290,7 +336,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.base = args.base or str(smollm2_folder())
     if not args.worker:
         args.lengths = [int(x) for x in args.lengths.split(",")]
-        args.max_seq_length = 2 * max(args.lengths) + 64  # room for echo's second copy
+        args.max_seq_length = 2 * max([*args.lengths, args.profile or 0]) + 64  # room for echo's second copy
     return args
 
 
@@ -298,6 +344,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
         worker(args)
+        return
+    if args.profile:
+        table = profile_ops(args)
+        Path(args.out + f"_profile_{args.profile}.md").write_text(table)
+        print(table)
         return
     result = run(args)
     Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
