@@ -186,7 +186,7 @@ def profile_ops(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     models = load_models(args)
-    text = {length: text_of_length(plain, length) for length in args.lengths}  # fail before measuring
+    text = {length: text_of_length(models["plain"], length) for length in args.lengths}  # fail before measuring
     out_dir = Path(args.out).parent
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
