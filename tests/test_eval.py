@@ -5,10 +5,8 @@ Budget: < 30 s (a tiny random Llama, a handful of STS-B pairs).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
@@ -25,18 +23,8 @@ from kvemb_st.evaluation import (
     sts_pairs,
 )
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def eval_sts():
+def eval_sts(load_script):
     return load_script("eval_sts")
 
 

@@ -6,26 +6,19 @@ mteb is an optional extra (also in the test extra); the error paths use a stand-
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
 import types
-from pathlib import Path
 
 import pytest
 
 import kvemb_st
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "run_mteb.py"
-
 
 @pytest.fixture(scope="module")
-def run_mteb():
-    spec = importlib.util.spec_from_file_location("_script_run_mteb", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def run_mteb(load_script):
+    return load_script("run_mteb")
 
 
 def test_without_mteb_says_how_to_install(run_mteb, monkeypatch, capsys):
