@@ -188,12 +188,20 @@ class KVEmbedding(InputModule):
         config = KVEmbeddingConfig.from_dict(data, source=source)
         if base_model is not None:
             config.base_model = base_model
-        elif not os.path.isdir(model_name_or_path) and not is_hub_id(config.base_model):
-            raise ConfigError(
-                f"{source}: key 'base_model' is {config.base_model!r}, a local path, but this config was downloaded "
-                "from the Hub; a published model must name its base by Hub id. If you trust it, pass the base "
-                "explicitly: kvemb_st.load(..., base_model=PATH_OR_ID)."
-            )
+        elif not os.path.isdir(model_name_or_path):  # downloaded: the base must come from the Hub too
+            if not is_hub_id(config.base_model):
+                raise ConfigError(
+                    f"{source}: key 'base_model' is {config.base_model!r}, a local path, but this config was "
+                    "downloaded from the Hub; a published model must name its base by Hub id. If you trust it, "
+                    "pass the base explicitly: kvemb_st.load(..., base_model=PATH_OR_ID)."
+                )
+            if os.path.exists(config.base_model):  # transformers would prefer the local folder to the Hub repo
+                raise ConfigError(
+                    f"{source}: key 'base_model' is the Hub id {config.base_model!r}, but a folder of that name "
+                    f"exists under the current directory ({os.path.abspath(config.base_model)}), and it would be "
+                    "loaded instead of the Hub repo. Run from another directory, or pass the base explicitly: "
+                    "kvemb_st.load(..., base_model=PATH_OR_ID)."
+                )
         return cls(
             config,
             token=token,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,21 @@ def test_downloaded_config_may_not_point_the_base_at_a_local_path(saved, tmp_pat
     monkeypatch.setattr(module_file.os.path, "isdir", lambda path: False)  # "not a local folder": as from the Hub
     with pytest.raises(ConfigError, match=r"key 'base_model' is .* a local path, but this config was downloaded"):
         module_file.KVEmbedding.load(str(saved))
+
+
+def test_downloaded_configs_hub_base_is_not_shadowed_by_a_local_folder(saved, tiny_llama, tmp_path, monkeypatch):
+    """A folder named like the Hub id under the working directory would win in transformers' lookup."""
+    from kvemb_st import module as module_file
+
+    _edit_config(saved, base_model="some-org/base-model")
+    (tmp_path / "some-org" / "base-model").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    real_isdir = os.path.isdir
+    monkeypatch.setattr(module_file.os.path, "isdir", lambda path: False if path == str(saved) else real_isdir(path))
+    with pytest.raises(ConfigError, match=r"Hub id 'some-org/base-model', but a folder of that name exists"):
+        module_file.KVEmbedding.load(str(saved))
+    model = module_file.KVEmbedding.load(str(saved), base_model=tiny_llama)  # the explicit override still works
+    assert model.config.base_model == tiny_llama
 
 
 def test_base_model_override_replaces_the_configs_base(saved, tiny_llama):
