@@ -97,11 +97,8 @@ def _attention_with_lse(
         return None
     n_rep = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
-    if mask is None:
-        out, lse = kernel(query, key, value, 0.0, True, scale=scale)
-    else:
-        out, lse = kernel(query, key, value, 0.0, False, attn_mask=_additive_mask(mask, query), scale=scale)
-    return out, lse
+    additive = None if mask is None else _additive_mask(mask, query)  # the kernel takes no bool masks
+    return kernel(query, key, value, 0.0, mask is None, attn_mask=additive, scale=scale)
 
 
 def _attention_with_prefix_channel(
@@ -125,7 +122,7 @@ def _attention_with_prefix_channel(
     """
     batch, heads, q_len, head_dim = query.shape
     kv_heads = key.shape[1]
-    extra = 8 - head_dim % 8 if head_dim % 8 else 8
+    extra = 8 - head_dim % 8  # >= 1: room for the logit channel
     logit_channel = (prefix_logit / scale).to(query.dtype)[..., None]
     query = torch.cat([query, F.pad(logit_channel, (0, extra - 1))], dim=-1)
     prefix_key = F.pad(torch.ones_like(prefix_value[..., :1]), (head_dim, extra - 1))
