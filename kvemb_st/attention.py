@@ -84,6 +84,10 @@ def _prefix_logits(query: torch.Tensor, prefix_key: torch.Tensor, routing: KVRou
     return (query * keys).sum(-1) * scale + routing.prefix_bias
 
 
+# Resolved once at import, not per layer call; a torch without it falls back to the prefix-channel path.
+_CPU_ATTENTION_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
 def _attention_with_lse(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -92,7 +96,7 @@ def _attention_with_lse(
     Only CPU torch exposes such a kernel for every dtype and mask (``_scaled_dot_product_flash_attention_for_cpu``);
     elsewhere the caller falls back to :func:`_attention_with_prefix_channel`.
     """
-    kernel = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    kernel = _CPU_ATTENTION_WITH_LSE
     if kernel is None or query.device.type != "cpu":
         return None
     n_rep = query.shape[1] // key.shape[1]

@@ -103,7 +103,7 @@ def render_model_card(
     base_model_ref = f"[{hub_id}](https://huggingface.co/{hub_id})" if hub_id else f"`{config.base_model}`"
     local_base_note = (
         ""
-        if is_hub_id(config.base_model) and not os.path.exists(config.base_model)
+        if hub_base_model(config)
         else f"\nThe config names its base model by a local path (`{config.base_model}`). On another machine, point "
         f"it at your copy of {hub_id or 'the base model'}: "
         f'`kvemb_st.load("{model_id}", base_model="<Hub id or path>")`.\n'

@@ -133,6 +133,10 @@ def timed_encode(model: SentenceTransformer, texts: list[str], device: str) -> d
     return {"time_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu_start}
 
 
+def this_command() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+
 def load_models(args: argparse.Namespace) -> dict[str, SentenceTransformer]:
     """The three variants on one shared backbone, warmed up."""
     if args.threads:
@@ -183,7 +187,7 @@ def profile_ops(args: argparse.Namespace) -> str:
         plain_ms, kv_ms = self_ms["plain"].get(op, 0.0), self_ms["kv"].get(op, 0.0)
         lines.append(f"| `{op}` | {plain_ms:.1f} | {kv_ms:.1f} | {kv_ms - plain_ms:+.1f} |")
     lines.append(f"| **total** | {total['plain']:.1f} | {total['kv']:.1f} | {total['kv'] - total['plain']:+.1f} |")
-    lines += ["", "Command: `python " + " ".join(shlex.quote(a) for a in sys.argv) + "`", ""]
+    lines += ["", f"Command: `{this_command()}`", ""]
     return "\n".join(lines)
 
 
@@ -215,7 +219,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"peak RSS kv {row['peak_rss_ratio']['kv']:.3f}x echo {row['peak_rss_ratio']['echo']:.3f}x", flush=True)
     kv = models["kv"][0].config
     return {
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "command": this_command(),
         "base": args.base,
         "kv_config": {"layers": args.layers, "prefix_rope": kv.prefix_rope, "prefix_bias": kv.prefix_bias},
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({platform.machine()})",
@@ -238,8 +242,10 @@ def summarise(
     that a slow spell of a shared machine cancels); its spread (min-max over repeats) is kept too.
     """
     median = {v: statistics.median(r["time_s"] for r in rs) for v, rs in runs.items()}
-    paired = {v: [r["time_s"] / p["time_s"] for r, p in zip(runs[v], runs["plain"])] for v in ("kv", "echo")}
-    paired_cpu = {v: [r["cpu_s"] / p["cpu_s"] for r, p in zip(runs[v], runs["plain"])] for v in ("kv", "echo")}
+    def paired(measure: str) -> dict[str, list[float]]:
+        return {v: [r[measure] / p[measure] for r, p in zip(runs[v], runs["plain"])] for v in ("kv", "echo")}
+
+    wall, cpu = paired("time_s"), paired("cpu_s")
     row: dict[str, Any] = {
         "length": length,
         "batch": batch,
@@ -249,9 +255,9 @@ def summarise(
         "times_s": {v: [r["time_s"] for r in rs] for v, rs in runs.items()},
         "cpu_times_s": {v: [r["cpu_s"] for r in rs] for v, rs in runs.items()},
         "memory_mb": {v: {k: m[k] for k in m if k.endswith("_mb")} for v, m in memory.items()},
-        "time_ratio": {v: statistics.median(paired[v]) for v in paired},
-        "time_ratio_range": {v: [min(paired[v]), max(paired[v])] for v in paired},
-        "cpu_ratio": {v: statistics.median(paired_cpu[v]) for v in paired_cpu},
+        "time_ratio": {v: statistics.median(ratios) for v, ratios in wall.items()},
+        "time_ratio_range": {v: [min(ratios), max(ratios)] for v, ratios in wall.items()},
+        "cpu_ratio": {v: statistics.median(ratios) for v, ratios in cpu.items()},
         "peak_rss_ratio": {v: memory[v]["peak_rss_mb"] / memory["plain"]["peak_rss_mb"] for v in ("kv", "echo")},
         "rss_growth_ratio": {v: _extra(memory[v]) / max(_extra(memory["plain"]), 1e-9) for v in ("kv", "echo")},
     }
