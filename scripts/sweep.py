@@ -5,8 +5,10 @@ skips settings already there, so an interrupted run resumes):
 
 * ``coarse``  -- a fixed random subset of STS-B dev pairs, coordinate descent per template (one knob at
   a time, each at the best of the previous ones): no re-routing; for the first template every
-  ``prefix_bias`` at layers 20-29 with RoPE ``keep``, every ``prefix_rope``, every window, then the bias
-  again; later templates start from the first one's best and sweep its neighbourhood.
+  ``prefix_bias`` at the last third of the layers (20-29 of 30) with RoPE ``keep``, every ``prefix_rope``,
+  every window, then the bias again; later templates start from the first one's best and sweep its
+  neighbourhood. Windows are those chosen for SmolLM2's 30 layers scaled to the backbone's depth
+  (:func:`windows_for`), or ``--windows``.
 * ``confirm`` -- the best settings of ``coarse`` on all 1,500 dev pairs.
 * ``docs``    -- the best settings (of ``confirm``, else of ``coarse``) on the paragraph-retrieval task
   built from STS-B train (:func:`kvemb_st.evaluation.build_document_task`), with every query/document
@@ -18,6 +20,7 @@ forward computes, so the plain forward's hidden states are cached once per templ
 of the network is re-run per setting. A self-check compares that shortcut with the real module.
 
     python scripts/sweep.py coarse && python scripts/sweep.py confirm && python scripts/sweep.py docs
+    python scripts/sweep.py coarse --backbone qwen25 --out results/qwen25/sweep --limit 400 --threads 1
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import torch.nn.functional as F
 from sentence_transformers import SentenceTransformer
 from transformers.masking_utils import create_causal_mask
 
-from kvemb_st.assets import smollm2_folder
+from kvemb_st.assets import qwen25_folder, smollm2_folder
 from kvemb_st.backbone import load_backbone
 from kvemb_st.config import NAMED_TEMPLATES, KVEmbeddingConfig, parse_layer_spec
 from kvemb_st.evaluation import (
@@ -50,8 +53,11 @@ from kvemb_st.pooling import pool
 
 ROPES = ("keep", "start", "relative0")
 BIASES = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0)
-WINDOWS = ("10-19", "15-24", "18-27", "20-29", "22-29", "24-29", "15-29")
-START_WINDOW = "20-29"
+# Windows as chosen for SmolLM2's 30 layers; other depths get them scaled (windows_for).
+REFERENCE_DEPTH = 30
+REFERENCE_WINDOWS = ((10, 19), (15, 24), (18, 27), (20, 29), (22, 29), (24, 29), (15, 29))
+REFERENCE_START = (20, 29)
+BACKBONES = {"smollm2": smollm2_folder, "qwen25": qwen25_folder}
 POOLINGS = {  # name -> (mode, last_weight)
     "last": ("last", 0.5),
     "mean": ("mean", 0.5),
@@ -193,18 +199,33 @@ def window_start(layers: str) -> int:
     return min(parse_layer_spec(layers))
 
 
+def scale_window(window: tuple[int, int], num_layers: int) -> str:
+    """``first-last`` of a 30-layer window moved to ``num_layers`` layers, keeping its relative position."""
+    first, last = window
+    lo = round(first * num_layers / REFERENCE_DEPTH)
+    hi = min(num_layers, round((last + 1) * num_layers / REFERENCE_DEPTH)) - 1
+    return f"{lo}-{max(lo, hi)}"
+
+
+def windows_for(num_layers: int) -> tuple[str, ...]:
+    """The swept windows for a backbone of ``num_layers`` layers (SmolLM2's own set at 30), without duplicates."""
+    return tuple(dict.fromkeys(scale_window(w, num_layers) for w in REFERENCE_WINDOWS))
+
+
 # ------------------------------------------------------------------------------------------- stages
 def stage_coarse(args, backbone, tokenizer, st_model) -> None:
     pairs = sts_pairs("dev", args.limit, args.seed)
     texts = [s for p in pairs for s in p[:2]]
     path = args.out / "coarse.jsonl"
     done = read_done(path)
-    starts = {window_start(w) for w in WINDOWS}
+    windows = tuple(args.windows) if args.windows else windows_for(backbone.config.num_hidden_layers)
+    start_window = scale_window(REFERENCE_START, backbone.config.num_hidden_layers)
+    starts = {window_start(w) for w in (*windows, start_window)}
     seed: dict | None = None
     for template in args.templates:
         runner = TailRunner(backbone, tokenizer, template, texts, starts, args.batch_size)
         if args.self_check:
-            diff = runner.self_check(Setting(template, START_WINDOW, "relative0", 2.0))
+            diff = runner.self_check(Setting(template, start_window, "relative0", 2.0))
             print(f"self-check {template}: max |shortcut - module| = {diff:.2e}", flush=True)
             if diff > 1e-4:
                 raise SystemExit("the cached-prefix shortcut disagrees with the module; not sweeping")
@@ -214,13 +235,13 @@ def stage_coarse(args, backbone, tokenizer, st_model) -> None:
 
         score([Setting(template, NONE)])
         if seed is None:  # first template: every bias, then every rope, then every window
-            window, rope, biases, ropes, windows = START_WINDOW, "keep", BIASES, ROPES, WINDOWS
+            window, rope, biases, ropes, swept = start_window, "keep", BIASES, ROPES, windows
         else:  # later templates: around the first template's best
             window, rope = seed["layers"], seed["rope"]
-            biases, ropes, windows = neighbours(seed["bias"]), (rope,), sorted({window, START_WINDOW})
+            biases, ropes, swept = neighbours(seed["bias"]), (rope,), sorted({window, start_window})
         best = score(Setting(template, window, rope, b) for b in biases)
         best = score(Setting(template, window, r, best["bias"]) for r in ropes)
-        best = score(Setting(template, w, best["rope"], best["bias"]) for w in windows)
+        best = score(Setting(template, w, best["rope"], best["bias"]) for w in swept)
         best = score(Setting(template, best["layers"], best["rope"], b) for b in neighbours(best["bias"]))
         seed = seed or best
     summarize(path, args.out / "coarse.md", f"STS-B dev, {args.limit} random pairs (seed {args.seed})")
@@ -313,7 +334,8 @@ def summarize(path: Path, md_path: Path, title: str) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("stage", choices=("coarse", "confirm", "docs"))
-    parser.add_argument("--base", default=None, help="base model folder (default: SmolLM2-135M-Instruct from PyPI)")
+    parser.add_argument("--backbone", default="smollm2", choices=list(BACKBONES), help="real backbone from PyPI")
+    parser.add_argument("--base", default=None, help="base model folder (overrides --backbone)")
     parser.add_argument("--out", type=Path, default=Path("results/sweep"))
     parser.add_argument("--limit", type=int, default=600, help="dev pairs in the coarse stage")
     parser.add_argument("--seed", type=int, default=0)
@@ -326,12 +348,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--doc-split", default="train", choices=("train", "dev"))
     parser.add_argument("--doc-queries", type=int, default=200)
     parser.add_argument("--doc-sentences", type=int, default=10)
+    parser.add_argument(
+        "--windows", nargs="+", metavar="LAYERS", help="coarse stage: these windows (e.g. '8-15') instead of the scaled set"
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-self-check", dest="self_check", action="store_false")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    backbone, tokenizer = load_backbone(args.base or str(smollm2_folder()))
+    backbone, tokenizer = load_backbone(args.base or str(BACKBONES[args.backbone]()))
     # The evaluators record metrics on a model card, so they need a model; it never encodes here.
     st_model = SentenceTransformer(
         modules=[KVEmbedding(KVEmbeddingConfig("(preloaded)", method="prompteol"), backbone, tokenizer)]
