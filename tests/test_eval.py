@@ -1,6 +1,7 @@
-"""The evaluation harness: STS-B subsets, the document task, precomputed scoring and the eval script end to end.
+"""The evaluation harness: STS-B subsets, the document task, precomputed scoring, post-processing and the
+eval script end to end.
 
-Budget: < 30 s (a tiny random Llama, a handful of STS-B pairs).
+Budget: < 45 s (a tiny random Llama, a handful of STS-B pairs, the small document sets).
 """
 
 from __future__ import annotations
@@ -8,20 +9,29 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 
 import kvemb_st
 from kvemb_st.assets import load_sts_b
+from kvemb_st.doc_tasks import DocumentTask, load_lee
 from kvemb_st.evaluation import (
     DOC_METRICS,
+    PostSpec,
     build_document_task,
+    embed_task,
     evaluate_documents,
+    evaluate_model,
     evaluate_sts,
     markdown_table,
     precomputed_document_metrics,
     precomputed_sts_spearman,
+    retrieval_task,
+    similarity_task,
     sts_pairs,
+    sts_task,
 )
+from kvemb_st.postprocessing import add_postprocessing
 
 @pytest.fixture(scope="module")
 def eval_sts(load_script):
@@ -83,9 +93,65 @@ def test_eval_script_end_to_end_on_a_tiny_model(eval_sts, tiny_llama, tmp_path):
         assert all(math.isfinite(row[k]) for k in ("sts_spearman", "docs_mrr@10", "docs_ndcg@10"))
     table = (tmp_path / "tiny.md").read_text()
     assert "| kv:layers=1-3,prefix_bias=2,template=compression |" in table and "python scripts/eval_sts.py" in table
-    # deterministic: the same spec twice gives the same numbers
-    again = eval_sts.evaluate_spec("mean", tiny_llama, sts_pairs("dev", limit=8), None, 32)
-    assert again["sts_spearman"] == pytest.approx(saved["results"][1]["sts_spearman"], abs=1e-9)
+    # deterministic, and the harness' STS score is the live evaluator's
+    again = eval_sts.evaluate_spec("mean", tiny_llama, [sts_task(sts_pairs("dev", limit=8))])
+    assert again[0]["sts_spearman"] == pytest.approx(saved["results"][1]["sts_spearman"], abs=1e-6)
+    model = kvemb_st.from_base(tiny_llama, method="mean")
+    assert again[0]["sts_spearman"] == pytest.approx(evaluate_sts(model, sts_pairs("dev", limit=8)), abs=1e-6)
+
+
+def test_document_tasks_and_post_processing_end_to_end(eval_sts, tiny_llama, tmp_path):
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text("\n".join(pair[0] for pair in sts_pairs("train", limit=24)) + "\n")
+    result = eval_sts.main(
+        ["--base", tiny_llama, "--tasks", "lee,newsgroups,passkey", "--passkey-lengths", "64,200",
+         "--passkey-docs", "3", "--postprocess", "none,center,whiten:16", "--calibration", str(calibration),
+         "--max-seq-length", "128", "--out", str(tmp_path), "--name", "docs", "echo"]
+    )
+    rows = result["results"]
+    assert [r["postprocessing"] for r in rows] == ["none", "center", "whiten:16"]
+    metrics = ("lee_pearson", "lee_spearman", "newsgroups_5nn", "passkey64_accuracy@1", "passkey200_accuracy@1")
+    for row in rows:
+        assert all(math.isfinite(row[m]) for m in metrics)
+        assert row["config"]["max_seq_length"] == 128  # raised for the passkey documents only, then restored
+    assert rows[0]["lee_pearson"] != rows[1]["lee_pearson"]  # post-processing changes the vectors
+    table = (tmp_path / "docs.md").read_text()
+    assert "| postprocessing |" in table and "| echo | whiten:16 |" in table and "Lee" in table
+
+
+def test_harness_post_processing_equals_the_appended_module(tiny_llama):
+    """A transform of precomputed vectors scores exactly like the model with ``add_postprocessing``."""
+    lee = load_lee()
+    task = similarity_task(lee)
+    calibration = [pair[0] for pair in sts_pairs("train", limit=40)]
+    model = kvemb_st.from_base(tiny_llama, method="prompteol")
+    got = evaluate_model(model, [task], [PostSpec(), PostSpec("whiten", 8)], calibration)
+    expected = task.score(model, {"text": dict(zip(lee.texts, add_postprocessing(model, calibration, "whiten", 8).encode(list(lee.texts))))})
+    assert got["whiten:8"] == pytest.approx(expected, abs=1e-5)
+    assert got["none"] != got["whiten:8"]
+    with pytest.raises(ValueError, match="calibration texts"):
+        evaluate_model(model, [task], [PostSpec("center")])
+
+
+def test_long_inputs_get_room_and_the_limit_comes_back(tiny_llama):
+    """A document longer than max_seq_length is embedded whole by its task; the limit is restored after."""
+    model = kvemb_st.from_base(tiny_llama, method="mean")
+    text = " ".join(["word"] * 700)
+    documents = DocumentTask({"q0": "word"}, {"d0": text, "d1": "other"}, {"q0": {"d0"}})
+    embedded = embed_task(model, retrieval_task(documents, "long", ("accuracy@1",), max_tokens=700))["document"][text]
+    assert model[0].max_seq_length == 512
+    truncated = model.encode_document([text])[0]
+    model[0].max_seq_length = 1000
+    whole = model.encode_document([text])[0]
+    assert embedded == pytest.approx(whole, abs=1e-5) and not np.allclose(truncated, whole, atol=1e-4)
+
+
+@pytest.mark.parametrize(("text", "message"), [("whiten:x", "positive integer"), ("blur", "unknown post-processing"),
+                                               ("remove_pcs", "needs components")])
+def test_bad_post_processing_is_a_clear_error(text, message):
+    with pytest.raises(ValueError, match=message):
+        PostSpec.parse(text)
+    assert PostSpec.parse("whiten:64") == PostSpec("whiten", 64) and PostSpec.parse("none").name == "none"
 
 
 @pytest.mark.parametrize(
