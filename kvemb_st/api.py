@@ -12,8 +12,12 @@ from sentence_transformers.util.environment import check_version_requirements
 from kvemb_st.config import KVEmbeddingConfig, parse_layer_spec
 from kvemb_st.inputs import validate_texts
 from kvemb_st.module import KVEmbedding
+from kvemb_st.postprocessing import PostProcessing
 
 MODULE_TYPE = f"{KVEmbedding.__module__}.{KVEmbedding.__name__}"
+POSTPROCESSING_TYPE = f"{PostProcessing.__module__}.{PostProcessing.__name__}"
+# The only pipelines kvemb_st.load builds: nothing else is ever imported or instantiated from a folder.
+ALLOWED_PIPELINES = ((MODULE_TYPE,), (MODULE_TYPE, POSTPROCESSING_TYPE))
 
 
 class KVSentenceTransformer(SentenceTransformer):
@@ -95,21 +99,28 @@ def load(
 
     ``base_model`` replaces the base named in the config, e.g. with a local copy of it.
 
-    Safe because nothing from the repo is imported: the only module class allowed is our own,
-    already-installed :class:`KVEmbedding`, and the folder is checked to contain nothing else.
+    Safe because nothing from the repo is imported: ``modules.json`` must list exactly one of
+    :data:`ALLOWED_PIPELINES` -- our own, already-installed :class:`KVEmbedding`, optionally followed by
+    :class:`~kvemb_st.postprocessing.PostProcessing` (whose folder holds a JSON config and float32 statistics
+    in safetensors) -- and anything else is refused.
     """
     hub_kwargs = {"token": token, "cache_folder": cache_folder, "revision": revision, "local_files_only": local_files_only}
     modules = _read_json(model_name_or_path, "modules.json", hub_kwargs)
     if modules is None:
         raise FileNotFoundError(f"'{model_name_or_path}' has no modules.json: not a sentence-transformers model")
-    types = [m.get("type") for m in modules] if isinstance(modules, list) else None
-    if types != [MODULE_TYPE]:
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise ValueError(f"{model_name_or_path}/modules.json must be a list of module entries, got {modules!r}")
+    types = tuple(m.get("type") for m in modules)
+    if types not in ALLOWED_PIPELINES:
+        allowed = " or ".join(str(list(pipeline)) for pipeline in ALLOWED_PIPELINES)
         raise ValueError(
-            f"{model_name_or_path}/modules.json lists modules {types}; kvemb_st.load only loads a single "
-            f"'{MODULE_TYPE}' module. Use SentenceTransformer(..., trust_remote_code=True) for other models."
+            f"{model_name_or_path}/modules.json lists modules {list(types)}; kvemb_st.load only loads "
+            f"{allowed}. Use SentenceTransformer(..., trust_remote_code=True) for other models."
         )
     st_config = _read_json(model_name_or_path, "config_sentence_transformers.json", hub_kwargs) or {}
     check_version_requirements(st_config.get("requirements"), source=model_name_or_path)
+    # the small statistics first, so that a broken folder fails before the base model is loaded
+    after = [PostProcessing.load(model_name_or_path, subfolder=m.get("path", ""), **hub_kwargs) for m in modules[1:]]
     module = KVEmbedding.load(
         model_name_or_path,
         subfolder=modules[0].get("path", ""),
@@ -118,7 +129,7 @@ def load(
         **hub_kwargs,
     )
     return KVSentenceTransformer(
-        modules=[module],
+        modules=[module, *after],
         prompts=st_config.get("prompts") or {},
         default_prompt_name=st_config.get("default_prompt_name"),
         similarity_fn_name=st_config.get("similarity_fn_name") or "cosine",
