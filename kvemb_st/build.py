@@ -5,12 +5,15 @@ The folder is what ``SentenceTransformer.save`` writes for the model returned by
 ``kvemb_config.json`` -- configuration only, never weights), with the chosen layers and the
 ``layer_selection`` record in the config, plus ``id_curve.png`` and a ``README.md`` model card.
 The base model is loaded once: the ID curve is computed on the same backbone the model wraps.
+With ``postprocess``, the calibration texts are also embedded by the finished model and a
+:class:`~kvemb_st.postprocessing.PostProcessing` module (its own folder: config + statistics) is appended.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,10 +25,17 @@ from sentence_transformers import SentenceTransformer
 from transformers.utils import logging
 
 from kvemb_st.api import from_base
-from kvemb_st.calibration import load_calibration
+from kvemb_st.calibration import DEFAULT_CALIBRATION_FILE, load_calibration
 from kvemb_st.config import is_hub_id
 from kvemb_st.layer_selection import AUTO, LayerSelection, SelectionParams, select_layers
 from kvemb_st.model_card import render_model_card
+from kvemb_st.postprocessing import (
+    DEFAULT_EIGENVALUE_FLOOR,
+    PostProcessing,
+    add_postprocessing,
+    check_postprocessing_args,
+)
+from kvemb_st.version import __version__
 
 logger = logging.get_logger(__name__)
 
@@ -34,6 +44,7 @@ CARD_FILE = "README.md"
 # from_base needs a valid 'kv' config, which re-routes at least one layer; the chosen layers replace this
 # placeholder before the model encodes or is saved (the ID curve itself is measured without re-routing).
 PLACEHOLDER_LAYERS = [0]
+NO_POSTPROCESSING = "none"
 _NOT_RECORDED = ("token", "eval_results", "command", "progress")  # secrets and noise stay out of the card
 
 
@@ -53,6 +64,9 @@ def build(
     base_revision: str | None = None,
     calibration: str | os.PathLike[str] | Sequence[str] | None = None,
     calibration_limit: int | None = None,
+    postprocess: str = NO_POSTPROCESSING,
+    components: int | None = None,
+    eigenvalue_floor: float = DEFAULT_EIGENVALUE_FLOOR,
     selection: SelectionParams | None = None,
     estimator: str = "mle",
     batch_size: int = 32,
@@ -78,6 +92,8 @@ def build(
     Args:
         layers: ``"auto"`` (by intrinsic dimension) or an explicit spec such as ``"20-29"``.
         calibration, calibration_limit: Calibration texts (default set, file or list) and how many to use.
+        postprocess, components, eigenvalue_floor: ``"none"`` or a mode of
+            :func:`~kvemb_st.postprocessing.fit_postprocessing`, fitted on the calibration texts.
         selection: Where the automatic window goes; see :class:`~kvemb_st.layer_selection.SelectionParams`.
         cache_dir, use_cache: ID-curve cache (default ``<kvemb cache>/id_curves``).
         base_model_id: Hub id of the base model for the card's metadata when ``base_model`` is a path.
@@ -98,6 +114,10 @@ def build(
             f"kvemb build makes KV-Embedding models (method 'kv'), not {knobs['method']!r}: save a baseline with "
             f"kvemb_st.from_base(..., method={knobs['method']!r}).save(folder)"
         )
+    if postprocess != NO_POSTPROCESSING:
+        check_postprocessing_args(postprocess, components, eigenvalue_floor)
+    elif components is not None:
+        raise ValueError("components applies to a post-processing mode: pass postprocess (--postprocess) too")
     texts = load_calibration(calibration, calibration_limit)
     model = from_base(
         base_model, PLACEHOLDER_LAYERS, base_revision=base_revision, query_template=query_template,
@@ -115,14 +135,20 @@ def build(
     module.config = dataclasses.replace(config, layers=chosen.layers, layer_selection=chosen.to_dict())
     num_layers = module.auto_model.config.num_hidden_layers
     module.config.check_layers_fit(num_layers)
+    if postprocess != NO_POSTPROCESSING:
+        add_postprocessing(
+            model, texts, postprocess, components, batch_size,
+            calibration_name=_calibration_name(calibration), eigenvalue_floor=eigenvalue_floor,
+        )  # fmt: skip
 
     output.mkdir(parents=True, exist_ok=True)
     model.save(str(output), create_model_card=False)
     has_plot = plot_id_curve(chosen, output / PLOT_FILE, title=base_model_id or Path(base_model).name)
     card = render_model_card(
         module.config,
-        dimension=module.get_embedding_dimension(),
+        dimension=model.get_embedding_dimension(),
         num_layers=num_layers,
+        postprocessing=_saved_postprocessing(model, output),
         model_id=push_to_hub or str(output),
         command=command or _python_call(call),
         command_language="bash" if command else "python",
@@ -141,6 +167,24 @@ def build(
             )
         repo_url = push_folder(output, push_to_hub, token=token, private=private)
     return BuildResult(output_dir=output, model=model, selection=chosen, repo_url=repo_url)
+
+
+def _calibration_name(calibration: str | os.PathLike[str] | Sequence[str] | None) -> str | None:
+    """How the card names the calibration set: the shipped file, a user file's name, or ``None`` for a list."""
+    if calibration is None:
+        return f"{DEFAULT_CALIBRATION_FILE.name} shipped with kvemb-st {__version__}"
+    if isinstance(calibration, (str, os.PathLike)):
+        return f"the file {Path(calibration).name}"
+    return None
+
+
+def _saved_postprocessing(model: SentenceTransformer, output: Path) -> tuple[PostProcessing, str] | None:
+    """The model's post-processing module and the folder ``save`` wrote it to (read back from modules.json)."""
+    entries = json.loads((output / "modules.json").read_text(encoding="utf-8"))
+    for entry, module in zip(entries, model):
+        if isinstance(module, PostProcessing):
+            return module, entry["path"]
+    return None
 
 
 def push_folder(

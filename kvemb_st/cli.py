@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kvemb_st.build import build
+from kvemb_st.build import NO_POSTPROCESSING, build
 from kvemb_st.config import POOLING_MODES, ROPE_MODES, KVEmbeddingConfig
 from kvemb_st.intrinsic_dim import ESTIMATORS
 from kvemb_st.layer_selection import (
@@ -28,6 +28,7 @@ from kvemb_st.layer_selection import (
     SelectionParams,
     format_layer_spec,
 )
+from kvemb_st.postprocessing import DEFAULT_EIGENVALUE_FLOOR, POSTPROCESSING_MODES
 from kvemb_st.version import __version__
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -94,6 +95,26 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> None:
     select.add_argument("--cache-dir", type=Path, help="ID-curve cache folder (default: <kvemb cache>/id_curves)")
     select.add_argument("--no-cache", action="store_true", help="always recompute the ID curve")
 
+    post = parser.add_argument_group("post-processing, fitted on the calibration texts (saved as a small statistics file)")
+    post.add_argument(
+        "--postprocess",
+        choices=(NO_POSTPROCESSING, *POSTPROCESSING_MODES),
+        default=NO_POSTPROCESSING,
+        help="subtract the calibration mean (center), also remove top principal directions (remove_pcs), or "
+        "whiten with the calibration covariance (whiten) (default: %(default)s)",
+    )
+    post.add_argument(
+        "--components",
+        type=int,
+        help="remove_pcs: directions removed (required); whiten: output dimension (default: the full dimension)",
+    )
+    post.add_argument(
+        "--eigenvalue-floor",
+        type=float,
+        default=DEFAULT_EIGENVALUE_FLOOR,
+        help="whiten: eigenvalues below this fraction of the largest are raised to it (default: %(default)s)",
+    )
+
     load = parser.add_argument_group("loading the base model")
     load.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: sentence-transformers' choice)")
     load.add_argument("--dtype", choices=DTYPES, help="dtype of the base model weights")
@@ -125,6 +146,9 @@ def run_build(args: argparse.Namespace, argv: Sequence[str]) -> int:
         base_revision=args.base_revision,
         calibration=args.calibration,
         calibration_limit=args.calibration_limit,
+        postprocess=args.postprocess,
+        components=args.components,
+        eigenvalue_floor=args.eigenvalue_floor,
         selection=SelectionParams(
             skip_fraction=args.skip_fraction,
             window=args.window,
@@ -155,6 +179,8 @@ def run_build(args: argparse.Namespace, argv: Sequence[str]) -> int:
     print(f"ID curve (TwoNN {selection.estimator}, {selection.num_calibration_texts} calibration texts): {curve}")
     how = f"auto: ID minimum at layer {selection.argmin}" if selection.mode == AUTO else "explicit"
     print(f"selected layers: {format_layer_spec(selection.layers)} ({how})")
+    if args.postprocess != NO_POSTPROCESSING:
+        print(f"post-processing: {args.postprocess}, {result.model.get_embedding_dimension()} dimensions")
     print(f"saved to {result.output_dir}")
     if result.repo_url:
         print(f"pushed to {result.repo_url}")

@@ -20,6 +20,7 @@ from huggingface_hub import ModelCardData
 
 from kvemb_st.config import KVEmbeddingConfig, is_hub_id
 from kvemb_st.layer_selection import format_layer_spec
+from kvemb_st.postprocessing import STATISTICS_FILE, PostProcessing
 from kvemb_st.version import __version__
 
 TEMPLATE = files("kvemb_st.model_cards") / "kvemb_model_card.md"
@@ -67,6 +68,47 @@ def _layer_selection_text(config: KVEmbeddingConfig, has_plot: bool) -> str:
     return "\n".join(lines)
 
 
+_MODE_TEXT = {  # mode -> (what it does, the output formula, what the matrix holds)
+    "center": ("centred: the calibration mean is subtracted", "normalize(x - mean)", None),
+    "remove_pcs": (
+        "centred and its top {components} principal directions are removed",
+        "normalize(y - (y @ directions) @ directions.T) with y = x - mean",
+        "the top {components} principal directions (orthonormal columns) of the centred calibration vectors",
+    ),
+    "whiten": (
+        "whitened with the calibration covariance",
+        "normalize((x - mean) @ projection)",
+        "the top {out_features} eigenvectors of the calibration covariance, each divided by the square root "
+        "of its eigenvalue (eigenvalues below {eigenvalue_floor} times the largest raised to that floor)",
+    ),
+}
+
+
+def _postprocessing_text(postprocessing: tuple[PostProcessing, str] | None) -> tuple[str, str]:
+    """(table cell, section text) describing the post-processing module and its statistics file."""
+    if postprocessing is None:
+        return "none", "None: the pooled vector is L2-normalised and used as it is."
+    module, folder = postprocessing
+    fields = module.get_config_dict() | {"out_features": module.out_features}
+    what, formula, matrix = (text.format(**fields) if text else None for text in _MODE_TEXT[module.mode])
+    tensors = ", ".join(f"`{name}` {shape}" for name, shape in module.statistics_shapes().items())
+    held = f"the calibration mean ({module.in_features} values)" + (f", and {matrix}" if matrix else "")
+    size_note = "" if module.out_features == module.in_features else f" (reduced from {module.in_features})"
+    calibration = module.calibration
+    made = (
+        f"It was fitted by `kvemb build` on {calibration['count']} calibration texts "
+        f"({calibration['name']}, `{calibration['hash']}`), embedded by "
+        "this very model (template, re-routed layers, pooling), without labels or gradients."
+    )
+    text = (
+        f"The pooled, L2-normalised vector `x` is {what}, then L2-normalised again: `{formula}`, "
+        f"**{module.out_features} dimensions**{size_note}.\n\n"
+        f"`{folder}/{STATISTICS_FILE}` holds float32 tensors {tensors}: {held}. It holds no weights of the "
+        f"base model. `{folder}/{module.config_file_name}` records the mode, sizes and calibration set. {made}"
+    )
+    return f"{module.mode} (see below)", text
+
+
 def _evaluation_text(eval_results: Mapping[str, int | float | str] | None) -> str:
     if not eval_results:
         return (
@@ -91,8 +133,12 @@ def render_model_card(
     base_model_id: str | None = None,
     eval_results: Mapping[str, int | float | str] | None = None,
     has_plot: bool = True,
+    postprocessing: tuple[PostProcessing, str] | None = None,
 ) -> str:
-    """Fill the card template for a built model whose config (with ``layer_selection``) is ``config``."""
+    """Fill the card template for a built model whose config (with ``layer_selection``) is ``config``.
+
+    ``dimension`` is the model's output size; ``postprocessing`` is its module and the folder it was saved to.
+    """
     hub_id = hub_base_model(config, base_model_id)
     metadata = ModelCardData(
         library_name="sentence-transformers",
@@ -109,6 +155,7 @@ def render_model_card(
         f'`kvemb_st.load("{model_id}", base_model="<Hub id or path>")`.\n'
     )
     name = hub_id or Path(config.base_model).name
+    postprocessing_cell, postprocessing_section = _postprocessing_text(postprocessing)
     pooling = config.pooling if config.pooling != "mean+last" else f"mean+last (last-token weight {config.last_weight})"
     return Template(TEMPLATE.read_text(encoding="utf-8")).substitute(
         metadata=metadata,
@@ -124,6 +171,9 @@ def render_model_card(
         template=config.template.replace("\n", "\\n"),
         max_seq_length=config.max_seq_length,
         dimension=dimension,
+        contents="configuration only" if postprocessing is None else "configuration and calibration statistics",
+        postprocessing_cell=postprocessing_cell,
+        postprocessing=postprocessing_section,
         layer_selection=_layer_selection_text(config, has_plot),
         model_id=model_id,
         local_base_note=local_base_note,

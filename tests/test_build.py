@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 from huggingface_hub import HfApi
+from safetensors.numpy import load_file
 from sentence_transformers import SentenceTransformer
 
 import kvemb_st
@@ -135,9 +136,44 @@ def test_python_build_with_explicit_layers(built, tmp_path):
     assert "given explicitly" in body
 
 
+def test_build_with_postprocessing_saves_its_statistics_and_describes_them(built, tmp_path, capsys):
+    _, _, _, tiny_llama = built
+    argv = ["build", tiny_llama, "-o", str(tmp_path / "m"), "--layers", "1-2", "--calibration-limit", "32",
+            "--postprocess", "whiten", "--components", "12", "--cache-dir", str(tmp_path / "cache"), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    assert "post-processing: whiten, 12 dimensions" in capsys.readouterr().out
+    folder = tmp_path / "m"
+    assert {p.name for p in folder.iterdir()} == EXPECTED_FILES | {"1_PostProcessing"}
+    assert {p.name for p in (folder / "1_PostProcessing").iterdir()} == {"config.json", "statistics.safetensors"}
+    stats = load_file(folder / "1_PostProcessing" / "statistics.safetensors")
+    assert {name: tuple(value.shape) for name, value in stats.items()} == {"mean": (64,), "projection": (64, 12)}
+    config = json.loads((folder / "1_PostProcessing" / "config.json").read_text())
+    calibration = config["calibration"]
+    assert (config["mode"], config["in_features"], config["components"]) == ("whiten", 64, 12)
+    assert calibration["count"] == 32 and "calibration.txt" in calibration["name"]
+    assert calibration["hash"] == json.loads((folder / "kvemb_config.json").read_text())["layer_selection"]["calibration_hash"]
+    _, body = read_card(folder)
+    assert "| Embedding dimension | 12 |" in body and "| Post-processing | whiten (see below) |" in body
+    assert "`1_PostProcessing/statistics.safetensors` holds float32 tensors `mean` (64,), `projection` (64, 12)" in body
+    assert f"on 32 calibration texts ({calibration['name']}, `{calibration['hash']}`)" in body
+    assert "**12 dimensions** (reduced from 64)" in body and "no weights of the base model" in body
+    for loaded in (SentenceTransformer(str(folder), trust_remote_code=True), kvemb_st.load(str(folder))):
+        assert loaded.encode(SENTENCES).shape == (3, 12)
+
+
+def test_card_without_postprocessing_says_so(built):
+    _, folder, _, _ = built
+    _, body = read_card(folder)
+    assert "| Post-processing | none |" in body and "configuration only -- no weights" in body
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
+        (["--postprocess", "remove_pcs"], "needs components"),
+        (["--components", "4"], "pass postprocess (--postprocess) too"),
+        (["--postprocess", "whiten", "--components", "65"], "components must be at most 64"),
+        (["--postprocess", "whiten", "--eigenvalue-floor", "2"], "eigenvalue_floor"),
         (["--layers", "2-5"], "out of range for a base model with 4 layers"),
         (["--layers", ""], "is empty"),
         (["--window", "9"], "window of 9 layers does not fit"),
