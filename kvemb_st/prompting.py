@@ -3,14 +3,23 @@
 The instruction of a KV-Embedding prompt sits *after* the text ("... means in one word:"), and the
 final token is the one whose key/value gets re-routed. Cutting the end of an over-long input, as
 tokenizers do by default, would silently drop exactly that part. Here the text alone is shortened.
+
+Truncation is batched: all over-long texts of a batch go through each step together, one tokenizer call
+per step, and most calls tokenize only a short window at the end of each text (see
+:class:`TemplateTokenizer`), so a batch that must be cut costs little more than one that fits.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
+from typing import Any
 
+import numpy as np
 import torch
 
 from kvemb_st.config import TEXT_PLACEHOLDER, ConfigError, validate_template
@@ -59,8 +68,126 @@ def resolve_template(default: Template, prompt: str | None) -> Template:
     return replace(default, prefix=default.prefix + prompt)
 
 
+_OVERLAP = 4
+"""Tokens at the start of a window that must reproduce the uncut text's tokens before the window is used."""
+_SLACK = 8
+"""Tokens the tail window of a text holds beyond its first cut, for the shrink rounds that may follow."""
+_SEARCH = 64
+"""How many tokens back a window's start (a word start) is looked for before the whole text is tokenized."""
+
+
+@dataclass(frozen=True)
+class _Tokens:
+    """One tokenizer output: ids, and character spans read token by token through the Rust encoding.
+
+    Converting all of an encoding's offsets to Python costs about as much as tokenizing; a cut needs a few.
+    """
+
+    ids: list[int]
+    encoding: Any  # tokenizers.Encoding
+    shift: int = 0  # added to the encoding's spans: where the tokenized string sits in the text they refer to
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def shifted(self, by: int) -> _Tokens:
+        return replace(self, shift=self.shift + by)
+
+    def span(self, index: int) -> tuple[int, int]:
+        """Characters of token ``index`` (negative counts from the end); ``(0, 0)`` for a special token."""
+        span = self.encoding.token_to_chars(index % len(self.ids))
+        return (0, 0) if span is None else (span[0] + self.shift, span[1] + self.shift)
+
+    def first_ending_after(self, limit: int) -> int:
+        """Index of the first token ending after character ``limit`` (special tokens sit at the two ends)."""
+        middle = len(self.ids) / 2
+
+        def end(index: int) -> float:
+            span = self.encoding.token_to_chars(index)
+            return span[1] + self.shift if span is not None else (-1 if index < middle else math.inf)
+
+        return bisect.bisect_right(range(len(self.ids)), limit, key=end)
+
+
+_Part = tuple[_Tokens, int, int]
+"""Tokens ``start:stop`` of one output; an input's tokens are a list of parts."""
+
+
+@dataclass(eq=False)
+class _Cut:
+    """One over-long text in the shrink loop."""
+
+    text: str
+    formatted: str
+    full: _Tokens  # of ``formatted``, with special tokens
+    drop: int  # tokens of the text alone to cut from its end
+    tail: _Tokens | None = None  # the last tokens of the text alone, spans in the text
+    complete: bool = False  # ``tail`` holds all of them
+    result: tuple[str, list[_Part]] | None = None  # the cut text and its templated tokens, once they fit
+
+
+def _word_start(known: _Tokens, source: str, floor: int, limit: int, need: int) -> int | None:
+    """Index of a token of ``known`` (a tokenization of ``source``) at which a window may start, or ``None``.
+
+    The token begins a word (a space after a non-space, past character ``floor``), where pre-tokenizers
+    split, so what follows does not depend on what precedes; at least ``need`` tokens from it end by
+    character ``limit``.
+    """
+    stop = known.first_ending_after(limit) - need
+    for index in range(stop, max(stop - _SEARCH, -1), -1):
+        start, end = known.span(index)
+        if start <= floor:
+            return None
+        if end > start and source[start] == " " and not source[start - 1].isspace():
+            return index
+    return None
+
+
+def _reproduces(window: _Tokens, known: _Tokens, index: int) -> bool:
+    """Whether ``window`` (spans in ``known``'s string) starts with ``known``'s tokens from ``index`` on.
+
+    That is the check that the window's tokens do not depend on the text before it.
+    """
+    return (
+        len(window) >= _OVERLAP
+        and window.ids[:_OVERLAP] == known.ids[index : index + _OVERLAP]
+        and all(window.span(k) == known.span(index + k) for k in range(_OVERLAP))
+    )
+
+
+def _ids(parts: list[_Part]) -> list[int]:
+    return [token for tokens, start, stop in parts for token in tokens.ids[start:stop]]
+
+
+def _spans(parts: list[_Part]) -> list[tuple[int, int]]:
+    return [tokens.span(index) for tokens, start, stop in parts for index in range(start, stop)]
+
+
+def _padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and the attention mask (built in numpy: filling tensors from lists row by row is slow)."""
+    lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    attention_mask = np.arange(lengths.max()) < lengths[:, None]
+    input_ids = np.full(attention_mask.shape, pad, dtype=np.int64)
+    input_ids[attention_mask] = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=lengths.sum())
+    return torch.from_numpy(input_ids), torch.from_numpy(attention_mask.astype(np.int64))
+
+
 class TemplateTokenizer:
-    """Tokenize templated texts with right padding, truncating only the text part to ``max_length`` tokens."""
+    """Tokenize templated texts with right padding, truncating only the text part to ``max_length`` tokens.
+
+    An over-long text is cut at a token boundary of the text alone, ``ceil(excess / copies)`` tokens from its
+    end; if the templated cut still does not fit (tokens merge differently at the cut), it is cut shorter
+    until it does. The over-long texts of a batch take each step together, one tokenizer call per step
+    (and one more for the texts the shortcut below does not serve), so the number of calls does not grow
+    with the number of texts cut.
+
+    The shortcut: cutting changes only the tokens near the cut. A step tokenizes a *window*, from a word
+    start a few tokens before the cut to the end, and keeps the uncut text's tokens before it. The window
+    is used only if its first tokens reproduce the uncut text's tokens there, i.e. the word start splits
+    the text for this tokenizer; otherwise, or with no word start near the cut (CJK, long runs without
+    spaces), the whole string is tokenized. The outputs are those of cutting and re-tokenizing each text
+    in full, one by one.
+    """
 
     def __init__(self, tokenizer, max_length: int) -> None:
         if not getattr(tokenizer, "is_fast", False):
@@ -79,12 +206,15 @@ class TemplateTokenizer:
         A template with repeated text (echo) also yields ``pool_mask``: the tokens of the last copy.
         """
         texts = list(texts)
-        encoded = self.tokenizer([template.format(text) for text in texts])["input_ids"]
-        truncated = 0
-        for i, ids in enumerate(encoded):
-            if len(ids) > self.max_length:
-                texts[i], encoded[i] = self._truncate(texts[i], template, len(ids))
-                truncated += 1
+        formatted = [template.format(text) for text in texts]
+        rows = self._tokenize(formatted, specials=True)
+        parts = [[(tokens, 0, len(tokens))] for tokens in rows]
+        over = [i for i, tokens in enumerate(rows) if len(tokens) > self.max_length]
+        cuts = [_Cut(texts[i], formatted[i], rows[i], self._excess(len(rows[i]), template)) for i in over]
+        self._truncate(cuts, template)
+        for i, cut in zip(over, cuts):
+            texts[i], parts[i] = cut.result
+        encoded = [_ids(row) for row in parts]
         empty = [i for i, ids in enumerate(encoded) if not ids]
         if empty:
             raise ValueError(
@@ -92,48 +222,125 @@ class TemplateTokenizer:
                 f"{template.format('{text}')!r}: the tokenizer adds no BOS token, so an empty text has nothing to "
                 "embed; drop it or use a method whose template has an instruction (e.g. 'prompteol')"
             )
-        width = max(len(ids) for ids in encoded)
-        input_ids = torch.full((len(encoded), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, ids in enumerate(encoded):
-            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, : len(ids)] = 1
+        input_ids, attention_mask = _padded(encoded, self.pad_token_id)
         features = {"input_ids": input_ids, "attention_mask": attention_mask}
         if template.copies > 1:
-            features["pool_mask"] = self._last_copy_mask(texts, template, attention_mask)
-        return features, truncated
+            spans = [_spans(row) for row in parts]
+            features["pool_mask"] = self._last_copy_mask(texts, template, spans, attention_mask)
+        return features, len(over)
 
-    def _last_copy_mask(self, texts: list[str], template: Template, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _excess(self, length: int, template: Template) -> int:
+        """Text tokens to cut for ``length`` templated tokens to fit: each one removes ``copies`` tokens."""
+        return math.ceil((length - self.max_length) / template.copies)
+
+    @staticmethod
+    def _last_copy_mask(
+        texts: list[str], template: Template, spans: list[list[tuple[int, int]]], attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         """Tokens carrying characters of the text's last copy (the whole input if the text is empty)."""
-        formatted = [template.format(text) for text in texts]
-        offsets = self.tokenizer(formatted, return_offsets_mapping=True)["offset_mapping"]
         mask = torch.zeros_like(attention_mask)
-        for row, (text, full, spans) in enumerate(zip(texts, formatted, offsets)):
-            end = len(full) - len(template.suffix)
+        for row, (text, row_spans) in enumerate(zip(texts, spans)):
+            end = len(template.format(text)) - len(template.suffix)
             start = end - len(text)
-            spans = torch.tensor(spans, dtype=torch.long).reshape(-1, 2)
-            mask[row, : len(spans)] = (spans[:, 0] < end) & (spans[:, 1] > start)
+            row_spans = torch.tensor(row_spans, dtype=torch.long).reshape(-1, 2)
+            mask[row, : len(row_spans)] = (row_spans[:, 0] < end) & (row_spans[:, 1] > start)
             if not text:
                 mask[row] = attention_mask[row]
         return mask
 
-    def _truncate(self, text: str, template: Template, full_length: int) -> tuple[str, list[int]]:
-        """Cut ``text`` at a token boundary so that the templated whole fits; shrink until it does.
+    # ------------------------------------------------------------------------------------------ truncation
+    def _truncate(self, cuts: list[_Cut], template: Template) -> None:
+        """Cut each text at a token boundary so that the templated whole fits; shrink until it does."""
+        self._read_tails(cuts, template)
+        pending = cuts
+        while pending:
+            self._read_whole([cut for cut in pending if not cut.complete and cut.drop >= len(cut.tail)])
+            emptied = [cut for cut in pending if cut.drop >= len(cut.tail)]  # nothing of the text would be left
+            if emptied:
+                alone = self._tokenize([template.format("")], specials=True)[0]
+                if len(alone) > self.max_length:
+                    raise ValueError(
+                        f"the template alone takes {len(alone)} tokens, more than max_seq_length={self.max_length}; "
+                        "raise max_seq_length or shorten the template"
+                    )
+                for cut in emptied:
+                    cut.result = "", [(alone, 0, len(alone))]
+            pending = [cut for cut in pending if cut.drop < len(cut.tail)]
+            # Each cut is tried together with the next shorter one, which the reference tries next when
+            # the first overshoots by one token (tokens merged differently at the cut): one call, not two.
+            tries = [(cut, drop) for cut in pending for drop in (cut.drop, cut.drop + 1) if drop < len(cut.tail)]
+            texts = [cut.text[: cut.tail.span(-drop - 1)[1]] for cut, drop in tries]
+            tried = self._tokenize_cuts([cut for cut, _ in tries], texts, template)
+            outcomes = {(id(cut), drop): (text, parts) for (cut, drop), text, parts in zip(tries, texts, tried)}
+            shorter = []
+            for cut in pending:
+                while cut.result is None and (id(cut), cut.drop) in outcomes:
+                    text, parts = outcomes[id(cut), cut.drop]
+                    length = sum(stop - start for _, start, stop in parts)
+                    if length <= self.max_length:
+                        cut.result = text, parts
+                    else:
+                        cut.drop += self._excess(length, template)
+                if cut.result is None:
+                    shorter.append(cut)
+            pending = shorter
 
-        Returns the cut text and its templated token ids. Each cut token removes ``template.copies`` tokens.
-        """
-        offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        keep = len(offsets) - math.ceil((full_length - self.max_length) / template.copies)
-        while keep > 0:
-            cut = text[: offsets[keep - 1][1]]
-            ids = self.tokenizer(template.format(cut))["input_ids"]
-            if len(ids) <= self.max_length:
-                return cut, ids
-            keep -= math.ceil((len(ids) - self.max_length) / template.copies)  # merged differently at the cut
-        ids = self.tokenizer(template.format(""))["input_ids"]
-        if len(ids) > self.max_length:
-            raise ValueError(
-                f"the template alone takes {len(ids)} tokens, more than max_seq_length={self.max_length}; "
-                "raise max_seq_length or shorten the template"
-            )
-        return "", ids
+    def _read_tails(self, cuts: list[_Cut], template: Template) -> None:
+        """Tokenize the end of each text alone: enough tokens for its cut, from a window where possible."""
+        jobs = []
+        for cut in cuts:
+            copy = len(cut.formatted) - len(template.suffix) - len(cut.text)  # where the last copy starts
+            index = _word_start(cut.full, cut.formatted, copy, copy + len(cut.text), cut.drop + 1 + _SLACK)
+            start = 0 if index is None else cut.full.span(index)[0] - copy
+            jobs.append((index, copy, start))
+        windows = self._tokenize([cut.text[start:] for cut, (_, _, start) in zip(cuts, jobs)], specials=False)
+        retry = []
+        for cut, (index, copy, start), window in zip(cuts, jobs, windows):
+            if index is None:
+                cut.tail, cut.complete = window, True
+            elif _reproduces(window.shifted(copy + start), cut.full, index):
+                cut.tail = window.shifted(start)
+            else:
+                retry.append(cut)
+        self._read_whole(retry)
+
+    def _read_whole(self, cuts: list[_Cut]) -> None:
+        """Tokenize each text alone, in full."""
+        for cut, tokens in zip(cuts, self._tokenize([cut.text for cut in cuts], specials=False)):
+            cut.tail, cut.complete = tokens, True
+
+    def _tokenize_cuts(self, cuts: list[_Cut], texts: list[str], template: Template) -> list[list[_Part]]:
+        """The templated tokens of each cut text: the uncut text's tokens up to a word start, then a window."""
+        formatted = [template.format(text) for text in texts]
+        trailing = self._trailing_special_count
+        jobs = []
+        for k, (cut, text) in enumerate(zip(cuts, texts)):
+            index = _word_start(cut.full, cut.formatted, 0, len(template.prefix) + len(text), _OVERLAP + 2)
+            if index is not None and trailing is not None:
+                jobs.append((k, index, cut.full.span(index)[0]))
+        windows = self._tokenize([formatted[k][start:] for k, _, start in jobs], specials=False)
+        results: list[list[_Part] | None] = [None] * len(cuts)
+        for (k, index, start), window in zip(jobs, windows):
+            full, window = cuts[k].full, window.shifted(start)
+            if _reproduces(window, full, index):
+                results[k] = [(full, 0, index), (window, 0, len(window)), (full, len(full) - trailing, len(full))]
+        missing = [k for k, parts in enumerate(results) if parts is None]
+        for k, tokens in zip(missing, self._tokenize([formatted[k] for k in missing], specials=True)):
+            results[k] = [(tokens, 0, len(tokens))]
+        return results
+
+    def _tokenize(self, strings: list[str], specials: bool) -> list[_Tokens]:
+        if not strings:
+            return []
+        batch = self.tokenizer(strings, add_special_tokens=specials)
+        return [_Tokens(ids, encoding) for ids, encoding in zip(batch["input_ids"], batch.encodings)]
+
+    @cached_property
+    def _trailing_special_count(self) -> int | None:
+        """How many special tokens the tokenizer appends to a text; ``None`` if they do not simply wrap it."""
+        probe = "a b"
+        bare = self.tokenizer(probe, add_special_tokens=False)["input_ids"]
+        full = self.tokenizer(probe)["input_ids"]
+        extra = len(full) - len(bare)
+        leads = [lead for lead in range(extra + 1) if full[lead : lead + len(bare)] == bare]
+        return extra - leads[0] if len(leads) == 1 else None
