@@ -8,17 +8,22 @@ sequence. Everything that changes per call travels in a :class:`KVRouting` objec
 no global mutable state, so models with different settings can share a process and its threads.
 
 Non-selected layers (and calls without ``kv_routing``) go straight to transformers' SDPA attention,
-keeping its fast path. Selected layers run the same fused kernel at the model's own head dim and merge the
-prefix slot in afterwards (exact, through the kernel's log-sum-exp); where torch exposes no such kernel they
-fall back to one public SDPA call with the prefix logit on extra head channels.
+keeping its fast path. Selected layers run the fused kernel that SDPA itself would pick for the layer
+(``_fused_sdp_choice``), through the private op of that kernel that also returns the log-sum-exp, and merge
+the prefix slot in afterwards, exactly (:func:`merge_prefix`). Where the chosen kernel returns no
+log-sum-exp (the math backend, an unknown device) they fall back to one public SDPA call with the prefix
+logit on extra head channels.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward, use_gqa_in_sdpa
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -32,11 +37,15 @@ class KVRouting:
 
     Attributes:
         layers: Indices of the layers that get the prefix slot.
-        last_index: ``(batch,)`` position of each row's final real token (right padding).
+        last_index: ``(batch,)`` position of each row's final real token.
         prefix_bias: Added to the prefix slot's attention logit.
         prefix_rope: ``keep``, ``start`` or ``relative0`` (see :class:`kvemb_st.config.KVEmbeddingConfig`).
         cos, sin: ``(batch, seq, head_dim)`` rotary tables of the base model at every position; only needed
             for ``start`` and ``relative0``, where the prefix key is moved to another position.
+        right_padded: Every row of the attention mask is its real tokens followed by padding (see
+            :func:`is_right_padded`). Then no real token sees a pad under a plain causal mask, and re-routed
+            layers run an unmasked causal kernel: exact for every real token; pad rows become garbage that
+            pooling never reads. ``False`` (the safe default) keeps transformers' mask.
     """
 
     layers: frozenset[int]
@@ -45,6 +54,13 @@ class KVRouting:
     prefix_rope: str = "keep"
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
+    right_padded: bool = False
+
+
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """Whether every row of a ``(batch, seq)`` mask is ones then zeros (right padding, or none)."""
+    mask = attention_mask.bool()
+    return bool((mask[:, 1:] <= mask[:, :-1]).all())
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -62,47 +78,193 @@ def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
     return rotate(x, cos, sin, transpose=True) / (cos * cos + sin * sin)
 
 
-def _additive_mask(attention_mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-    """Float mask (0 = attend, -inf-like = blocked) from transformers' bool or float mask."""
+def prefix_slot(
+    key: torch.Tensor, value: torch.Tensor, routing: KVRouting
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The final token's key and value ``(B, H_kv, D)``, the key placed as ``routing.prefix_rope`` says.
+
+    ``keep``: as computed, rotated at the final token's position; ``start``: moved to position 0;
+    ``relative0``: position-free (un-rotated), for :func:`prefix_logits` to rotate to each query's position.
+    The key is moved in float32: it is one vector per row and KV head.
+    """
+    rows = torch.arange(key.shape[0], device=key.device)
+    last = routing.last_index.to(key.device)
+    prefix_key, prefix_value = key[rows, :, last], value[rows, :, last]
+    if routing.prefix_rope == "keep":
+        return prefix_key, prefix_value
+    if routing.cos is None or routing.sin is None:
+        raise ValueError(f"prefix_rope={routing.prefix_rope!r} needs the rotary tables in KVRouting.cos/sin")
+    cos, sin = routing.cos.to(key.device, torch.float32), routing.sin.to(key.device, torch.float32)
+    prefix_key = unrotate(prefix_key.float(), cos[rows, last][:, None], sin[rows, last][:, None])
+    if routing.prefix_rope == "start":
+        prefix_key = rotate(prefix_key, cos[:, :1], sin[:, :1])  # as if it sat at position 0
+    return prefix_key.to(key.dtype), prefix_value
+
+
+def _scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` (batched) with an at least float32 result, as attention kernels keep their scores.
+
+    On CUDA half-precision inputs go straight into a float32 GEMM output (``bmm`` with ``out_dtype``), so no
+    float32 copy of the queries is made; elsewhere the inputs are upcast.
+    """
+    if a.dtype not in (torch.float16, torch.bfloat16):
+        return torch.bmm(a, b)
+    if a.is_cuda:
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a.float(), b.float())
+
+
+def prefix_logits(
+    query: torch.Tensor,
+    prefix_key: torch.Tensor,
+    scale: float,
+    bias: float = 0.0,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(B, H, T)`` float32 logit of every query on the prefix slot, ``scale`` and ``bias`` included.
+
+    ``query`` is ``(B, H, T, D)``, ``prefix_key`` ``(B, H_kv, D)``. With ``cos``/``sin`` ``(B, T, D)`` the key is
+    position-free and each query ``i`` sees it at its own position (``relative0``): ``q_i . R(i) k``. The key,
+    not the query, is rotated -- to every position at KV-head granularity ``(B, T, H_kv, D)`` -- and each group
+    of ``H / H_kv`` query heads is multiplied with its KV head's key in one batched GEMM, with no copy of the
+    queries for transformers' ``(B, T, H, D)`` memory layout and no repeat to the query heads.
+    """
+    batch, heads, length, dim = query.shape
+    kv_heads = prefix_key.shape[1]
+    key = (prefix_key * scale).to(query.dtype)[:, None]  # (B, 1, H_kv, D); the scale keeps fp16 in range
+    if cos is not None:
+        key = rotate(key, cos[:, :, None].to(query.dtype), sin[:, :, None].to(query.dtype))  # (B, T, H_kv, D)
+    key = key.expand(batch, length, kv_heads, dim).reshape(-1, dim, 1)
+    groups = query.transpose(1, 2).reshape(-1, heads // kv_heads, dim)  # (B*T*H_kv, H/H_kv, D)
+    logits = _scores(groups, key).view(batch, length, heads).transpose(1, 2)
+    return logits + bias
+
+
+def merge_prefix(
+    out: torch.Tensor, lse: torch.Tensor, prefix_logit: torch.Tensor, prefix_value: torch.Tensor
+) -> torch.Tensor:
+    """Add the prefix slot to a plain attention output, exactly, in one elementwise pass.
+
+    ``out`` ``(B, H, T, D)`` and its log-sum-exp ``lse`` ``(B, H, T)`` come from any kernel; ``prefix_logit``
+    ``(B, H, T)`` is the prefix slot's logit and ``prefix_value`` ``(B, H_kv, D)`` its value. Softmax over
+    ``[s0; logits]`` gives ``O * sigmoid(L - s0) + v0 * sigmoid(s0 - L)``, i.e. ``lerp(O, v0, sigmoid(s0 - L))``.
+    The weight is computed in float32 and the lerp runs in ``out``'s dtype, with the value broadcast over the
+    query heads of its group (no repeat).
+    """
+    kv_heads = prefix_value.shape[1]
+    weight = torch.sigmoid(prefix_logit - lse).to(out.dtype).unflatten(1, (kv_heads, -1))[..., None]
+    value = prefix_value.to(out.dtype)[:, :, None, None]  # (B, H_kv, 1, 1, D)
+    return torch.lerp(out.unflatten(1, (kv_heads, -1)), value, weight).flatten(1, 2)
+
+
+# ------------------------------------------------------------------------ plain attention + log-sum-exp
+# Ops are looked up on this namespace at call time so that tests can stand in CPU versions of CUDA-only ops.
+_ATEN: Any = torch.ops.aten
+CUDNN_MASKED = -65504.0  # what SDPA itself puts in masked cuDNN bias entries (cuDNN mishandles -inf)
+
+
+def _additive_mask(attention_mask: torch.Tensor, query: torch.Tensor, blocked: float | None = None) -> torch.Tensor:
+    """Float mask (0 = attend, ``blocked`` = blocked; default the dtype's most negative finite value).
+
+    A finite value rather than SDPA's ``-inf``: a fully masked row then stays finite instead of NaN.
+    """
     if attention_mask.dtype == torch.bool:
-        min_value = torch.finfo(query.dtype).min
-        return torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(~attention_mask, min_value)
+        blocked = torch.finfo(query.dtype).min if blocked is None else blocked
+        return torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(~attention_mask, blocked)
     return attention_mask.to(query.dtype)
 
 
-def _prefix_logits(query: torch.Tensor, prefix_key: torch.Tensor, routing: KVRouting, scale: float) -> torch.Tensor:
-    """``(B, H, T)`` float32 logit of every query on the prefix slot, bias included.
-
-    ``relative0`` places the (position-free) prefix key at each query's own position:
-    ``q_i . R(i) k = (R(i)^T q_i) . k``.
-    """
-    query = query.float()
-    if routing.prefix_rope == "relative0":
-        cos, sin = (t.float()[:, None] for t in (routing.cos, routing.sin))
-        query = rotate(query, cos, sin, transpose=True)
-    keys = repeat_kv(prefix_key.float()[:, :, None], query.shape[1] // prefix_key.shape[1])  # (B, H, 1, D)
-    return (query * keys).sum(-1) * scale + routing.prefix_bias
+def _aligned_bias(bias: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """As SDPA's ``preprocess_mask`` for the efficient kernel: rows 8-aligned in memory, expanded to (B, H, T, S)."""
+    length = bias.shape[-1]
+    if bias.stride(-1) != 1 or any(stride % 8 for stride in bias.stride()[:-1]):
+        bias = F.pad(bias, (0, 8 - length % 8))[..., :length]
+    return bias.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
 
 
-# Resolved once at import, not per layer call; a torch without it falls back to the prefix-channel path.
-_CPU_ATTENTION_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+LSEKernel = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", bool, float], tuple[torch.Tensor, torch.Tensor]
+]
 
 
-def _attention_with_lse(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Plain attention ``(B, H, T, D)`` and its float32 log-sum-exp ``(B, H, T)`` from one fused kernel, or ``None``.
-
-    Only CPU torch exposes such a kernel for every dtype and mask (``_scaled_dot_product_flash_attention_for_cpu``);
-    elsewhere the caller falls back to :func:`_attention_with_prefix_channel`.
-    """
-    kernel = _CPU_ATTENTION_WITH_LSE
-    if kernel is None or query.device.type != "cpu":
-        return None
-    n_rep = query.shape[1] // key.shape[1]
-    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+def _cpu_flash(query, key, value, mask, is_causal, scale):
+    """CPU flash: takes fewer KV heads natively (where SDPA chose it with ``enable_gqa``) and a float mask."""
     additive = None if mask is None else _additive_mask(mask, query)  # the kernel takes no bool masks
-    return kernel(query, key, value, 0.0, mask is None, attn_mask=additive, scale=scale)
+    return _ATEN._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, 0.0, is_causal, attn_mask=additive, scale=scale
+    )
+
+
+def _cuda_flash(query, key, value, mask, is_causal, scale):
+    """CUDA flash, as SDPA calls it: never with a mask, fewer KV heads natively, head dim zero-padded to 8."""
+    dim = query.shape[-1]
+    padded = [F.pad(t, (0, -dim % 8)) for t in (query, key, value)] if dim % 8 else [query, key, value]
+    out, lse = _ATEN._scaled_dot_product_flash_attention(*padded, 0.0, is_causal, False, scale=scale)[:2]
+    return out[..., :dim], lse
+
+
+def _cuda_efficient(query, key, value, mask, is_causal, scale):
+    """Memory-efficient kernel: equal head counts (SDPA never picks it for GQA); its LSE is padded along T."""
+    bias = None if mask is None else _aligned_bias(_additive_mask(mask, query), query, key)
+    return _ATEN._scaled_dot_product_efficient_attention(query, key, value, bias, True, 0.0, is_causal, scale=scale)[:2]
+
+
+def _cuda_cudnn(query, key, value, mask, is_causal, scale):
+    """cuDNN attention: fewer KV heads natively; its LSE may carry a trailing singleton dim."""
+    bias = None if mask is None else _additive_mask(mask, query, CUDNN_MASKED)
+    return _ATEN._scaled_dot_product_cudnn_attention(
+        query, key, value, bias, True, 0.0, is_causal, False, scale=scale
+    )[:2]
+
+
+_LSE_KERNELS: dict[tuple[str, SDPBackend], LSEKernel] = {
+    ("cpu", SDPBackend.FLASH_ATTENTION): _cpu_flash,
+    ("cuda", SDPBackend.FLASH_ATTENTION): _cuda_flash,
+    ("cuda", SDPBackend.EFFICIENT_ATTENTION): _cuda_efficient,
+    ("cuda", SDPBackend.CUDNN_ATTENTION): _cuda_cudnn,
+}
+
+
+def sdpa_arguments(
+    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, bool, bool]:
+    """``(key, value, is_causal, enable_gqa)`` as transformers' ``sdpa_attention_forward`` hands them to SDPA.
+
+    GQA stays native where transformers asks SDPA for it (no mask); otherwise K/V are repeated to the query
+    heads. Passing the same inputs to ``_fused_sdp_choice`` selects the kernel a plain layer would run.
+    """
+    n_rep = query.shape[1] // key.shape[1]
+    enable_gqa = n_rep > 1 and use_gqa_in_sdpa(mask, key, value)
+    if n_rep > 1 and not enable_gqa:
+        key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+    is_causal = query.shape[2] > 1 and mask is None and getattr(module, "is_causal", True)
+    return key, value, is_causal, enable_gqa
+
+
+def attention_with_lse(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Plain attention ``(B, H, T, D)`` and its log-sum-exp ``(B, H, T)`` from SDPA's own kernel, or ``None``.
+
+    ``_fused_sdp_choice`` names the backend SDPA would run for this layer's inputs; the private op of that
+    backend that also returns the log-sum-exp is called the way SDPA calls it (``attention.cpp``). The math
+    backend and unknown devices have no such op: ``None`` sends the caller to the prefix-channel fallback.
+    """
+    key, value, is_causal, enable_gqa = sdpa_arguments(module, query, key, value, mask)
+    gqa = {"enable_gqa": True} if enable_gqa else {}  # keyword absent from older torch; only needed when set
+    backend = SDPBackend(_ATEN._fused_sdp_choice(query, key, value, mask, 0.0, is_causal, scale=scale, **gqa))
+    kernel = _LSE_KERNELS.get((query.device.type, backend))
+    if kernel is None:
+        return None
+    out, lse = kernel(query, key, value, mask, is_causal, scale)
+    lse = lse[..., 0] if lse.dim() == 4 else lse  # cuDNN: (B, H, T, 1)
+    return out, lse[..., : query.shape[2]]  # efficient: padded to a multiple of 32 along T
 
 
 def _attention_with_prefix_channel(
@@ -117,10 +279,10 @@ def _attention_with_prefix_channel(
 ) -> torch.Tensor:
     """Softmax over ``[prefix; keys]`` in one public SDPA call, the prefix logit riding on extra head channels.
 
-    The prefix logit differs per query (bias, ``relative0``), which SDPA's fused kernels cannot take as a mask
-    without losing their fast path. So queries become ``[q ; s0 / scale ; 0..]``, ordinary keys ``[k ; 0 ; 0..]``
-    and the prefix key ``[0 ; 1 ; 0..]``; the head dim is padded to a multiple of 8, which fused GPU kernels
-    require. Without a mask (no padding), a zero query is put first so that SDPA's square ``is_causal``
+    The portable fallback. The prefix logit differs per query (bias, ``relative0``), which SDPA's fused kernels
+    cannot take as a mask without losing their fast path. So queries become ``[q ; s0 / scale ; 0..]``, ordinary
+    keys ``[k ; 0 ; 0..]`` and the prefix key ``[0 ; 1 ; 0..]``; the head dim is padded to a multiple of 8, which
+    fused GPU kernels require. Without a mask, a zero query is put first so that SDPA's square ``is_causal``
     alignment lets token ``i`` see the prefix and keys ``0..i``. With a mask, the prefix column is allowed
     for every query.
     """
@@ -149,6 +311,16 @@ def _attention_with_prefix_channel(
     return out[:, :, out.shape[2] - q_len :, :head_dim]
 
 
+def _causal_suffices(module: torch.nn.Module, routing: KVRouting, kv_length: int, kwargs: dict[str, Any]) -> bool:
+    """Whether a plain causal kernel without the mask is exact for every real token of this layer.
+
+    True for right-padded batches unless the layer also limits attention to a sliding window shorter than the
+    sequence (then the mask carries the window and must stay).
+    """
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    return routing.right_padded and (window is None or window >= kv_length)
+
+
 def kv_reroute_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -164,42 +336,22 @@ def kv_reroute_attention(
 
     Receives what every transformers attention function receives: post-RoPE ``query`` ``(B, H, T, D)``
     and ``key``/``value`` ``(B, H_kv, T, D)`` before the GQA repeat.
-
-    Where a fused kernel also returns the log-sum-exp ``L`` of the ordinary causal attention ``O``, the prefix
-    slot is merged in exactly afterwards: softmax over ``[s0; logits]`` gives ``O * sigmoid(L - s0) +
-    v0 * sigmoid(s0 - L)``. The kernel then runs at the model's own head dim, as in the plain forward.
     """
     if kv_routing is None or getattr(module, "layer_idx", None) not in kv_routing.layers:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    batch, heads, _, head_dim = query.shape
-    rows = torch.arange(batch, device=key.device)
-    last = kv_routing.last_index.to(key.device)
-    prefix_key = key[rows, :, last]  # (B, H_kv, D), post-RoPE at the final token's position
-    prefix_value = value[rows, :, last]
-    scale = head_dim**-0.5 if scaling is None else scaling
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    prefix_key, prefix_value = prefix_slot(key, value, kv_routing)
+    tables = (kv_routing.cos, kv_routing.sin) if kv_routing.prefix_rope == "relative0" else ()
+    prefix_logit = prefix_logits(query, prefix_key, scale, kv_routing.prefix_bias, *tables)
+    mask = None if _causal_suffices(module, kv_routing, key.shape[2], kwargs) else attention_mask
 
-    if kv_routing.prefix_rope != "keep":
-        if kv_routing.cos is None or kv_routing.sin is None:
-            raise ValueError(f"prefix_rope={kv_routing.prefix_rope!r} needs the rotary tables in KVRouting.cos/sin")
-        cos = kv_routing.cos.to(key.dtype)
-        sin = kv_routing.sin.to(key.dtype)
-        prefix_key = unrotate(prefix_key, cos[rows, last][:, None], sin[rows, last][:, None])  # position-free key
-        if kv_routing.prefix_rope == "start":
-            prefix_key = rotate(prefix_key, cos[:, :1], sin[:, :1])  # as if it sat at position 0
-    prefix_logit = _prefix_logits(query, prefix_key, kv_routing, scale)
-
-    plain = _attention_with_lse(query, key, value, attention_mask, scale) if dropout == 0.0 else None
+    plain = attention_with_lse(module, query, key, value, mask, scale) if dropout == 0.0 else None
     if plain is None:
-        out = _attention_with_prefix_channel(
-            query, key, value, attention_mask, scale, prefix_logit, prefix_value, dropout
-        )
+        out = _attention_with_prefix_channel(query, key, value, mask, scale, prefix_logit, prefix_value, dropout)
     else:
-        out, lse = plain
-        prefix_weight = torch.sigmoid(prefix_logit - lse)[..., None]  # (B, H, T, 1)
-        prefix_value = repeat_kv(prefix_value.float()[:, :, None], heads // prefix_value.shape[1])  # (B, H, 1, D)
-        out = torch.lerp(out.float(), prefix_value, prefix_weight).to(query.dtype)
+        out = merge_prefix(*plain, prefix_logit, prefix_value)
     return out.transpose(1, 2).contiguous(), None
 
 

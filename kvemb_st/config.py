@@ -21,6 +21,35 @@ PROMPTEOL_TEMPLATE = 'This sentence : "{text}" means in one word:"'
 COMPRESSION_TEMPLATE = "Context: {text}\nCompress the context in one word:"
 TEXT_PLACEHOLDER = "{text}"
 NAMED_TEMPLATES = {"prompteol": PROMPTEOL_TEMPLATE, "compression": COMPRESSION_TEMPLATE}
+ECHO_TEMPLATE = "Rewrite the sentence: {text}, rewritten sentence: {text}"
+PLACEHOLDER = "<PST>"  # Token Prepending's placeholder token
+TOKEN_PREPENDING_TEMPLATE = 'This sentence : <PST> "{text}" means in one word:"'
+
+
+@dataclass(frozen=True)
+class MethodDefaults:
+    """What a config knows about an embedding method: data only (the behaviour lives in :mod:`kvemb_st.methods`).
+
+    The number of ``{text}`` placeholders of the default template is the number of copies of the text every
+    template of the method must hold (2 for echo, 1 otherwise).
+    """
+
+    template: str
+    pooling: str
+
+    @property
+    def copies(self) -> int:
+        return self.template.count(TEXT_PLACEHOLDER)
+
+
+METHOD_DEFAULTS: dict[str, MethodDefaults] = {
+    "kv": MethodDefaults(PROMPTEOL_TEMPLATE, "mean+last"),
+    "mean": MethodDefaults(TEXT_PLACEHOLDER, "mean"),
+    "last": MethodDefaults(TEXT_PLACEHOLDER, "last"),
+    "prompteol": MethodDefaults(PROMPTEOL_TEMPLATE, "last"),
+    "echo": MethodDefaults(ECHO_TEMPLATE, "mean"),
+    "token_prepending": MethodDefaults(TOKEN_PREPENDING_TEMPLATE, "last"),
+}
 
 
 class ConfigError(ValueError):
@@ -120,9 +149,9 @@ class KVEmbeddingConfig:
             raise ConfigError(f"{_where(source, 'base_model')} must be a non-empty Hub id or path")
         if self.base_revision is not None and not isinstance(self.base_revision, str):
             raise ConfigError(f"{_where(source, 'base_revision')} must be a string or null")
-        from kvemb_st.methods import get_method  # imported here: methods builds on this module
-
-        method = get_method(self.method, _where(source, "method"))
+        if not isinstance(self.method, str) or self.method not in METHOD_DEFAULTS:
+            raise ConfigError(f"{_where(source, 'method')} must be one of {sorted(METHOD_DEFAULTS)}, got {self.method!r}")
+        method = METHOD_DEFAULTS[self.method]
         self.template = method.template if self.template is None else self.template
         self.pooling = method.pooling if self.pooling is None else self.pooling
         try:
@@ -154,11 +183,37 @@ class KVEmbeddingConfig:
         ):
             raise ConfigError(f"{_where(source, 'last_weight')} must be a number in [0, 1], got {self.last_weight!r}")
         self.last_weight = float(self.last_weight)
-        method.check_config(self, source)
+        self._check_method_knobs(method, source)
         if isinstance(self.max_seq_length, bool) or not isinstance(self.max_seq_length, int) or self.max_seq_length < 8:
             raise ConfigError(f"{_where(source, 'max_seq_length')} must be an integer >= 8, got {self.max_seq_length!r}")
         if self.layer_selection is not None and not isinstance(self.layer_selection, dict):
             raise ConfigError(f"{_where(source, 'layer_selection')} must be an object or null")
+
+    def _check_method_knobs(self, method: MethodDefaults, source: str | None) -> None:
+        """Knobs that do not belong to the selected method are an error, never silently ignored."""
+        validate_template(self.template, _where(source, "template"), copies=method.copies)
+        if not self.layers and self.method == "kv":
+            raise ConfigError(
+                f"{_where(source, 'layers')} is empty: method 'kv' re-routes at least one layer. Pass e.g. "
+                "layers='20-29', let `kvemb build` choose them, or use method='prompteol' for the prompt alone"
+            )
+        if self.layers and self.method != "kv":
+            raise ConfigError(
+                f"{_where(source, 'layers')}: re-routed layers {self.layers} only apply to method 'kv', not "
+                f"{self.method!r}; drop 'layers' or use method='kv'"
+            )
+        if self.tp_layers is not None and self.method != "token_prepending":
+            raise ConfigError(
+                f"{_where(source, 'tp_layers')} only applies to method 'token_prepending', not {self.method!r}"
+            )
+        if self.method == "token_prepending":
+            prefix = self.template.split(TEXT_PLACEHOLDER)[0]
+            if prefix.count(PLACEHOLDER) != 1 or self.template.count(PLACEHOLDER) != 1:
+                raise ConfigError(
+                    f"{_where(source, 'template')} of method 'token_prepending' must hold the placeholder "
+                    f"'{PLACEHOLDER}' exactly once, before '{{text}}', e.g. {TOKEN_PREPENDING_TEMPLATE!r}; "
+                    f"got {self.template!r}"
+                )
 
     def check_layers_fit(self, num_layers: int, source: str | None = None) -> None:
         """Layers can only be range-checked once the base model's depth is known."""

@@ -23,29 +23,29 @@ import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
+from transformers import PreTrainedModel
 
-from kvemb_st.config import PROMPTEOL_TEMPLATE, ConfigError, KVEmbeddingConfig, _where, validate_template
+from kvemb_st.attention import KVRouting, is_right_padded
+from kvemb_st.config import (
+    METHOD_DEFAULTS,
+    PLACEHOLDER,
+    TEXT_PLACEHOLDER,
+    TOKEN_PREPENDING_TEMPLATE,
+    ConfigError,
+    KVEmbeddingConfig,
+)
 from kvemb_st.pooling import last_token_index
 from kvemb_st.prompting import Template
-
-if TYPE_CHECKING:
-    from kvemb_st.module import KVEmbedding
-
-PLACEHOLDER = "<PST>"
-RAW_TEMPLATE = "{text}"
-ECHO_TEMPLATE = "Rewrite the sentence: {text}, rewritten sentence: {text}"
-TOKEN_PREPENDING_TEMPLATE = 'This sentence : <PST> "{text}" means in one word:"'
 
 
 @dataclass(frozen=True)
 class Method:
-    """One embedding recipe: default template and pooling, plus one plain forward pass of the backbone.
+    """One embedding recipe: default template and pooling (from the config's table), plus one forward pass.
 
-    The forward pass re-routes K/V exactly when the config selects ``layers``, which only ``kv`` may do.
     The number of ``{text}`` placeholders of the default template is the number of copies of the text
     every template of this method must hold (2 for echo, 1 otherwise).
     """
@@ -56,41 +56,65 @@ class Method:
 
     @property
     def copies(self) -> int:
-        return self.template.count(RAW_TEMPLATE)
-
-    def check_config(self, config: KVEmbeddingConfig, source: str | None = None) -> None:
-        """Raise :class:`ConfigError` for knobs that do not belong to this method."""
-        validate_template(config.template, _where(source, "template"), copies=self.copies)
-        if not config.layers and self.name == "kv":
-            raise ConfigError(
-                f"{_where(source, 'layers')} is empty: method 'kv' re-routes at least one layer. Pass e.g. "
-                "layers='20-29', let `kvemb build` choose them, or use method='prompteol' for the prompt alone"
-            )
-        if config.layers and self.name != "kv":
-            raise ConfigError(
-                f"{_where(source, 'layers')}: re-routed layers {config.layers} only apply to method 'kv', not "
-                f"{self.name!r}; drop 'layers' or use method='kv'"
-            )
-        if config.tp_layers is not None and self.name != "token_prepending":
-            raise ConfigError(
-                f"{_where(source, 'tp_layers')} only applies to method 'token_prepending', not {self.name!r}"
-            )
+        return self.template.count(TEXT_PLACEHOLDER)
 
     def prepare_template(self, template: Template, tokenizer: Any) -> Template:
         """The template actually tokenized; the identity except for Token Prepending's placeholder."""
         return template
 
-    def run(self, module: KVEmbedding, features: dict[str, torch.Tensor], **model_kwargs: Any) -> torch.Tensor:
-        """One forward pass; returns the final hidden states ``(batch, seq, hidden)``."""
-        input_ids, attention_mask = features["input_ids"], features["attention_mask"]
-        output = module.auto_model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            kv_routing=module.routing(input_ids, attention_mask),
-            use_cache=False,
-            **model_kwargs,
+    def run(
+        self,
+        backbone: PreTrainedModel,
+        tokenizer: Any,
+        config: KVEmbeddingConfig,
+        features: dict[str, torch.Tensor],
+        **model_kwargs: Any,
+    ) -> torch.Tensor:
+        """One plain forward pass; returns the final hidden states ``(batch, seq, hidden)``."""
+        output = backbone(
+            input_ids=features["input_ids"], attention_mask=features["attention_mask"], use_cache=False, **model_kwargs
         )
         return output.last_hidden_state
+
+
+def kv_routing(
+    backbone: PreTrainedModel, config: KVEmbeddingConfig, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> KVRouting:
+    """The re-routing data of one call of method ``kv``: the config's knobs plus what this batch determines.
+
+    The rotary tables are the backbone's own at every position (only ``start``/``relative0`` need them);
+    ``right_padded`` is checked on this batch's mask, never assumed.
+    """
+    cos = sin = None
+    if config.prefix_rope != "keep":
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+        dtype_probe = torch.empty(0, dtype=backbone.dtype, device=input_ids.device)
+        cos, sin = backbone.rotary_emb(dtype_probe, positions)
+    return KVRouting(
+        layers=frozenset(config.layers),
+        last_index=last_token_index(attention_mask),
+        prefix_bias=config.prefix_bias,
+        prefix_rope=config.prefix_rope,
+        cos=cos,
+        sin=sin,
+        right_padded=is_right_padded(attention_mask),
+    )
+
+
+@dataclass(frozen=True)
+class KVMethod(Method):
+    """KV-Embedding: the forward pass re-routes the final token's K/V at the config's ``layers``."""
+
+    def run(
+        self,
+        backbone: PreTrainedModel,
+        tokenizer: Any,
+        config: KVEmbeddingConfig,
+        features: dict[str, torch.Tensor],
+        **model_kwargs: Any,
+    ) -> torch.Tensor:
+        routing = kv_routing(backbone, config, features["input_ids"], features["attention_mask"])
+        return super().run(backbone, tokenizer, config, features, kv_routing=routing, **model_kwargs)
 
 
 @dataclass(frozen=True)
@@ -157,16 +181,6 @@ class TokenPrepending(Method):
     an intermediate layer) is not applied: all methods pool the final hidden states.
     """
 
-    def check_config(self, config: KVEmbeddingConfig, source: str | None = None) -> None:
-        super().check_config(config, source)
-        prefix = config.template.split(RAW_TEMPLATE)[0]
-        if prefix.count(PLACEHOLDER) != 1 or config.template.count(PLACEHOLDER) != 1:
-            raise ConfigError(
-                f"{_where(source, 'template')} of method 'token_prepending' must hold the placeholder "
-                f"'{PLACEHOLDER}' exactly once, before '{{text}}', e.g. {TOKEN_PREPENDING_TEMPLATE!r}; "
-                f"got {config.template!r}"
-            )
-
     def prepare_template(self, template: Template, tokenizer: Any) -> Template:
         if template.prefix.count(PLACEHOLDER) != 1:
             raise ValueError(
@@ -175,21 +189,28 @@ class TokenPrepending(Method):
             )
         return replace(template, prefix=template.prefix.replace(PLACEHOLDER, placeholder_token(tokenizer)))
 
-    def run(self, module: KVEmbedding, features: dict[str, torch.Tensor], **model_kwargs: Any) -> torch.Tensor:
+    def run(
+        self,
+        backbone: PreTrainedModel,
+        tokenizer: Any,
+        config: KVEmbeddingConfig,
+        features: dict[str, torch.Tensor],
+        **model_kwargs: Any,
+    ) -> torch.Tensor:
         input_ids, attention_mask = features["input_ids"], features["attention_mask"]
-        placeholder_id = module.tokenizer.convert_tokens_to_ids(placeholder_token(module.tokenizer))
+        placeholder_id = tokenizer.convert_tokens_to_ids(placeholder_token(tokenizer))
         hits = (input_ids == placeholder_id) & attention_mask.bool()
         if not bool(hits.any(dim=1).all()):
             raise ValueError(
-                f"token_prepending: the tokenizer did not keep the placeholder {placeholder_token(module.tokenizer)!r} "
+                f"token_prepending: the tokenizer did not keep the placeholder {placeholder_token(tokenizer)!r} "
                 "as one token in every row of the batch"
             )
-        tp_layers = module.config.tp_layers
+        tp_layers = config.tp_layers
         if tp_layers is None:
-            tp_layers = default_tp_layers(module.auto_model.config.num_hidden_layers)
+            tp_layers = default_tp_layers(backbone.config.num_hidden_layers)
         prepending = Prepending(frozenset(tp_layers), hits.int().argmax(dim=1), last_token_index(attention_mask))
-        with _prepend_hooks(module.auto_model, prepending.layers):
-            return super().run(module, features, token_prepending=prepending, **model_kwargs)
+        with _prepend_hooks(backbone, prepending.layers):
+            return super().run(backbone, tokenizer, config, features, token_prepending=prepending, **model_kwargs)
 
 
 def placeholder_token(tokenizer: Any) -> str:
@@ -199,16 +220,10 @@ def placeholder_token(tokenizer: Any) -> str:
     return tokenizer.eos_token
 
 
+_CLASSES: dict[str, type[Method]] = {"kv": KVMethod, "token_prepending": TokenPrepending}
 METHODS: dict[str, Method] = {
-    method.name: method
-    for method in (
-        Method("kv", PROMPTEOL_TEMPLATE, "mean+last"),
-        Method("mean", RAW_TEMPLATE, "mean"),
-        Method("last", RAW_TEMPLATE, "last"),
-        Method("prompteol", PROMPTEOL_TEMPLATE, "last"),
-        Method("echo", ECHO_TEMPLATE, "mean"),
-        TokenPrepending("token_prepending", TOKEN_PREPENDING_TEMPLATE, "last"),
-    )
+    name: _CLASSES.get(name, Method)(name, defaults.template, defaults.pooling)
+    for name, defaults in METHOD_DEFAULTS.items()
 }
 
 

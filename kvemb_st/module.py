@@ -17,12 +17,11 @@ from sentence_transformers.base.modules.input_module import InputModule
 from transformers import PreTrainedModel
 from transformers.utils import logging
 
-from kvemb_st.attention import KVRouting
 from kvemb_st.backbone import load_backbone
 from kvemb_st.config import CONFIG_FILE_NAME, ConfigError, KVEmbeddingConfig, is_hub_id
 from kvemb_st.inputs import validate_texts
 from kvemb_st.methods import get_method
-from kvemb_st.pooling import last_token_index, pool
+from kvemb_st.pooling import pool
 from kvemb_st.prompting import Template, TemplateTokenizer, resolve_template
 from kvemb_st.version import __version__
 
@@ -112,26 +111,8 @@ class KVEmbedding(InputModule):
             )
         return features
 
-    def routing(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> KVRouting | None:
-        """Per-call routing data for the attention function; ``None`` when no layer is re-routed."""
-        if not self.config.layers:
-            return None
-        cos = sin = None
-        if self.config.prefix_rope != "keep":
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
-            dtype_probe = torch.empty(0, dtype=self.auto_model.dtype, device=input_ids.device)
-            cos, sin = self.auto_model.rotary_emb(dtype_probe, positions)
-        return KVRouting(
-            layers=frozenset(self.config.layers),
-            last_index=last_token_index(attention_mask),
-            prefix_bias=self.config.prefix_bias,
-            prefix_rope=self.config.prefix_rope,
-            cos=cos,
-            sin=sin,
-        )
-
     def forward(self, features: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, torch.Tensor]:
-        hidden = self.method.run(self, features)
+        hidden = self.method.run(self.auto_model, self.tokenizer, self.config, features)
         pool_mask = features.get("pool_mask", features["attention_mask"])  # echo: the text's last copy only
         embedding = pool(hidden, pool_mask, self.config.pooling, self.config.last_weight)
         features.update(

@@ -75,3 +75,12 @@ def _load_script(name: str) -> ModuleType:
 def load_script() -> Callable[[str], ModuleType]:
     """Import ``scripts/<name>.py`` as a module (the scripts are not a package)."""
     return _load_script
+
+
+DEVICES = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """Every device of this machine: attention math runs on CPU in CI and on CUDA too where a GPU is present."""
+    return request.param

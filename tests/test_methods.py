@@ -15,8 +15,8 @@ from sentence_transformers import SentenceTransformer
 from transformers import AutoModel, AutoTokenizer
 
 import kvemb_st
-from kvemb_st.config import ConfigError
-from kvemb_st.methods import ECHO_TEMPLATE, METHODS, PLACEHOLDER, TOKEN_PREPENDING_TEMPLATE
+from kvemb_st.config import ECHO_TEMPLATE, PLACEHOLDER, TOKEN_PREPENDING_TEMPLATE, ConfigError
+from kvemb_st.methods import METHODS
 
 SHORT = "Hi."
 LONG = (

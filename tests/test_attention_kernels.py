@@ -1,0 +1,266 @@
+"""The pieces of the re-routed attention against plain references, on every device -- the CUDA ones on CPU too.
+
+``merge_prefix`` and ``prefix_logits`` take the plain output and log-sum-exp from any kernel; the wrappers of
+the CUDA kernels run here against CPU stand-ins that return what the real ops return (head dim multiple of 8
+for flash, no GQA for efficient attention, its LSE padded along T, cuDNN's trailing LSE dim, flash's
+(B, T, H, D) memory layout), so their padding, slicing, GQA and causal logic is checked without a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+import kvemb_st
+from kvemb_st import attention
+from kvemb_st.attention import KVRouting, is_right_padded, merge_prefix, prefix_logits
+
+BATCH, HEADS, LENGTH = 2, 4, 37  # T neither a multiple of 8 nor of 32: bias alignment and LSE padding matter
+LENGTHS = [LENGTH, 23]  # row 1 right-padded
+
+
+def padding_mask(device="cpu") -> torch.Tensor:
+    return (torch.arange(LENGTH)[None] < torch.tensor(LENGTHS)[:, None]).to(device)
+
+
+def causal_padding_mask(device="cpu") -> torch.Tensor:
+    """(B, 1, T, T) bool, as transformers' ``sdpa_mask`` builds it for a right-padded batch."""
+    causal = torch.ones(LENGTH, LENGTH, dtype=torch.bool, device=device).tril()
+    return causal[None, None] & padding_mask(device)[:, None, None, :]
+
+
+def reference_attention(q, k, v, mask=None, is_causal=False, scale=1.0):
+    """Plain softmax attention in float64 with K/V repeated to the query heads: output and log-sum-exp."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = (t.double().repeat_interleave(rep, dim=1) for t in (k, v))
+    scores = q.double() @ k.transpose(-1, -2) * scale
+    if is_causal:
+        scores = scores.masked_fill(~torch.ones_like(scores, dtype=torch.bool).tril(), -math.inf)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask.double()
+    return (scores.softmax(-1) @ v), scores.logsumexp(-1)
+
+
+def qkv(kv_heads, dim, dtype=torch.float32, device="cpu", seed=0):
+    """Random q (B, H, T, D) in transformers' memory layout (B, T, H, D), and k, v (B, H_kv, T, D)."""
+    torch.manual_seed(seed)
+    q = torch.randn(BATCH, LENGTH, HEADS, dim).transpose(1, 2)
+    k, v = (torch.randn(BATCH, LENGTH, kv_heads, dim).transpose(1, 2) for _ in range(2))
+    return (t.to(device, dtype) for t in (q, k, v))
+
+
+def rope_tables(dim, magnitude=1.0, device="cpu"):
+    """(B, T, D) half-split rotary tables; ``magnitude`` != 1 as yarn / longrope scale them."""
+    angles = torch.arange(LENGTH)[:, None] * 10000 ** (-torch.arange(dim // 2) / (dim // 2))
+    angles = torch.cat([angles, angles], dim=-1).expand(BATCH, -1, -1)
+    return (magnitude * angles.cos()).to(device), (magnitude * angles.sin()).to(device)
+
+
+# ------------------------------------------------------------------------------- merge + prefix logit
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rope", ["keep", "relative0"])
+def test_merge_and_prefix_logit_equal_softmax_over_prefix_and_keys(device, dtype, tolerance, rope):
+    dim, kv_heads, scale, bias = 16, 2, 0.3, 1.5
+    q, k, v = qkv(kv_heads, dim, dtype, device)
+    prefix_key, prefix_value = torch.randn(BATCH, kv_heads, dim, device=device), torch.randn(BATCH, kv_heads, dim)
+    cos, sin = rope_tables(dim, magnitude=1.3, device=device)
+
+    # reference: explicit softmax over [prefix; keys 0..i]; query i sees the key rotated to position i (complex)
+    z = torch.complex(*prefix_key.double().cpu().chunk(2, dim=-1))  # (B, H_kv, D/2)
+    if rope == "relative0":
+        turn = torch.complex(*cos.double().cpu().chunk(2, -1)[:1], *sin.double().cpu().chunk(2, -1)[:1])
+        z = z[:, :, None] * turn[:, None]  # (B, H_kv, T, D/2)
+    else:
+        z = z[:, :, None].expand(-1, -1, LENGTH, -1)
+    keys_seen = torch.cat([z.real, z.imag], dim=-1).repeat_interleave(HEADS // kv_heads, dim=1)  # (B, H, T, D)
+    logit = (q.double().cpu() * keys_seen).sum(-1) * scale + bias
+    rep = HEADS // kv_heads
+    scores = q.double().cpu() @ k.double().cpu().repeat_interleave(rep, 1).transpose(-1, -2) * scale
+    scores = scores.masked_fill(~torch.ones(LENGTH, LENGTH, dtype=torch.bool).tril(), -math.inf)
+    weights = torch.cat([logit[..., None], scores], dim=-1).softmax(-1)
+    values = torch.cat(
+        [prefix_value.double().repeat_interleave(rep, 1)[:, :, None].expand(-1, -1, LENGTH, -1)[..., None, :],
+         v.double().cpu().repeat_interleave(rep, 1)[:, :, None].expand(-1, -1, LENGTH, -1, -1)],
+        dim=3,
+    )  # (B, H, i, 1 + j, D)
+    want = (weights[..., None] * values).sum(3)
+
+    got_logit = prefix_logits(q, prefix_key, scale, bias, *((cos, sin) if rope == "relative0" else ()))
+    assert got_logit.shape == (BATCH, HEADS, LENGTH) and got_logit.dtype == torch.float32
+    out, lse = reference_attention(q.cpu(), k.cpu(), v.cpu(), is_causal=True, scale=scale)  # any kernel's output
+    got = merge_prefix(out.to(device, dtype), lse.float().to(device), got_logit, prefix_value.to(device, dtype))
+    assert got.dtype == dtype
+    torch.testing.assert_close(got_logit.double().cpu(), logit, atol=tolerance * 10, rtol=tolerance)
+    torch.testing.assert_close(got.double().cpu(), want, atol=tolerance, rtol=tolerance)
+
+
+# --------------------------------------------------------------------------- transformers' SDPA inputs
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_sdpa_arguments_are_the_ones_transformers_passes(monkeypatch, masked, kv_heads):
+    q, k, v = qkv(kv_heads, 16)
+    mask = causal_padding_mask() if masked else None
+    module = SimpleNamespace(num_key_value_groups=HEADS // kv_heads, is_causal=True)
+    seen = {}
+
+    def capture(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        seen.update(key=key, value=value, is_causal=is_causal, enable_gqa=enable_gqa)
+        return torch.zeros_like(query)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", capture)
+    sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)
+    key, value, is_causal, enable_gqa = attention.sdpa_arguments(module, q, k, v, mask)
+    assert (is_causal, enable_gqa) == (seen["is_causal"], seen["enable_gqa"])
+    assert torch.equal(key, seen["key"]) and torch.equal(value, seen["value"])
+
+
+# ------------------------------------------------------------------------- kernels, real on this device
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_with_lse_equals_reference(device, dtype, masked):
+    q, k, v = qkv(2, 16, dtype, device)
+    mask = causal_padding_mask(device) if masked else None
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True)
+    plain = attention.attention_with_lse(module, q, k, v, mask, 0.25)
+    if device == "cpu":
+        assert plain is not None  # CPU flash returns the log-sum-exp for every dtype and mask
+    if plain is None:
+        pytest.skip(f"SDPA runs the math backend for these inputs on {device}: the prefix-channel path applies")
+    out, lse = plain
+    want_out, want_lse = reference_attention(q, k, v, mask, is_causal=mask is None, scale=0.25)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert out.shape == q.shape and lse.shape == q.shape[:3]
+    torch.testing.assert_close(out.double(), want_out, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(lse.double(), want_lse, atol=tolerance, rtol=tolerance)
+
+
+# ------------------------------------------------------------------- CUDA kernel wrappers on CPU stand-ins
+class CudaStandIns:
+    """CPU versions of the CUDA SDPA ops, returning what the real ones return and checking what they require.
+
+    ``_fused_sdp_choice`` picks ``backend`` where SDPA could (flash: no mask; efficient: no GQA), else math.
+    """
+
+    def __init__(self, backend: SDPBackend):
+        self.backend, self.calls = backend, []
+
+    def __getattr__(self, name):
+        return getattr(torch.ops.aten, name)
+
+    def _fused_sdp_choice(self, q, k, v, mask, dropout_p, is_causal, *, scale=None, enable_gqa=False):
+        assert enable_gqa or k.shape[1] == q.shape[1]
+        if self.backend == SDPBackend.FLASH_ATTENTION and mask is not None:
+            return int(SDPBackend.MATH.value)
+        if self.backend == SDPBackend.EFFICIENT_ATTENTION and k.shape[1] != q.shape[1]:
+            return int(SDPBackend.MATH.value)
+        return int(self.backend.value)
+
+    def _scaled_dot_product_flash_attention(self, q, k, v, dropout_p, is_causal, return_debug_mask, *, scale):
+        assert q.shape[-1] % 8 == 0 and q.shape[1] % k.shape[1] == 0 and dropout_p == 0.0
+        self.calls.append(("flash", k.shape[1], is_causal))
+        out, lse = reference_attention(q, k, v, is_causal=is_causal, scale=scale)
+        out = out.to(q.dtype).transpose(1, 2).contiguous().transpose(1, 2)  # (B, T, H, D) in memory
+        return (out, lse.float(), None, None, LENGTH, LENGTH, None, None, None)
+
+    def _scaled_dot_product_efficient_attention(self, q, k, v, bias, compute_lse, dropout_p, is_causal, *, scale):
+        assert compute_lse and k.shape[1] == q.shape[1] and dropout_p == 0.0
+        if bias is not None:
+            assert bias.shape == (q.shape[0], q.shape[1], q.shape[2], k.shape[2]) and bias.dtype == q.dtype
+            assert bias.stride(-1) == 1 and bias.stride(-2) % 8 == 0
+        self.calls.append(("efficient", k.shape[1], is_causal))
+        out, lse = reference_attention(q, k, v, bias, is_causal=is_causal, scale=scale)
+        padded = torch.full((*lse.shape[:2], -(-lse.shape[2] // 32) * 32), math.nan)
+        padded[..., : lse.shape[2]] = lse
+        return (out.to(q.dtype), padded, None, None)
+
+    def _scaled_dot_product_cudnn_attention(self, q, k, v, bias, compute_lse, dropout_p, is_causal, debug, *, scale):
+        assert compute_lse and q.shape[1] % k.shape[1] == 0 and dropout_p == 0.0
+        assert bias is None or (bias.dtype == q.dtype and bias.min() == attention.CUDNN_MASKED)
+        self.calls.append(("cudnn", k.shape[1], is_causal))
+        out, lse = reference_attention(q, k, v, bias, is_causal=is_causal, scale=scale)
+        return (out.to(q.dtype), lse.float()[..., None], None, None, LENGTH, LENGTH, None, None, None)
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    """Route CPU tensors through the CUDA wrapper of ``backend`` with the stand-in ops."""
+
+    def use(backend: SDPBackend) -> CudaStandIns:
+        ops = CudaStandIns(backend)
+        monkeypatch.setattr(attention, "_ATEN", ops)
+        monkeypatch.setitem(attention._LSE_KERNELS, ("cpu", backend), attention._LSE_KERNELS[("cuda", backend)])
+        return ops
+
+    return use
+
+
+BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+@pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "mask"])
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
+@pytest.mark.parametrize("dim", [12, 16])
+def test_cuda_kernel_wrappers_equal_reference(stand_in, backend, masked, kv_heads, dim):
+    ops = stand_in(backend)
+    q, k, v = qkv(kv_heads, dim)
+    mask = causal_padding_mask() if masked else None
+    module = SimpleNamespace(num_key_value_groups=HEADS // kv_heads, is_causal=True)
+    plain = attention.attention_with_lse(module, q, k, v, mask, 0.3)
+    supported = not (backend == SDPBackend.FLASH_ATTENTION and masked) and not (
+        backend == SDPBackend.EFFICIENT_ATTENTION and kv_heads != HEADS and not masked
+    )
+    if not supported:  # SDPA would run math here: the caller takes the prefix-channel path
+        assert plain is None and not ops.calls
+        return
+    out, lse = plain
+    want_out, want_lse = reference_attention(q, k, v, mask, is_causal=not masked, scale=0.3)
+    # K/V reach the kernel un-repeated exactly where transformers asks SDPA for GQA (no mask)
+    assert ops.calls == [(backend.name.split("_")[0].lower(), kv_heads if not masked else HEADS, not masked)]
+    assert out.shape == q.shape and lse.shape == q.shape[:3]
+    torch.testing.assert_close(out.double(), want_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+@pytest.mark.parametrize("mask_kept", [False, True])
+@pytest.mark.parametrize("rope", ["keep", "relative0"])
+def test_rerouted_model_on_cuda_kernel_stand_ins_equals_cpu_path(tiny_llama, stand_in, monkeypatch, backend, mask_kept, rope):
+    """The whole re-routed forward of a padded batch through each CUDA wrapper equals the CPU path (itself checked
+    against the loop reference in test_attention.py), with the mask dropped (right padding) or kept. Where SDPA
+    would run math instead (flash with a mask, efficient with native GQA), the prefix-channel path must agree."""
+    model = kvemb_st.from_base(tiny_llama, layers=[1, 3], prefix_rope=rope, prefix_bias=2.0)
+    texts = ["A cat sits on the mat.", "The quarterly report shows that revenue grew by twelve percent.", "Hi"]
+    want = model.encode(texts, convert_to_tensor=True)
+    if mask_kept:
+        monkeypatch.setattr("kvemb_st.methods.is_right_padded", lambda mask: False)
+    ops = stand_in(backend)
+    got = model.encode(texts, convert_to_tensor=True)
+    runs_math = (backend == SDPBackend.FLASH_ATTENTION and mask_kept) or (
+        backend == SDPBackend.EFFICIENT_ATTENTION and not mask_kept  # tiny Llama has GQA
+    )
+    assert bool(ops.calls) is not runs_math
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- when the mask may go
+def test_right_padding_is_recognised_only_when_present():
+    assert is_right_padded(torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]]))
+    assert not is_right_padded(torch.tensor([[1, 1, 1], [0, 1, 1]]))  # left padding
+    assert not is_right_padded(torch.tensor([[1, 0, 1]]))  # a hole
+
+
+@pytest.mark.parametrize(
+    "right_padded,window,expected", [(True, None, True), (True, 64, True), (True, 8, False), (False, None, False)]
+)
+def test_mask_is_dropped_only_for_right_padding_without_a_short_sliding_window(right_padded, window, expected):
+    routing = KVRouting(layers=frozenset({0}), last_index=torch.zeros(1, dtype=torch.long), right_padded=right_padded)
+    module = SimpleNamespace(sliding_window=window)
+    assert attention._causal_suffices(module, routing, 32, {}) is expected
+    assert attention._causal_suffices(SimpleNamespace(), routing, 32, {"sliding_window": window}) is expected
