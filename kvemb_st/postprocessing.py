@@ -85,6 +85,8 @@ class PostProcessing(Module):
         projection: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
+        if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
+            raise ValueError(f"PostProcessing in_features must be a positive integer, got {in_features!r}")
         check_postprocessing_args(mode, components, eigenvalue_floor)
         _check_components(mode, components, in_features)
         self.mode = mode
@@ -119,28 +121,29 @@ class PostProcessing(Module):
         return self.out_features
 
     # ------------------------------------------------------------------------------------------ apply
-    def apply(self, embeddings: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    def transform_tensor(self, embeddings: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """The transform on a ``(N, in_features)`` tensor, in float32; L2-normalised unless ``normalize=False``."""
         if embeddings.shape[-1] != self.in_features:
             raise ValueError(
                 f"post-processing expects {self.in_features}-dimensional embeddings, got {embeddings.shape[-1]}: "
                 "it was fitted on another model's vectors"
             )
-        x = embeddings.to(torch.float32) - self.mean
+        x = embeddings.float() - self.mean.float()  # .float(): still float32 after a model-wide .half()
         if self.mode == "remove_pcs":
-            x = x - (x @ self.directions) @ self.directions.T
+            directions = self.directions.float()
+            x = x - (x @ directions) @ directions.T
         elif self.mode == "whiten":
-            x = x @ self.projection
+            x = x @ self.projection.float()
         return F.normalize(x, dim=-1) if normalize else x
 
     def transform(self, embeddings: np.ndarray, normalize: bool = True) -> np.ndarray:
         """Same as ``forward`` for precomputed vectors ``(N, in_features)`` -> float32 ``(N, out_features)``."""
         with torch.no_grad():
             x = torch.as_tensor(np.asarray(embeddings), device=self.mean.device)
-            return self.apply(x, normalize).cpu().numpy()
+            return self.transform_tensor(x, normalize).cpu().numpy()
 
     def forward(self, features: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, torch.Tensor]:
-        features["sentence_embedding"] = self.apply(features["sentence_embedding"])
+        features["sentence_embedding"] = self.transform_tensor(features["sentence_embedding"])
         return features
 
     # ------------------------------------------------------------------------------------- save / load

@@ -26,6 +26,7 @@ def test_wheel_ships_data_and_renders_cards_outside_the_checkout(tmp_path):
         "import kvemb_st, kvemb_st.model_card as card, kvemb_st.calibration as cal\n"
         "print(kvemb_st.__file__)\n"
         "assert card.TEMPLATE.read_text(encoding='utf-8').startswith('---')\n"
+        "assert '## Post-processing' in card.TEMPLATE.read_text(encoding='utf-8')\n"
         "assert len(cal.load_calibration(None, None)) == 512\n"
     )
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}

@@ -116,9 +116,11 @@ def test_outputs_are_float32_unit_vectors_whatever_the_input_dtype(data, mode, c
     calibration, queries = data
     module = fit_postprocessing(torch.from_numpy(calibration).half().float(), mode, components)
     for dtype in (torch.float64, torch.bfloat16):
-        out = module.apply(torch.from_numpy(queries).to(dtype))
+        out = module.transform_tensor(torch.from_numpy(queries).to(dtype))
         assert out.dtype == torch.float32
         torch.testing.assert_close(out.norm(dim=-1), torch.ones(len(queries)))
+    module.half()  # as a model-wide .half() would do to the buffers
+    assert module.transform_tensor(torch.from_numpy(queries).half()).dtype == torch.float32
 
 
 # -------------------------------------------------------------------------------------------- errors
