@@ -48,6 +48,7 @@ from kvemb_st.evaluation import (
     precomputed_sts_spearman,
     sts_pairs,
 )
+from kvemb_st.methods import kv_routing
 from kvemb_st.module import KVEmbedding
 from kvemb_st.pooling import pool
 
@@ -127,7 +128,7 @@ class TailRunner:
                     config=model.config, inputs_embeds=hidden, attention_mask=mask, cache=None, position_ids=position_ids
                 )
                 rotary = model.rotary_emb(hidden, position_ids=position_ids)
-                routing = module.routing(ids, mask)
+                routing = kv_routing(model, module.config, ids, mask)
                 for layer in model.layers[start:]:
                     hidden = layer(
                         hidden, attention_mask=causal, position_embeddings=rotary, position_ids=position_ids,
@@ -191,8 +192,11 @@ def best_of(rows: Sequence[dict]) -> dict:
     return max(rows, key=lambda r: r["spearman"])
 
 
-def neighbours(bias: float) -> list[float]:
-    return [b for b in (bias - 1.0, bias, bias + 1.0) if BIASES[0] <= b <= BIASES[-1]]
+def neighbours(bias: float, grid: Sequence[float] = BIASES) -> list[float]:
+    """``bias`` and its neighbours on the sorted ``grid`` (+-1 on the default grid)."""
+    grid = sorted(set(grid) | {bias})
+    i = grid.index(bias)
+    return grid[max(0, i - 1) : i + 2]
 
 
 def window_start(layers: str) -> int:
@@ -235,14 +239,14 @@ def stage_coarse(args, backbone, tokenizer, st_model) -> None:
 
         score([Setting(template, NONE)])
         if seed is None:  # first template: every bias, then every rope, then every window
-            window, rope, biases, ropes, swept = start_window, "keep", BIASES, ROPES, windows
+            window, rope, biases, ropes, swept = start_window, "keep", args.biases, ROPES, windows
         else:  # later templates: around the first template's best
             window, rope = seed["layers"], seed["rope"]
-            biases, ropes, swept = neighbours(seed["bias"]), (rope,), sorted({window, start_window})
+            biases, ropes, swept = neighbours(seed["bias"], args.biases), (rope,), sorted({window, start_window})
         best = score(Setting(template, window, rope, b) for b in biases)
         best = score(Setting(template, window, r, best["bias"]) for r in ropes)
         best = score(Setting(template, w, best["rope"], best["bias"]) for w in swept)
-        best = score(Setting(template, best["layers"], best["rope"], b) for b in neighbours(best["bias"]))
+        best = score(Setting(template, best["layers"], best["rope"], b) for b in neighbours(best["bias"], args.biases))
         seed = seed or best
     summarize(path, args.out / "coarse.md", f"STS-B dev, {args.limit} random pairs (seed {args.seed})")
 
@@ -348,6 +352,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--doc-split", default="train", choices=("train", "dev"))
     parser.add_argument("--doc-queries", type=int, default=200)
     parser.add_argument("--doc-sentences", type=int, default=10)
+    parser.add_argument(
+        "--biases", nargs="+", type=float, default=list(BIASES), metavar="BIAS", help="coarse stage: the prefix_bias grid"
+    )
     parser.add_argument(
         "--windows", nargs="+", metavar="LAYERS", help="coarse stage: these windows (e.g. '8-15') instead of the scaled set"
     )
