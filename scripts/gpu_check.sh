@@ -63,7 +63,7 @@ EOF
 
 cuda_tests() {  # every test file that takes the `device` fixture; on a GPU, only its CUDA cases
   local files select=$1 status=0
-  files=$(grep -lE "^def test_[a-z0-9_]+\([^)]*\bdevice\b" tests/test_*.py || echo tests/test_attention.py)
+  files=$(grep -lzP "def test_\w+\([^)]*\bdevice\b" tests/test_*.py || echo tests/test_attention.py)  # -z: any line breaks
   # shellcheck disable=SC2086
   timeout 150 python3 -m pytest -q -x -p no:cacheprovider $select $files 2>&1 | tee "$RESULTS/pytest_cuda.log" || status=$?
   if [[ -f $CUDA_CHECK ]]; then
