@@ -95,7 +95,7 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> None:
     select.add_argument("--cache-dir", type=Path, help="ID-curve cache folder (default: <kvemb cache>/id_curves)")
     select.add_argument("--no-cache", action="store_true", help="always recompute the ID curve")
 
-    post = parser.add_argument_group("post-processing, fitted on the calibration texts (saved as a small statistics file)")
+    post = parser.add_argument_group("post-processing, fitted on the calibration texts (saved as a statistics file)")
     post.add_argument(
         "--postprocess",
         choices=(NO_POSTPROCESSING, *POSTPROCESSING_MODES),

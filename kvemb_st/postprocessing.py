@@ -47,10 +47,9 @@ def check_postprocessing_args(mode: str, components: int | None, eigenvalue_floo
         raise ValueError("post-processing mode 'center' takes no components (they apply to remove_pcs and whiten)")
     if mode == "remove_pcs" and components is None:
         raise ValueError("post-processing mode 'remove_pcs' needs components: how many top directions to remove")
-    if eigenvalue_floor is not None and (
-        isinstance(eigenvalue_floor, bool) or not isinstance(eigenvalue_floor, (int, float)) or not 0 < eigenvalue_floor < 1
-    ):
-        raise ValueError(f"eigenvalue_floor is a fraction of the largest eigenvalue in (0, 1), got {eigenvalue_floor!r}")
+    floor = eigenvalue_floor
+    if floor is not None and (isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 < floor < 1):
+        raise ValueError(f"eigenvalue_floor is a fraction of the largest eigenvalue in (0, 1), got {floor!r}")
 
 
 class PostProcessing(Module):

@@ -139,7 +139,7 @@ def test_python_build_with_explicit_layers(built, tmp_path):
 def test_build_with_postprocessing_saves_its_statistics_and_describes_them(built, tmp_path, capsys):
     _, _, _, tiny_llama = built
     argv = ["build", tiny_llama, "-o", str(tmp_path / "m"), "--layers", "1-2", "--calibration-limit", "32",
-            "--postprocess", "whiten", "--components", "12", "--cache-dir", str(tmp_path / "cache"), "--quiet"]  # fmt: skip
+            "--postprocess", "whiten", "--components", "12", "--cache-dir", str(tmp_path / "c"), "--quiet"]  # fmt: skip
     assert main(argv) == 0
     assert "post-processing: whiten, 12 dimensions" in capsys.readouterr().out
     folder = tmp_path / "m"
@@ -151,7 +151,8 @@ def test_build_with_postprocessing_saves_its_statistics_and_describes_them(built
     calibration = config["calibration"]
     assert (config["mode"], config["in_features"], config["components"]) == ("whiten", 64, 12)
     assert calibration["count"] == 32 and "calibration.txt" in calibration["name"]
-    assert calibration["hash"] == json.loads((folder / "kvemb_config.json").read_text())["layer_selection"]["calibration_hash"]
+    selection = json.loads((folder / "kvemb_config.json").read_text())["layer_selection"]
+    assert calibration["hash"] == selection["calibration_hash"]
     _, body = read_card(folder)
     assert "| Embedding dimension | 12 |" in body and "| Post-processing | whiten (see below) |" in body
     assert "`1_PostProcessing/statistics.safetensors` holds float32 tensors `mean` (64,), `projection` (64, 12)" in body

@@ -26,7 +26,7 @@ from kvemb_st.postprocessing import (
     fit_postprocessing,
 )
 
-TEXTS = [f"Sentence number {i} talks about {topic}." for i, topic in enumerate(["cats", "stocks", "rain", "music"] * 10)]
+TEXTS = [f"Sentence number {i} talks about {topic}." for i, topic in enumerate(["cats", "stocks", "rain", "tea"] * 10)]
 QUERIES = ["A man is playing a guitar.", "Someone plays an instrument.", "The stock market fell sharply."]
 MODES = [("center", None), ("remove_pcs", 3), ("whiten", None), ("whiten", 8)]
 
@@ -92,7 +92,8 @@ def test_reduced_whitening_keeps_the_top_directions_scaled_by_their_eigenvalues(
     assert module.get_embedding_dimension() == 6 and module.transform(queries).shape == (50, 6)
     directions, eigenvalues = reference_top_directions(calibration, 6)
     projection = module.projection.double().numpy()
-    np.testing.assert_allclose(projection @ projection.T, directions @ np.diag(1 / eigenvalues) @ directions.T, rtol=1e-3)
+    reference = directions @ np.diag(1 / eigenvalues) @ directions.T
+    np.testing.assert_allclose(projection @ projection.T, reference, rtol=1e-3)
     whitened = module.transform(calibration, normalize=False).astype(np.float64)
     np.testing.assert_allclose(np.cov(whitened, rowvar=False), np.eye(6), atol=1e-3)
     reduced = (queries - calibration.mean(axis=0)) @ directions / np.sqrt(eigenvalues)
@@ -278,7 +279,7 @@ def _saved_folder(methods, tmp_path) -> Path:
         ["kvemb_st.module.KVEmbedding", "evil_kvemb_test_module.Steal"],
         ["kvemb_st.module.KVEmbedding", "sentence_transformers.base.modules.normalize.Normalize"],
         ["kvemb_st.postprocessing.PostProcessing", "kvemb_st.module.KVEmbedding"],
-        ["kvemb_st.module.KVEmbedding", "kvemb_st.postprocessing.PostProcessing", "kvemb_st.postprocessing.PostProcessing"],
+        ["kvemb_st.module.KVEmbedding", *["kvemb_st.postprocessing.PostProcessing"] * 2],
     ],
 )
 def test_kvemb_load_refuses_other_pipelines_without_importing_them(methods, tmp_path, types):
