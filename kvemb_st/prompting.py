@@ -15,7 +15,7 @@ import bisect
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
@@ -71,7 +71,7 @@ def resolve_template(default: Template, prompt: str | None) -> Template:
 _OVERLAP = 4
 """Tokens at the start of a window that must reproduce the uncut text's tokens before the window is used."""
 _SLACK = 8
-"""Tokens the tail window of a text holds beyond its first cut, for the shrink rounds that may follow."""
+"""Tokens the tail of a text alone holds beyond its first cut, for the shrink rounds that may follow."""
 _SEARCH = 64
 """How many tokens back a window's start (a word start) is looked for before the whole text is tokenized."""
 
@@ -91,7 +91,7 @@ class _Tokens:
         return len(self.ids)
 
     def shifted(self, by: int) -> _Tokens:
-        return replace(self, shift=self.shift + by)
+        return _Tokens(self.ids, self.encoding, self.shift + by)
 
     def span(self, index: int) -> tuple[int, int]:
         """Characters of token ``index`` (negative counts from the end); ``(0, 0)`` for a special token."""
@@ -121,26 +121,36 @@ class _Cut:
     formatted: str
     full: _Tokens  # of ``formatted``, with special tokens
     drop: int  # tokens of the text alone to cut from its end
-    tail: _Tokens | None = None  # the last tokens of the text alone, spans in the text
+    tail: list[_Part] = field(default_factory=list)  # the last tokens of the text alone, spans in the text
     complete: bool = False  # ``tail`` holds all of them
     result: tuple[str, list[_Part]] | None = None  # the cut text and its templated tokens, once they fit
 
 
-def _word_start(known: _Tokens, source: str, floor: int, limit: int, need: int) -> int | None:
-    """Index of a token of ``known`` (a tokenization of ``source``) at which a window may start, or ``None``.
+def _begins_word(known: _Tokens, source: str, index: int) -> bool:
+    """Whether token ``index`` of ``known`` (a tokenization of ``source``) starts with a space after a non-space.
 
-    The token begins a word (a space after a non-space, past character ``floor``), where pre-tokenizers
-    split, so what follows does not depend on what precedes; at least ``need`` tokens from it end by
-    character ``limit``.
+    Pre-tokenizers split there, so the tokens that follow do not depend on the text before.
+    """
+    start, end = known.span(index)
+    return end > start > 0 and source[start] == " " and not source[start - 1].isspace()
+
+
+def _word_start(known: _Tokens, source: str, floor: int, limit: int, need: int) -> int | None:
+    """The last token of ``known`` that begins a word past character ``floor`` and has at least ``need``
+    tokens from it ending by character ``limit``; ``None`` if there is none within reach.
     """
     stop = known.first_ending_after(limit) - need
     for index in range(stop, max(stop - _SEARCH, -1), -1):
-        start, end = known.span(index)
-        if start <= floor:
+        if known.span(index)[0] <= floor:
             return None
-        if end > start and source[start] == " " and not source[start - 1].isspace():
+        if _begins_word(known, source, index):
             return index
     return None
+
+
+def _next_word_start(known: _Tokens, source: str, index: int, stop: int) -> int:
+    """The first token from ``index`` on that begins a word; ``stop`` if there is none before it."""
+    return next((k for k in range(index, min(stop, index + _SEARCH)) if _begins_word(known, source, k)), stop)
 
 
 def _reproduces(window: _Tokens, known: _Tokens, index: int) -> bool:
@@ -155,8 +165,23 @@ def _reproduces(window: _Tokens, known: _Tokens, index: int) -> bool:
     )
 
 
+def _length(parts: list[_Part]) -> int:
+    return sum(stop - start for _, start, stop in parts)
+
+
+def _span_from_end(parts: list[_Part], back: int) -> tuple[int, int]:
+    """Span of the token ``back`` tokens from the end (1: the last)."""
+    for tokens, start, stop in reversed(parts):
+        if back <= stop - start:
+            return tokens.span(stop - back)
+        back -= stop - start
+    raise IndexError(back)
+
+
 def _ids(parts: list[_Part]) -> list[int]:
-    return [token for tokens, start, stop in parts for token in tokens.ids[start:stop]]
+    if len(parts) == 1 and parts[0][1:] == (0, len(parts[0][0])):
+        return parts[0][0].ids  # most inputs: one whole tokenizer output
+    return list(itertools.chain.from_iterable(tokens.ids[start:stop] for tokens, start, stop in parts))
 
 
 def _spans(parts: list[_Part]) -> list[tuple[int, int]]:
@@ -254,8 +279,8 @@ class TemplateTokenizer:
         self._read_tails(cuts, template)
         pending = cuts
         while pending:
-            self._read_whole([cut for cut in pending if not cut.complete and cut.drop >= len(cut.tail)])
-            emptied = [cut for cut in pending if cut.drop >= len(cut.tail)]  # nothing of the text would be left
+            self._read_whole([cut for cut in pending if not cut.complete and cut.drop >= _length(cut.tail)])
+            emptied = [cut for cut in pending if cut.drop >= _length(cut.tail)]  # nothing of the text would be left
             if emptied:
                 alone = self._tokenize([template.format("")], specials=True)[0]
                 if len(alone) > self.max_length:
@@ -265,18 +290,18 @@ class TemplateTokenizer:
                     )
                 for cut in emptied:
                     cut.result = "", [(alone, 0, len(alone))]
-            pending = [cut for cut in pending if cut.drop < len(cut.tail)]
+            pending = [cut for cut in pending if cut.drop < _length(cut.tail)]
             # Each cut is tried together with the next shorter one, which the reference tries next when
             # the first overshoots by one token (tokens merged differently at the cut): one call, not two.
-            tries = [(cut, drop) for cut in pending for drop in (cut.drop, cut.drop + 1) if drop < len(cut.tail)]
-            texts = [cut.text[: cut.tail.span(-drop - 1)[1]] for cut, drop in tries]
+            tries = [(cut, drop) for cut in pending for drop in (cut.drop, cut.drop + 1) if drop < _length(cut.tail)]
+            texts = [cut.text[: _span_from_end(cut.tail, drop + 1)[1]] for cut, drop in tries]
             tried = self._tokenize_cuts([cut for cut, _ in tries], texts, template)
             outcomes = {(id(cut), drop): (text, parts) for (cut, drop), text, parts in zip(tries, texts, tried)}
             shorter = []
             for cut in pending:
                 while cut.result is None and (id(cut), cut.drop) in outcomes:
                     text, parts = outcomes[id(cut), cut.drop]
-                    length = sum(stop - start for _, start, stop in parts)
+                    length = _length(parts)
                     if length <= self.max_length:
                         cut.result = text, parts
                     else:
@@ -286,20 +311,41 @@ class TemplateTokenizer:
             pending = shorter
 
     def _read_tails(self, cuts: list[_Cut], template: Template) -> None:
-        """Tokenize the end of each text alone: enough tokens for its cut, from a window where possible."""
-        jobs = []
+        """The last tokens of each text alone, enough for its cut.
+
+        They are the uncut text's tokens between two word starts near the text's end, then the text from
+        the second one on, tokenized alone (a window). A short probe from the first word start and the
+        window must each reproduce the uncut tokens where they begin. The whole text is tokenized where a
+        check fails or no word start is near.
+        """
+        plans: list[tuple[int, int, int, int] | None] = []
+        strings = []
         for cut in cuts:
-            copy = len(cut.formatted) - len(template.suffix) - len(cut.text)  # where the last copy starts
-            index = _word_start(cut.full, cut.formatted, copy, copy + len(cut.text), cut.drop + 1 + _SLACK)
-            start = 0 if index is None else cut.full.span(index)[0] - copy
-            jobs.append((index, copy, start))
-        windows = self._tokenize([cut.text[start:] for cut, (_, _, start) in zip(cuts, jobs)], specials=False)
+            full, source = cut.full, cut.formatted
+            copy = len(source) - len(template.suffix) - len(cut.text)  # where the text's last copy starts
+            last = _word_start(full, source, copy, copy + len(cut.text), _OVERLAP + 2)
+            first = None if last is None else _word_start(full, source, copy, full.span(last)[0], cut.drop + 1 + _SLACK)
+            if first is None:
+                plans.append(None)
+                strings.append(cut.text)
+                continue
+            probe_end = _next_word_start(full, source, first + _OVERLAP, last)
+            a, z, b = (full.span(index)[0] - copy for index in (first, probe_end, last))
+            plans.append((copy, first, last, b))
+            strings += [cut.text[a:z], cut.text[b:]]
+        tokens = iter(self._tokenize(strings, specials=False))
         retry = []
-        for cut, (index, copy, start), window in zip(cuts, jobs, windows):
-            if index is None:
-                cut.tail, cut.complete = window, True
-            elif _reproduces(window.shifted(copy + start), cut.full, index):
-                cut.tail = window.shifted(start)
+        for cut, plan in zip(cuts, plans):
+            if plan is None:
+                whole = next(tokens)
+                cut.tail, cut.complete = [(whole, 0, len(whole))], True
+                continue
+            (copy, first, last, b), probe, window = plan, next(tokens), next(tokens)
+            full = cut.full
+            if _reproduces(probe.shifted(full.span(first)[0]), full, first) and _reproduces(
+                window.shifted(copy + b), full, last
+            ):
+                cut.tail = [(full.shifted(-copy), first, last), (window.shifted(b), 0, len(window))]
             else:
                 retry.append(cut)
         self._read_whole(retry)
@@ -307,7 +353,7 @@ class TemplateTokenizer:
     def _read_whole(self, cuts: list[_Cut]) -> None:
         """Tokenize each text alone, in full."""
         for cut, tokens in zip(cuts, self._tokenize([cut.text for cut in cuts], specials=False)):
-            cut.tail, cut.complete = tokens, True
+            cut.tail, cut.complete = [(tokens, 0, len(tokens))], True
 
     def _tokenize_cuts(self, cuts: list[_Cut], texts: list[str], template: Template) -> list[list[_Part]]:
         """The templated tokens of each cut text: the uncut text's tokens up to a word start, then a window."""

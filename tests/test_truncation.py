@@ -6,8 +6,10 @@ whole should fit, and shrink the cut until it does. The batched version must agr
 (ids, attention mask, echo's pool mask, truncated count, errors) for texts chosen to break shortcuts:
 merges at the cut, emoji, CJK, combining marks, whitespace runs, texts at the limit. It is checked with
 the real SmolLM2 tokenizer (byte-level BPE) and with SentencePiece-style BPE tokenizers trained here
-(``Metaspace``; one of them splitting words, one BPE-merging across them), so that the agreement does not
-rest on byte-level locality.
+(one splitting words, one BPE-merging across them, one whose normalizer prepends "▁" to every string), so
+that the agreement does not rest on byte-level locality. (Each of the shortcut's two safeguards, windows
+starting at a space after a non-space and the check that a window reproduces the uncut tokens, makes
+some of these tests fail when removed.)
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Sequence
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from kvemb_st.config import COMPRESSION_TEMPLATE, PROMPTEOL_TEMPLATE
@@ -106,14 +108,20 @@ def _corpus(n: int = 400) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 25))) for _ in range(n)]
 
 
-def _metaspace_tokenizer(split: bool, prepend_scheme: str, post: str) -> PreTrainedTokenizerFast:
-    """A SentencePiece-style BPE (``Metaspace``: spaces become ``▁``) trained here on a few hundred sentences.
+def _sentencepiece_tokenizer(split: bool | None, prepend_scheme: str, post: str) -> PreTrainedTokenizerFast:
+    """A SentencePiece-style BPE (spaces become ``▁``) trained here on a few hundred sentences.
 
-    With ``split=False`` the whole text is one "word", so learned merges cross word boundaries.
+    ``split``: whether the ``Metaspace`` pre-tokenizer splits words; with ``False`` the whole text is one
+    "word", so learned merges cross word boundaries. ``None``: no pre-tokenizer, and a normalizer that
+    prepends ``▁`` to every string, as Llama-2's original ``tokenizer.json`` does.
     """
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=prepend_scheme, split=split)
-    tokenizer.decoder = decoders.Metaspace(prepend_scheme=prepend_scheme, split=split)
+    if split is None:
+        tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Strip(" ", 1, 0)])
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=prepend_scheme, split=split)
+        tokenizer.decoder = decoders.Metaspace(prepend_scheme=prepend_scheme, split=split)
     special = ["<unk>", "<s>", "</s>", "<pad>"]
     tokenizer.train_from_iterator(_corpus(), trainers.BpeTrainer(vocab_size=700, special_tokens=special))
     ids = {token: tokenizer.token_to_id(token) for token in special}
@@ -129,14 +137,16 @@ def _metaspace_tokenizer(split: bool, prepend_scheme: str, post: str) -> PreTrai
 def tokenizers(smollm2_tokenizer_dir):
     return {
         "smollm2": AutoTokenizer.from_pretrained(smollm2_tokenizer_dir),
-        # Llama-2 / Mistral style: BOS, "▁" before every word
-        "metaspace": _metaspace_tokenizer(split=True, prepend_scheme="always", post="<s> $A"),
+        # BOS, "▁" before every word (Llama-2 / Mistral as transformers 5 builds them)
+        "metaspace": _sentencepiece_tokenizer(split=True, prepend_scheme="always", post="<s> $A"),
         # merges across words, "▁" prepended only at the start, BOS and EOS
-        "metaspace-unsplit": _metaspace_tokenizer(split=False, prepend_scheme="first", post="<s> $A </s>"),
+        "metaspace-unsplit": _sentencepiece_tokenizer(split=False, prepend_scheme="first", post="<s> $A </s>"),
+        # "▁" prepended to every string, even one that starts with a space: windows must not be trusted
+        "prepend-normalizer": _sentencepiece_tokenizer(split=None, prepend_scheme="", post="<s> $A"),
     }
 
 
-FAMILIES = ["smollm2", "metaspace", "metaspace-unsplit"]
+FAMILIES = ["smollm2", "metaspace", "metaspace-unsplit", "prepend-normalizer"]
 
 TEMPLATES = {
     "prompteol": Template.parse(PROMPTEOL_TEMPLATE),
@@ -155,31 +165,31 @@ NATURAL = (
 )
 
 ADVERSARIAL = {
-    "natural": NATURAL * 6,
-    "a-run": "a" * 700,
-    "a-run-after-words": NATURAL + "a" * 500,
-    "spaced-a": "a " * 300,
-    "digits": "1234567890" * 60,
-    "spaced-numbers": " ".join(str(n * 7919) for n in range(200)),
-    "decimals": " ".join(f"{n / 7:.5f}" for n in range(120)),
-    "url": "https://example.com/" + "/".join(f"path{n}?q={n}&r=x" for n in range(60)),
-    "punctuation": "!?.,;:-" * 90,
-    "punctuation-runs": "Wait!!! ... what?!?! " * 40,
-    "emoji": "😀👍🏽🎉" * 120,
-    "zwj": "👨‍👩‍👧‍👦 🏳️‍🌈 " * 80,
-    "flags": "🇫🇷🇩🇪🇯🇵" * 100,
-    "cjk": "東京は日本の首都です。漢字とかなとカナ。" * 30,
-    "hangul": "한국어 문장입니다 " * 60,
-    "combining": ("e\u0301a\u0308\u0301o\u0302 " * 120),
-    "spaces": "word" + " " * 600 + "end",
-    "newlines": "line\n\n\n" * 150,
-    "tabs-and-spaces": "x \t\t  \n " * 120,
-    "braces": "a {text} and {0} }{ {{}} " * 60,
-    "quotes": '"quoted" \'single\' ""' * 60,
-    "specials-in-text": "<s> </s> <|endoftext|> " * 50,
-    "mixed": NATURAL + "漢字😀👨‍👩‍👧 e\u0301 " * 20 + "1234567890" * 20 + " !!! " * 30,
-    "trailing-space": NATURAL * 5 + "     ",
-    "leading-space": "   " + NATURAL * 5,
+    "natural": NATURAL * 3,
+    "a-run": "a" * 400,
+    "a-run-after-words": NATURAL + "a" * 300,
+    "spaced-a": "a " * 150,
+    "digits": "1234567890" * 30,
+    "spaced-numbers": " ".join(str(n * 7919) for n in range(100)),
+    "decimals": " ".join(f"{n / 7:.5f}" for n in range(60)),
+    "url": "https://example.com/" + "/".join(f"path{n}?q={n}&r=x" for n in range(30)),
+    "punctuation": "!?.,;:-" * 45,
+    "punctuation-runs": "Wait!!! ... what?!?! " * 20,
+    "emoji": "😀👍🏽🎉" * 60,
+    "zwj": "👨‍👩‍👧‍👦 🏳️‍🌈 " * 40,
+    "flags": "🇫🇷🇩🇪🇯🇵" * 50,
+    "cjk": "東京は日本の首都です。漢字とかなとカナ。" * 15,
+    "hangul": "한국어 문장입니다 " * 30,
+    "combining": "e\u0301a\u0308\u0301o\u0302 " * 60,
+    "spaces": "word" + " " * 300 + "end",
+    "newlines": "line\n\n\n" * 75,
+    "tabs-and-spaces": "x \t\t  \n " * 60,
+    "braces": "a {text} and {0} }{ {{}} " * 30,
+    "quotes": '"quoted" \'single\' ""' * 30,
+    "specials-in-text": "<s> </s> <|endoftext|> " * 25,
+    "mixed": NATURAL + "漢字😀👨‍👩‍👧 e\u0301 " * 10 + "1234567890" * 10 + " !!! " * 15,
+    "trailing-space": NATURAL * 3 + "     ",
+    "leading-space": "   " + NATURAL * 3,
 }
 SHORT = {"empty": "", "space": " ", "newline": "\n", "word": "hello", "braces": "{text}", "emoji": "👍🏽"}
 
@@ -202,7 +212,7 @@ def assert_same(tokenizer, max_length: int, texts: list[str], template: Template
 # ----------------------------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("template", list(TEMPLATES))
-@pytest.mark.parametrize("max_length", [24, 61, 200])
+@pytest.mark.parametrize("max_length", [24, 97])
 def test_each_adversarial_text_alone_matches_reference(tokenizers, family, template, max_length):
     tokenizer = tokenizers[family]
     for text in [*ADVERSARIAL.values(), *SHORT.values()]:
@@ -211,11 +221,11 @@ def test_each_adversarial_text_alone_matches_reference(tokenizers, family, templ
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("template", list(TEMPLATES))
-@pytest.mark.parametrize("max_length", [32, 150])
+@pytest.mark.parametrize("max_length", [64])
 def test_mixed_batches_in_any_order_match_reference(tokenizers, family, template, max_length):
     texts = [*ADVERSARIAL.values(), *(v for k, v in SHORT.items() if k != "empty"), NATURAL[:40]]
     rng = random.Random(max_length)
-    for _ in range(3):
+    for _ in range(2):
         rng.shuffle(texts)
         assert_same(tokenizers[family], max_length, texts, TEMPLATES[template])
 
@@ -309,5 +319,5 @@ def test_tokenizer_calls_do_not_grow_with_the_number_of_cut_texts(tokenizers, fa
     texts = [" ".join(rng.sample(words, len(words)) * 4) for _ in range(48)]
     alone = max(_calls(tokenizers[family], [text], TEMPLATES[template], 64) for text in texts)  # its steps
     assert _calls(tokenizers[family], texts, TEMPLATES[template], 64) == alone  # the same steps, batched
-    everything = list(ADVERSARIAL.values()) * 2
+    everything = list(ADVERSARIAL.values()) * 2  # some take the shortcut, some not
     assert _calls(tokenizers[family], everything, TEMPLATES[template], 64) <= 12
