@@ -4,9 +4,9 @@ The instruction of a KV-Embedding prompt sits *after* the text ("... means in on
 final token is the one whose key/value gets re-routed. Cutting the end of an over-long input, as
 tokenizers do by default, would silently drop exactly that part. Here the text alone is shortened.
 
-Truncation is batched: all over-long texts of a batch go through each step together, one tokenizer call
-per step, and most calls tokenize only a short window at the end of each text (see
-:class:`TemplateTokenizer`), so a batch that must be cut costs little more than one that fits.
+Truncation is batched: the over-long texts of a batch go through each step together, one tokenizer call
+per step, and those calls tokenize only short windows near each cut (see :class:`TemplateTokenizer`), so
+a batch that must be cut costs little more than one that fits: it would otherwise leave a GPU waiting.
 """
 
 from __future__ import annotations
@@ -69,11 +69,11 @@ def resolve_template(default: Template, prompt: str | None) -> Template:
 
 
 _OVERLAP = 4
-"""Tokens at the start of a window that must reproduce the uncut text's tokens before the window is used."""
+"""Tokens at the start of a window that must reproduce the uncut text's tokens for the window to be used."""
 _SLACK = 8
 """Tokens the tail of a text alone holds beyond its first cut, for the shrink rounds that may follow."""
 _SEARCH = 64
-"""How many tokens back a window's start (a word start) is looked for before the whole text is tokenized."""
+"""How many tokens a word start (a window's start) is looked for over before the whole text is tokenized."""
 
 
 @dataclass(frozen=True)
@@ -206,12 +206,16 @@ class TemplateTokenizer:
     (and one more for the texts the shortcut below does not serve), so the number of calls does not grow
     with the number of texts cut.
 
-    The shortcut: cutting changes only the tokens near the cut. A step tokenizes a *window*, from a word
-    start a few tokens before the cut to the end, and keeps the uncut text's tokens before it. The window
-    is used only if its first tokens reproduce the uncut text's tokens there, i.e. the word start splits
-    the text for this tokenizer; otherwise, or with no word start near the cut (CJK, long runs without
-    spaces), the whole string is tokenized. The outputs are those of cutting and re-tokenizing each text
-    in full, one by one.
+    The shortcut: cutting changes only the tokens near the cut, and the templated uncut text's tokens
+    (tokenized anyway) give the rest. A step tokenizes a *window*, from a word start (a space after a
+    non-space, where pre-tokenizers split words: byte-level regexes, ``Metaspace``, whitespace) a few
+    tokens before the cut to the end, and takes the uncut tokens before it; the text alone's last tokens,
+    which place the cut, are the uncut tokens between two such word starts near its end, then a window.
+    A window is used only if its first tokens reproduce the uncut tokens there, which catches tokenizers
+    for which a space does not start a split (e.g. a normalizer that prepends "▁" to every string).
+    Where a window fails that check, or no word start is near the cut (CJK, long runs without spaces),
+    the whole string is tokenized. The outputs are those of cutting and re-tokenizing each text in full,
+    one by one (``tests/test_truncation.py`` compares them with that algorithm).
     """
 
     def __init__(self, tokenizer, max_length: int) -> None:
@@ -291,22 +295,14 @@ class TemplateTokenizer:
                 for cut in emptied:
                     cut.result = "", [(alone, 0, len(alone))]
             pending = [cut for cut in pending if cut.drop < _length(cut.tail)]
-            # Each cut is tried together with the next shorter one, which the reference tries next when
-            # the first overshoots by one token (tokens merged differently at the cut): one call, not two.
-            tries = [(cut, drop) for cut in pending for drop in (cut.drop, cut.drop + 1) if drop < _length(cut.tail)]
-            texts = [cut.text[: _span_from_end(cut.tail, drop + 1)[1]] for cut, drop in tries]
-            tried = self._tokenize_cuts([cut for cut, _ in tries], texts, template)
-            outcomes = {(id(cut), drop): (text, parts) for (cut, drop), text, parts in zip(tries, texts, tried)}
+            texts = [cut.text[: _span_from_end(cut.tail, cut.drop + 1)[1]] for cut in pending]
             shorter = []
-            for cut in pending:
-                while cut.result is None and (id(cut), cut.drop) in outcomes:
-                    text, parts = outcomes[id(cut), cut.drop]
-                    length = _length(parts)
-                    if length <= self.max_length:
-                        cut.result = text, parts
-                    else:
-                        cut.drop += self._excess(length, template)
-                if cut.result is None:
+            for cut, text, parts in zip(pending, texts, self._tokenize_cuts(pending, texts, template)):
+                length = _length(parts)
+                if length <= self.max_length:
+                    cut.result = text, parts
+                else:
+                    cut.drop += self._excess(length, template)  # merged differently at the cut
                     shorter.append(cut)
             pending = shorter
 
