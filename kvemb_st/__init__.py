@@ -4,6 +4,7 @@ from kvemb_st import attention as _attention  # noqa: F401  (registers the atten
 from kvemb_st.api import from_base, load
 from kvemb_st.config import COMPRESSION_TEMPLATE, PROMPTEOL_TEMPLATE, ConfigError, KVEmbeddingConfig
 from kvemb_st.module import KVEmbedding
+from kvemb_st.postprocessing import PostProcessing, add_postprocessing, fit_postprocessing
 from kvemb_st.version import __version__
 
 __all__ = [
@@ -12,7 +13,10 @@ __all__ = [
     "ConfigError",
     "KVEmbedding",
     "KVEmbeddingConfig",
+    "PostProcessing",
     "__version__",
+    "add_postprocessing",
+    "fit_postprocessing",
     "from_base",
     "load",
 ]
