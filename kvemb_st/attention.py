@@ -101,6 +101,10 @@ def prefix_slot(
     return prefix_key.to(key.dtype), prefix_value
 
 
+# ``bmm(..., out_dtype=)``: half-precision inputs, float32 output; CUDA only, torch >= 2.8.
+_BMM_OUT_DTYPE = hasattr(torch.ops.aten.bmm, "dtype")
+
+
 def _scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` (batched) with an at least float32 result, as attention kernels keep their scores.
 
@@ -109,7 +113,7 @@ def _scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """
     if a.dtype not in (torch.float16, torch.bfloat16):
         return torch.bmm(a, b)
-    if a.is_cuda:
+    if a.is_cuda and _BMM_OUT_DTYPE:
         return torch.bmm(a, b, out_dtype=torch.float32)
     return torch.bmm(a.float(), b.float())
 
@@ -122,7 +126,7 @@ def prefix_logits(
     cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``(B, H, T)`` float32 logit of every query on the prefix slot, ``scale`` and ``bias`` included.
+    """``(B, H, T)`` logit (at least float32) of every query on the prefix slot, ``scale`` and ``bias`` included.
 
     ``query`` is ``(B, H, T, D)``, ``prefix_key`` ``(B, H_kv, D)``. With ``cos``/``sin`` ``(B, T, D)`` the key is
     position-free and each query ``i`` sees it at its own position (``relative0``): ``q_i . R(i) k``. The key,
