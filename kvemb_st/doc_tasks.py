@@ -124,7 +124,8 @@ _QUOTE = re.compile(r"(writes in|writes:|wrote:|says:|said:|^In article|^Quoted 
 def clean_newsgroup_post(post: str) -> str:
     """The body alone: header (up to the first blank line), quoted lines and a trailing signature removed.
 
-    The same rules as sklearn's ``remove=("headers", "footers", "quotes")`` for 20 Newsgroups.
+    The rules of sklearn's ``remove=("headers", "footers", "quotes")`` for 20 Newsgroups, except that only a
+    dashes line starts the signature (sklearn also cuts at the last blank line, dropping a closing paragraph).
     """
     _, _, body = post.partition("\n\n")
     lines = [line for line in body.splitlines() if not _QUOTE.search(line)]
