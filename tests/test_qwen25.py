@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from test_attention import reference_backbone
+from test_smollm2 import assert_rerouted_states_match_reference
 
 import kvemb_st
 from kvemb_st.assets import qwen25_folder
 from kvemb_st.build import PLOT_FILE, build
 from kvemb_st.layer_selection import SelectionParams
-from kvemb_st.methods import kv_routing
 
 pytestmark = pytest.mark.slow
 TEXTS = ["A man is playing a guitar.", "The stock market fell sharply today, worrying investors."]
@@ -41,19 +39,7 @@ def test_tokenizer_adds_no_bos_and_the_template_still_ends_the_input(model):
 
 def test_rerouted_hidden_states_equal_reference(model, qwen25):
     """Real GQA 14/2 with q/k/v biases, re-routed at an early and a late layer, against the loop-based reference."""
-    module = model[0]
-    features = module.preprocess(TEXTS)
-    ids, mask = features["input_ids"], features["attention_mask"]
-    with torch.no_grad():
-        got = module.forward(dict(features))["token_embeddings"]
-        reference = reference_backbone(qwen25)
-        routing = kv_routing(module.auto_model, module.config, ids, mask)
-        want = reference(input_ids=ids, attention_mask=mask, kv_routing=routing).last_hidden_state
-        plain = module.auto_model(input_ids=ids, attention_mask=mask).last_hidden_state
-    real = mask.bool()
-    # final hidden states reach |100|; fp32 through 24 layers agrees to ~1.5e-4 (measured)
-    torch.testing.assert_close(got[real], want[real], atol=1e-3, rtol=1e-5)
-    assert (got[real] - plain[real]).abs().max() > 1.0  # and re-routing changed the states
+    assert_rerouted_states_match_reference(model, qwen25, TEXTS)
 
 
 def test_save_load_round_trip_gives_the_same_vectors(model, tmp_path):
