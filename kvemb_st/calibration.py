@@ -14,6 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 DEFAULT_CALIBRATION_FILE = Path(__file__).parent / "data" / "calibration.txt"
+GENERAL_CALIBRATION_FILE = Path(__file__).parent / "data" / "calibration_general.txt"
+# Shipped sets by name (``kvemb build --calibration general``); a name wins over a same-named relative path.
+NAMED_CALIBRATION_SETS = {"sts-b-train": DEFAULT_CALIBRATION_FILE, "general": GENERAL_CALIBRATION_FILE}
 MIN_CALIBRATION_TEXTS = 16  # TwoNN needs many more points than this to be reliable; below it, it is noise
 
 
@@ -29,14 +32,15 @@ def read_calibration_file(path: str | os.PathLike[str]) -> list[str]:
 def load_calibration(
     source: str | os.PathLike[str] | Sequence[str] | None = None, limit: int | None = None
 ) -> list[str]:
-    """Return the calibration texts: the default set (``None``), a file path, or a list of strings.
+    """Return the calibration texts: the default set (``None``), a shipped set by name
+    (:data:`NAMED_CALIBRATION_SETS`), a file path, or a list of strings.
 
     ``limit`` keeps the first ``limit`` texts (the default file is shuffled, so a prefix is still varied).
     """
     if source is None:
         texts = read_calibration_file(DEFAULT_CALIBRATION_FILE)
     elif isinstance(source, (str, os.PathLike)):
-        texts = read_calibration_file(source)
+        texts = read_calibration_file(NAMED_CALIBRATION_SETS.get(str(source), source))
     else:
         texts = list(source)
         bad = next((i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()), None)

@@ -39,7 +39,10 @@ from sentence_transformers.sentence_transformer.evaluation import (
 from sentence_transformers.util import cos_sim
 
 from kvemb_st.assets import load_sts_b
-from kvemb_st.calibration import DEFAULT_CALIBRATION_FILE, load_calibration
+from kvemb_st.calibration import (
+    NAMED_CALIBRATION_SETS as CALIBRATION_SETS,
+    load_calibration,
+)
 from kvemb_st.doc_tasks import DocumentTask, SimilarityTask, TopicTask, knn_accuracy
 from kvemb_st.postprocessing import POSTPROCESSING_MODES, check_postprocessing_args, fit_postprocessing
 
@@ -194,8 +197,6 @@ def precomputed_document_metrics(
 
 
 # ------------------------------------------------------------------------------------------- harness
-GENERAL_CALIBRATION_FILE = DEFAULT_CALIBRATION_FILE.parent / "calibration_general.txt"
-CALIBRATION_SETS = {"sts-b-train": DEFAULT_CALIBRATION_FILE, "general": GENERAL_CALIBRATION_FILE}
 ENCODERS = {"text": "encode", "query": "encode_query", "document": "encode_document"}  # role -> ST method
 TEMPLATE_ROOM = 64  # tokens per copy of the text reserved for the template when max_seq_length is raised
 LONG_BATCH_TOKENS = 8192  # texts of a long-input task per batch = this // their length (bounds attention memory)
@@ -204,7 +205,7 @@ Vectors = dict[str, dict[str, np.ndarray]]  # role -> text -> unit vector
 
 def calibration_texts(source: str | None = None) -> list[str]:
     """The package's default calibration set (``None``), a named set (:data:`CALIBRATION_SETS`) or a file."""
-    return load_calibration(CALIBRATION_SETS.get(source, source) if source else None)
+    return load_calibration(source or None)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 
 from kvemb_st.doc_tasks import gensim_data_file
-from kvemb_st.evaluation import GENERAL_CALIBRATION_FILE
+from kvemb_st.calibration import GENERAL_CALIBRATION_FILE
 
 PARAGRAPHS, SENTENCES = 256, 256
 PARAGRAPH_SENTENCES = (3, 6)

@@ -19,7 +19,8 @@ from kvemb_st.doc_tasks import (
     load_newsgroups,
     passkey_fillers,
 )
-from kvemb_st.evaluation import CALIBRATION_SETS, GENERAL_CALIBRATION_FILE, calibration_texts
+from kvemb_st.calibration import GENERAL_CALIBRATION_FILE
+from kvemb_st.evaluation import CALIBRATION_SETS, calibration_texts
 
 
 @pytest.fixture(scope="module")
