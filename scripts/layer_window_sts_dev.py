@@ -68,7 +68,7 @@ def main() -> None:
         template=KNOBS["template"],
         texts=load_calibration(),
         max_seq_length=max_seq_length,
-    )  # fmt: skip  -- the default-calibration curve, from the cache written by scripts/build_smollm2.py
+    )  # fmt: skip  -- the default-calibration curve, from the cache written by scripts/build_offline.py smollm2
     curve = selection.id_curve
 
     settings: dict[str, dict] = {
