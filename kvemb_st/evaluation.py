@@ -204,34 +204,51 @@ Vectors = dict[str, dict[str, np.ndarray]]  # role -> text -> unit vector
 
 
 def calibration_texts(source: str | None = None) -> list[str]:
-    """The package's default calibration set (``None``), a named set (:data:`CALIBRATION_SETS`) or a file."""
+    """The package's default calibration set (``None``), a named set (:data:`CALIBRATION_SETS`) or a file;
+    ``a+b`` joins sets (e.g. ``sts-b-train+general``), dropping repeated texts."""
+    if source and "+" in source:
+        return list(dict.fromkeys(t for part in source.split("+") for t in load_calibration(part.strip() or None)))
     return load_calibration(source or None)
 
 
 @dataclass(frozen=True)
 class PostSpec:
-    """A post-processing to score: ``mode`` ``None`` is none; see :mod:`kvemb_st.postprocessing`."""
+    """A post-processing to score: ``mode`` ``None`` is none; see :mod:`kvemb_st.postprocessing`.
+
+    ``calibration`` names the calibration set it is fitted on (see :func:`calibration_texts`); ``None`` is
+    the one passed to :func:`evaluate_model` as a plain list.
+    """
 
     mode: str | None = None
     components: int | None = None
+    calibration: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> PostSpec:
-        """``none``, ``center``, ``remove_pcs:10``, ``whiten`` or ``whiten:256`` (output dimension)."""
+        """``none``, ``center``, ``remove_pcs:10``, ``whiten`` or ``whiten:256`` (output dimension), each
+        optionally ``@SET`` (``whiten@general``, ``whiten:256@sts-b-train+general``)."""
+        text, at, calibration = text.partition("@")
+        if at and not calibration.strip():
+            raise ValueError(f"post-processing {text + at!r}: name a calibration set after '@', e.g. whiten@general")
         mode, _, components = text.partition(":")
         if mode == "none" and not components:
+            if at:
+                raise ValueError(f"post-processing 'none@{calibration}': 'none' uses no calibration set")
             return cls()
         if components and not components.isdigit():
             raise ValueError(f"post-processing {text!r}: components must be a positive integer, got {components!r}")
         if mode not in POSTPROCESSING_MODES:
             raise ValueError(f"unknown post-processing {text!r}; use none or one of {', '.join(POSTPROCESSING_MODES)}")
-        spec = cls(mode, int(components) if components else None)
+        spec = cls(mode, int(components) if components else None, calibration.strip() or None)
         check_postprocessing_args(mode, spec.components)
         return spec
 
     @property
     def name(self) -> str:
-        return "none" if self.mode is None else self.mode + ("" if self.components is None else f":{self.components}")
+        if self.mode is None:
+            return "none"
+        components = "" if self.components is None else f":{self.components}"
+        return self.mode + components + ("" if self.calibration is None else f"@{self.calibration}")
 
 
 @dataclass(frozen=True)
@@ -311,22 +328,32 @@ def evaluate_model(
     model: SentenceTransformer,
     tasks: Sequence[EvalTask],
     postprocessing: Sequence[PostSpec] = (PostSpec(),),
-    calibration: Sequence[str] | None = None,
+    calibration: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
     batch_size: int = 32,
 ) -> dict[str, dict[str, float]]:
     """``{post-processing name: {metric: value}}`` for every task, each text embedded once.
 
-    A post-processing is fitted on ``calibration`` embedded with ``model.encode`` (the default prompt, as
-    ``add_postprocessing`` does) and applied to every vector, queries and documents alike.
+    A post-processing is fitted on its calibration texts embedded with ``model.encode`` (the default prompt,
+    as ``add_postprocessing`` does) and applied to every vector, queries and documents alike. ``calibration``
+    is one list of texts, or ``{set name: texts}`` for :attr:`PostSpec.calibration` names; a text shared by
+    several sets is embedded once.
     """
-    if any(post.mode for post in postprocessing) and not calibration:
-        raise ValueError("post-processing needs calibration texts; pass calibration=calibration_texts(...)")
+    sets = dict(calibration) if isinstance(calibration, Mapping) else {None: calibration}
+    for post in postprocessing:
+        if post.mode and not sets.get(post.calibration):
+            which = "" if post.calibration is None else f" set {post.calibration!r}"
+            raise ValueError(f"post-processing {post.name!r} needs calibration texts{which}; pass "
+                             "calibration=calibration_texts(...) (or {name: texts} for named sets)")
     vectors = {task.name: embed_task(model, task, batch_size) for task in tasks}
-    if calibration and any(post.mode for post in postprocessing):
-        reference = model.encode(list(calibration), batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
+    needed = list(dict.fromkeys(t for post in postprocessing if post.mode for t in sets[post.calibration]))
+    embedded = dict(zip(needed, model.encode(needed, batch_size=batch_size, convert_to_numpy=True,
+                                             show_progress_bar=False))) if needed else {}
     results: dict[str, dict[str, float]] = {}
     for post in postprocessing:
-        transform = None if post.mode is None else fit_postprocessing(reference, post.mode, post.components).transform
+        transform = None
+        if post.mode is not None:
+            reference = np.stack([embedded[t] for t in sets[post.calibration]])
+            transform = fit_postprocessing(reference, post.mode, post.components).transform
         row: dict[str, float] = {}
         for task in tasks:
             table = vectors[task.name]

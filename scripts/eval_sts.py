@@ -28,7 +28,7 @@ import math
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +116,7 @@ def evaluate_spec(
     base: str,
     tasks: Sequence[EvalTask] | Callable[[Any], Sequence[EvalTask]],
     postprocessing: Sequence[PostSpec] = (PostSpec(),),
-    calibration: Sequence[str] | None = None,
+    calibration: Sequence[str] | Mapping[str | None, Sequence[str]] | None = None,
     batch_size: int = 32,
     max_seq_length: int | None = None,
 ) -> list[dict[str, Any]]:
@@ -163,9 +163,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--knn", type=int, default=5, help="k of the newsgroups k-NN accuracy")
     parser.add_argument("--passkey-docs", type=int, default=8, help="documents per passkey length")
     parser.add_argument("--passkey-lengths", type=lambda t: [int(x) for x in t.split(",")], default=list(PASSKEY_LENGTHS))
-    parser.add_argument("--postprocess", default="none", help="comma-separated: none, center, remove_pcs:K, whiten[:DIM]")
-    parser.add_argument("--calibration", default=None, help="calibration set for post-processing: general, sts-b-train "
-                        "or a file (default: the package default)")
+    parser.add_argument("--postprocess", default="none", help="comma-separated: none, center, remove_pcs:K, "
+                        "whiten[:DIM], each optionally @SET (whiten@general) to fit it on another calibration set")
+    parser.add_argument("--calibration", default=None, help="calibration set of post-processings without @SET: "
+                        "general, sts-b-train, a file, or several joined by '+' (default: the package default)")
     parser.add_argument("--max-seq-length", type=int, default=None, help="of every method (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -175,7 +176,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     specs = [(spec, parse_spec(spec)) for spec in args.methods]  # fail on bad input before any work
     names = _names(args.tasks, TASKS, "--tasks") + (["paragraphs"] if args.docs else [])
     postprocessing = [PostSpec.parse(p.strip()) for p in args.postprocess.split(",") if p.strip()] or [PostSpec()]
-    calibration = calibration_texts(args.calibration) if any(p.mode for p in postprocessing) else None
+    calibration: dict[str | None, list[str]] = {
+        post.calibration if post.calibration else None: calibration_texts(post.calibration or args.calibration)
+        for post in postprocessing if post.mode
+    }  # fmt: skip
     if args.threads:
         torch.set_num_threads(args.threads)
     base = args.base or str(smollm2_folder())
@@ -206,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         },
         "newsgroups_split": args.newsgroups_split if "newsgroups" in names else None,
         "passkey": {"lengths": args.passkey_lengths, "docs": args.passkey_docs} if "passkey" in names else None,
-        "calibration": args.calibration if calibration else None,
+        "calibration": args.calibration if None in calibration else None,
         "results": rows,
     }
     name = args.name or (f"sts_{args.split}" if names == ["sts"] else "docs")

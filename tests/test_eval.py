@@ -18,6 +18,7 @@ from kvemb_st.doc_tasks import DocumentTask, load_lee
 from kvemb_st.evaluation import (
     DOC_METRICS,
     PostSpec,
+    calibration_texts,
     build_document_task,
     embed_task,
     evaluate_documents,
@@ -131,6 +132,16 @@ def test_harness_post_processing_equals_the_appended_module(tiny_llama):
     assert got["none"] != got["whiten:8"]
     with pytest.raises(ValueError, match="calibration texts"):
         evaluate_model(model, [task], [PostSpec("center")])
+    # named sets: each post-processing is fitted on its own set, shared texts embedded once
+    other = [pair[1] for pair in sts_pairs("train", limit=40)]
+    model = kvemb_st.from_base(tiny_llama, method="prompteol")  # add_postprocessing appended a module to the first
+    named = evaluate_model(model, [task], [PostSpec("whiten", 8), PostSpec("whiten", 8, "other")],
+                           {None: calibration, "other": other})
+    expected_other = task.score(model, {"text": dict(zip(lee.texts, add_postprocessing(model, other, "whiten", 8).encode(list(lee.texts))))})
+    assert named["whiten:8"] == pytest.approx(expected, abs=1e-5)
+    assert named["whiten:8@other"] == pytest.approx(expected_other, abs=1e-5) and expected_other != expected
+    with pytest.raises(ValueError, match="set 'missing'"):
+        evaluate_model(model, [task], [PostSpec("center", None, "missing")], {None: calibration})
 
 
 def test_long_inputs_get_room_and_the_limit_comes_back(tiny_llama):
@@ -147,11 +158,20 @@ def test_long_inputs_get_room_and_the_limit_comes_back(tiny_llama):
 
 
 @pytest.mark.parametrize(("text", "message"), [("whiten:x", "positive integer"), ("blur", "unknown post-processing"),
-                                               ("remove_pcs", "needs components")])
+                                               ("remove_pcs", "needs components"), ("whiten@", "after '@'"),
+                                               ("none@general", "no calibration set")])
 def test_bad_post_processing_is_a_clear_error(text, message):
     with pytest.raises(ValueError, match=message):
         PostSpec.parse(text)
     assert PostSpec.parse("whiten:64") == PostSpec("whiten", 64) and PostSpec.parse("none").name == "none"
+    spec = PostSpec.parse("whiten:64@sts-b-train+general")
+    assert spec == PostSpec("whiten", 64, "sts-b-train+general") and spec.name == "whiten:64@sts-b-train+general"
+
+
+def test_joined_calibration_sets():
+    joined = calibration_texts("sts-b-train+general")
+    assert joined == list(dict.fromkeys(calibration_texts("sts-b-train") + calibration_texts("general")))
+    assert len(joined) == len(set(joined)) > len(calibration_texts("general"))
 
 
 @pytest.mark.parametrize(
