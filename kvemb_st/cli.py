@@ -23,6 +23,7 @@ from kvemb_st.layer_selection import (
     ANCHORS,
     AUTO,
     DEFAULT_ANCHOR,
+    DEFAULT_MIN_TOLERANCE,
     DEFAULT_SKIP_FRACTION,
     DEFAULT_WINDOW_FRACTION,
     SelectionParams,
@@ -88,7 +89,14 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> None:
         "--anchor",
         choices=ANCHORS,
         default=DEFAULT_ANCHOR,
-        help="window starts at / is centred on the minimum (default: %(default)s)",
+        help="window is centred on / starts at the minimum (default: %(default)s)",
+    )
+    select.add_argument(
+        "--min-tolerance",
+        type=float,
+        default=DEFAULT_MIN_TOLERANCE,
+        help="layers within this many standard errors of the lowest ID count as the minimum; the window is "
+        "anchored at their mean position, 0 = the single lowest layer (default: %(default)s)",
     )
     select.add_argument("--estimator", choices=ESTIMATORS, default="mle", help="TwoNN estimator (default: %(default)s)")
     select.add_argument("--batch-size", type=int, default=32, help="calibration batch size (default: %(default)s)")
@@ -154,6 +162,7 @@ def run_build(args: argparse.Namespace, argv: Sequence[str]) -> int:
             window=args.window,
             window_fraction=args.window_fraction,
             anchor=args.anchor,
+            min_tolerance=args.min_tolerance,
         ),
         estimator=args.estimator,
         batch_size=args.batch_size,
@@ -177,7 +186,9 @@ def run_build(args: argparse.Namespace, argv: Sequence[str]) -> int:
     selection = result.selection
     curve = ", ".join(f"{i}:{value:.2f}" for i, value in enumerate(selection.id_curve))
     print(f"ID curve (TwoNN {selection.estimator}, {selection.num_calibration_texts} calibration texts): {curve}")
-    how = f"auto: ID minimum at layer {selection.argmin}" if selection.mode == AUTO else "explicit"
+    how = "explicit"
+    if selection.mode == AUTO:
+        how = f"auto: ID minimum at layer {selection.argmin}, layers {selection.near_minimum} within noise of it"
     print(f"selected layers: {format_layer_spec(selection.layers)} ({how})")
     if args.postprocess != NO_POSTPROCESSING:
         print(f"post-processing: {args.postprocess}, {result.model.get_embedding_dimension()} dimensions")

@@ -3,7 +3,10 @@
 Automatic selection follows the design notes (``shared/README.md`` §2): the TwoNN intrinsic dimension
 (ID) of the final-token hidden state is computed after every decoder layer on templated calibration
 texts; the first layers are skipped (their low ID reflects token identity, not compression), and a
-window of layers starting at (or centred on) the ID minimum is taken. The whole curve and every
+window of layers is centred on (or starts at) the ID minimum. "The minimum" is every layer whose ID is
+within one standard error of the lowest value: on a flat curve (Qwen2.5-0.5B's spans 10.3-12.6) the
+single lowest layer is noise -- 64 or 512 calibration texts put it at layer 12 or 19 -- so the window is
+anchored at the mean position of all layers that could be the minimum. The whole curve and every
 parameter are recorded so a reader of the saved config can see -- and redo -- the choice.
 
 ID curves are cached on disk per (base model, revision, template, calibration hash, estimator), so a
@@ -39,7 +42,8 @@ AUTO = "auto"
 ANCHORS = ("start", "center")
 DEFAULT_SKIP_FRACTION = 0.2
 DEFAULT_WINDOW_FRACTION = 1 / 3  # chosen on STS-B dev, see results/layer_window_sts_dev.md
-DEFAULT_ANCHOR = "start"
+DEFAULT_ANCHOR = "center"
+DEFAULT_MIN_TOLERANCE = 1.0  # standard errors; see SelectionParams.min_tolerance
 FLAT_TOLERANCE = 0.01  # a curve whose range is below 1% of its mean has no meaningful minimum
 CACHE_FORMAT = 1
 
@@ -52,14 +56,19 @@ class SelectionParams:
         skip_fraction: Fraction of the first layers never considered for the minimum, in [0, 1).
         window: Window width in layers; ``None`` means ``round(window_fraction * num_layers)`` (at least 1).
         window_fraction: Width relative to the model's depth, so one default fits models of any depth.
-        anchor: ``start`` -- the window starts at the minimum (``[argmin, argmin + width)``); ``center``
-            -- the minimum is in its middle. Either way the window is shifted to stay inside the model.
+        anchor: ``center`` -- the minimum is in the window's middle; ``start`` -- the window starts at it.
+            Either way the window is shifted to stay inside the model.
+        min_tolerance: Layers whose ID is at most ``min_tolerance`` standard errors above the lowest value
+            count as the minimum, and the window is anchored at their mean position. The standard error is
+            that of the TwoNN maximum-likelihood estimate, ``d / sqrt(N)`` for ``N`` calibration texts. ``0``
+            anchors at the single lowest layer.
     """
 
     skip_fraction: float = DEFAULT_SKIP_FRACTION
     window: int | None = None
     window_fraction: float = DEFAULT_WINDOW_FRACTION
     anchor: str = DEFAULT_ANCHOR
+    min_tolerance: float = DEFAULT_MIN_TOLERANCE
 
     def __post_init__(self) -> None:
         if isinstance(self.skip_fraction, bool) or not (
@@ -76,6 +85,10 @@ class SelectionParams:
             raise ValueError(f"window_fraction must be a number in (0, 1], got {self.window_fraction!r}")
         if self.anchor not in ANCHORS:
             raise ValueError(f"anchor must be one of {ANCHORS}, got {self.anchor!r}")
+        if isinstance(self.min_tolerance, bool) or not (
+            isinstance(self.min_tolerance, (int, float)) and 0.0 <= self.min_tolerance < math.inf
+        ):
+            raise ValueError(f"min_tolerance must be a finite number of standard errors >= 0, got {self.min_tolerance!r}")
 
     def width(self, num_layers: int) -> int:
         if self.window is not None:
@@ -100,6 +113,8 @@ class LayerSelection:
     estimator: str
     params: dict[str, Any] = field(default_factory=dict)
     argmin: int | None = None
+    near_minimum: list[int] | None = None  # layers within min_tolerance standard errors of the minimum
+    anchor_layer: int | None = None  # the window's anchor: the mean position of near_minimum, rounded
     window: list[int] | None = None  # [first, last] layer of the window, inclusive
     flat_curve: bool = False
 
@@ -144,11 +159,12 @@ def is_flat(id_curve: Sequence[float]) -> bool:
     return max(id_curve) - min(id_curve) <= FLAT_TOLERANCE * abs(mean)
 
 
-def select_window(id_curve: Sequence[float], params: SelectionParams) -> tuple[list[int], int]:
-    """Return ``(layers, argmin)``: a contiguous window placed at the ID minimum past the skipped layers.
+def near_minimum(id_curve: Sequence[float], params: SelectionParams, num_points: int | None) -> tuple[int, list[int]]:
+    """``(argmin, layers)``: the lowest eligible layer, and every eligible layer whose ID is within
+    ``params.min_tolerance`` standard errors (``d / sqrt(num_points)``) of it.
 
-    Ties (values within 1e-9 relative) resolve to the earliest layer, so near-equal curves give stable
-    choices; a flat curve thus yields the first eligible layer, and the caller warns.
+    Values within 1e-9 relative of the lowest tie: all of them are near the minimum, and ``argmin`` is the
+    earliest. Without ``num_points`` (or with a tolerance of 0) only such ties count.
     """
     num_layers = len(id_curve)
     if num_layers == 0:
@@ -159,12 +175,35 @@ def select_window(id_curve: Sequence[float], params: SelectionParams) -> tuple[l
             f"the ID curve is not finite at layers {bad} ({[id_curve[i] for i in bad]}): the calibration "
             "states there are (nearly) identical; use more and more varied calibration texts"
         )
-    width = params.width(num_layers)
+    if num_points is not None and num_points < 1:
+        raise ValueError(f"num_points must be the number of calibration texts (>= 1), got {num_points!r}")
     first = min(int(params.skip_fraction * num_layers), num_layers - 1)
     lowest = min(id_curve[first:])
     argmin = next(i for i in range(first, num_layers) if id_curve[i] <= lowest + 1e-9 * abs(lowest))
-    start = argmin if params.anchor == "start" else argmin - (width - 1) // 2
-    start = max(0, min(start, num_layers - width))
+    margin = 0.0 if num_points is None else params.min_tolerance * abs(lowest) / math.sqrt(num_points)
+    near = [i for i in range(first, num_layers) if id_curve[i] <= lowest + margin + 1e-9 * abs(lowest)]
+    return argmin, near
+
+
+def mean_position(layers: Sequence[int]) -> int:
+    """The mean of ``layers``, rounded half up (the window's anchor)."""
+    return math.floor(sum(layers) / len(layers) + 0.5)
+
+
+def select_window(
+    id_curve: Sequence[float], params: SelectionParams, num_points: int | None = None
+) -> tuple[list[int], int]:
+    """Return ``(layers, argmin)``: a contiguous window anchored at the ID minimum past the skipped layers.
+
+    The anchor is the mean position of the near-minimum layers (:func:`near_minimum`, rounded half up);
+    ``num_points`` is the number of calibration texts behind the curve. A flat curve thus yields a window
+    around the middle of the eligible layers, and the caller warns.
+    """
+    width = params.width(len(id_curve))
+    argmin, near = near_minimum(id_curve, params, num_points)
+    anchor = mean_position(near)
+    start = anchor if params.anchor == "start" else anchor - (width - 1) // 2
+    start = max(0, min(start, len(id_curve) - width))
     return list(range(start, start + width)), argmin
 
 
@@ -285,7 +324,8 @@ def select_layers(
     common = dict(id_curve=curve, calibration_hash=calib_hash, num_calibration_texts=len(texts), estimator=estimator)
     if chosen is not None:
         return LayerSelection(layers=chosen, mode="explicit", **common)
-    window, argmin = select_window(curve, params)
+    window, argmin = select_window(curve, params, len(texts))
+    near = near_minimum(curve, params, len(texts))[1]
     flat = is_flat(curve)
     if flat:
         logger.warning(
@@ -297,6 +337,8 @@ def select_layers(
         mode=AUTO,
         params=asdict(params),
         argmin=argmin,
+        near_minimum=near,
+        anchor_layer=mean_position(near),
         window=[window[0], window[-1]],
         flat_curve=flat,
         **common,

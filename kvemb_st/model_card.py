@@ -44,12 +44,21 @@ def _layer_selection_text(config: KVEmbeddingConfig, has_plot: bool) -> str:
         window = selection["window"]
         anchor = "starting at" if params["anchor"] == "start" else "centred on"
         width = window[1] - window[0] + 1
+        near = selection.get("near_minimum") or [selection["argmin"]]
+        tolerance = params.get("min_tolerance", 0.0)
+        minimum = f"the minimum is at layer {selection['argmin']}"
+        if len(near) > 1:
+            minimum += (
+                f"; layers {format_layer_spec(near)} are within {tolerance:g} standard error(s) of it, so the "
+                f"anchor is their mean position, layer {selection['anchor_layer']}"
+            )
         lines.append(
             f"Chosen automatically: the TwoNN intrinsic dimension (`{selection['estimator']}` estimator) of the "
             f"final-token hidden state was measured after every layer on {selection['num_calibration_texts']} "
             f"calibration texts wrapped in the template (`{selection['calibration_hash']}`). Skipping the first "
-            f"{params['skip_fraction']:.0%} of the layers, the minimum is at layer {selection['argmin']}; a window of "
-            f"{width} layers {anchor} it (shifted to fit inside the model) gives layers **{layers}**."
+            f"{params['skip_fraction']:.0%} of the layers, {minimum}; a window of "
+            f"{width} layers {anchor} {'that layer' if len(near) > 1 else 'it'} (shifted to fit inside the model) "
+            f"gives layers **{layers}**."
         )
         if selection.get("flat_curve"):
             lines.append(

@@ -16,7 +16,7 @@ import kvemb_st
 from kvemb_st.assets import smollm2_folder
 from kvemb_st.build import build
 from kvemb_st.cli import main
-from kvemb_st.layer_selection import SelectionParams
+from kvemb_st.layer_selection import SelectionParams, format_layer_spec, mean_position
 
 EXPECTED_FILES = {"modules.json", "config_sentence_transformers.json", "kvemb_config.json", "id_curve.png", "README.md"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".onnx")
@@ -69,6 +69,14 @@ def test_cli_build_writes_a_weight_free_folder(built, capsys):
     assert config["layers"] == selection["layers"] and selection["mode"] == "auto"
     assert len(selection["id_curve"]) == 4 and selection["num_calibration_texts"] == 32
     assert selection["calibration_hash"].startswith("sha256:") and selection["window"] == [config["layers"][0]] * 2
+    near, curve = selection["near_minimum"], selection["id_curve"]
+    assert selection["argmin"] in near and config["layers"] == [mean_position(near)] == [selection["anchor_layer"]]
+    assert all(curve[i] <= curve[selection["argmin"]] * (1 + 1 / 32**0.5) + 1e-9 for i in near)  # one SE of 32 texts
+    card = (folder / "README.md").read_text()
+    expected = f"the minimum is at layer {selection['argmin']}"
+    if len(near) > 1:
+        expected += f"; layers {format_layer_spec(near)} are within 1 standard error(s) of it"
+    assert expected in card, card
     assert (config["prefix_bias"], config["prefix_rope"], config["pooling"]) == (3.5, "keep", "mean+last")
     assert (config["last_weight"], config["max_seq_length"]) == (0.25, 64)
 

@@ -18,6 +18,7 @@ from kvemb_st.layer_selection import (
     explicit_layers,
     format_layer_spec,
     is_flat,
+    near_minimum,
     select_layers,
     select_window,
 )
@@ -59,10 +60,39 @@ CURVE30 = [
 
 # ---------------------------------------------------------------------------------------- windows
 def test_window_starts_at_the_minimum_and_is_shifted_to_fit():
-    assert select_window(CURVE30, SelectionParams(window=5)) == ([23, 24, 25, 26, 27], 23)
+    assert select_window(CURVE30, SelectionParams(window=5, anchor="start")) == ([23, 24, 25, 26, 27], 23)
     # 10 layers from 23 would run past layer 29: the window ends at the last layer instead.
-    assert select_window(CURVE30, SelectionParams(window=10)) == (list(range(20, 30)), 23)
-    assert select_window(CURVE30, SelectionParams()) == (list(range(20, 30)), 23)  # default: a third of 30
+    assert select_window(CURVE30, SelectionParams(window=10, anchor="start")) == (list(range(20, 30)), 23)
+    assert select_window(CURVE30, SelectionParams(anchor="start")) == (list(range(20, 30)), 23)  # a third of 30
+
+
+# The measured curves (512 calibration texts, results/id_curve_smollm2.json and results/qwen25/id_curve.json).
+SMOLLM2_CURVE = [10.6, 10.0, 10.8, 11.4, 12.3, 11.8, 12.3, 13.0, 12.3, 12.0, 12.7, 12.7, 14.2, 14.3, 14.3, 14.0,
+                 15.2, 14.9, 14.8, 15.1, 14.9, 14.6, 11.6, 10.2, 10.4, 10.5, 10.8, 10.4, 10.6, 10.7]
+QWEN25_CURVE = [10.3, 10.3, 10.5, 11.3, 12.6, 12.1, 12.0, 12.2, 11.8, 11.3, 11.5, 11.7, 12.3, 12.1, 11.7, 11.2, 12.3,
+                11.9, 11.6, 10.9, 11.0, 11.1, 11.5, 11.7]
+
+
+def test_the_default_rule_on_the_measured_curves():
+    """SmolLM2's deep, clear minimum keeps its window; Qwen's noise-level minimum no longer drags it to the end."""
+    assert near_minimum(SMOLLM2_CURVE, SelectionParams(), 512) == (23, [23, 24, 25, 27, 28])  # SE = 10.2/sqrt(512)
+    assert select_window(SMOLLM2_CURVE, SelectionParams(), 512) == (list(range(20, 30)), 23)
+    assert near_minimum(QWEN25_CURVE, SelectionParams(), 512) == (19, [9, 15, 19, 20, 21])  # mean 16.8 -> 17
+    assert select_window(QWEN25_CURVE, SelectionParams(), 512) == (list(range(14, 22)), 19)
+    # the old rule (the single lowest layer, window starting there) put Qwen's window at the last layer
+    assert select_window(QWEN25_CURVE, SelectionParams(anchor="start", min_tolerance=0), 512)[0] == list(range(16, 24))
+
+
+def test_min_tolerance_is_in_standard_errors_of_the_estimate():
+    params = SelectionParams(skip_fraction=0.2, window=1)  # layers 0-1 are skipped
+    curve = [5.0, 5.0, 10.0, 10.99, 11.01, 12.5, 10.7, 13.0, 13.0, 13.0]  # lowest 10.0; SE with 100 texts: 1.0
+    assert near_minimum(curve, params, 100) == (2, [2, 3, 6])  # 10.99 is within one SE of 10.0, 11.01 is not
+    assert near_minimum(curve, SelectionParams(skip_fraction=0.2, min_tolerance=2), 100)[1] == [2, 3, 4, 6]
+    assert near_minimum(curve, params, 400)[1] == [2]  # 4x the texts, half the standard error
+    assert near_minimum(curve, SelectionParams(skip_fraction=0.2, min_tolerance=0), 100)[1] == [2]
+    assert select_window(curve, params, 100) == ([4], 2)  # mean of 2, 3, 6 = 3.67 -> 4
+    with pytest.raises(ValueError, match="num_points"):
+        near_minimum(curve, params, 0)
 
 
 def test_centre_anchor():
@@ -86,15 +116,17 @@ def test_minimum_at_the_first_eligible_layer():
     assert select_window(curve, SelectionParams(window=3, anchor="center")) == ([1, 2, 3], 2)
 
 
-def test_flat_curve_takes_the_first_eligible_layer_and_is_flagged():
+def test_flat_curve_is_centred_on_the_eligible_layers_and_is_flagged():
     flat = [12.0] * 10
-    assert select_window(flat, SelectionParams(window=3)) == ([2, 3, 4], 2)
+    assert select_window(flat, SelectionParams(window=3), 512) == ([5, 6, 7], 2)  # layers 2-9 all minimal: mean 5.5
+    assert select_window(flat, SelectionParams(window=3, anchor="start")) == ([6, 7, 8], 2)
     assert is_flat(flat) and is_flat([12.0, 12.05, 11.98] * 3) and not is_flat(CURVE30)
 
 
-def test_ties_resolve_to_the_earliest_layer():
+def test_ties_are_all_the_minimum_and_argmin_is_the_earliest():
     curve = [9.0, 9.0, 3.0, 5.0, 3.0, 5.0, 3.0 + 1e-12, 8.0, 8.0, 8.0]
-    assert select_window(curve, SelectionParams(window=1)) == ([2], 2)
+    assert near_minimum(curve, SelectionParams(), None) == (2, [2, 4, 6])
+    assert select_window(curve, SelectionParams(window=1)) == ([4], 2)
 
 
 @pytest.mark.parametrize("num_layers", [1, 2, 3, 4])
@@ -128,6 +160,9 @@ def test_non_finite_curve_is_an_error():
         (dict(window=2.5), "window must be a positive"),
         (dict(window_fraction=0.0), "window_fraction"),
         (dict(anchor="end"), "anchor must be one of"),
+        (dict(min_tolerance=-1.0), "min_tolerance"),
+        (dict(min_tolerance=True), "min_tolerance"),
+        (dict(min_tolerance=float("inf")), "min_tolerance"),
     ],
 )
 def test_bad_selection_params(kwargs, match):
@@ -233,5 +268,6 @@ def test_flat_curve_of_a_tiny_model_is_recorded(tiny, tiny_llama, tmp_path, monk
         model, tokenizer, base_model=tiny_llama, base_revision=None, template=PROMPTEOL_TEMPLATE,
         texts=load_calibration(limit=16), cache_dir=tmp_path, use_cache=False,
     )  # fmt: skip
-    assert selection.flat_curve and selection.layers == [0] and selection.window == [0, 0]
+    assert selection.flat_curve and selection.near_minimum == [0, 1, 2, 3]  # one SE of 16 texts: 7 / 4
+    assert selection.layers == [2] and selection.window == [2, 2] and selection.anchor_layer == 2  # mean 1.5
     assert not list(tmp_path.iterdir())  # use_cache=False writes nothing

@@ -59,9 +59,13 @@ def test_build_picks_the_window_its_id_curve_promises(qwen25, tmp_path):
     assert len(curve) == 24 and all(np.isfinite(curve))
     first = int(params.skip_fraction * 24)  # layers 0-3 are never the minimum
     assert chosen.argmin == first + int(np.argmin(curve[first:]))
+    standard_error = curve[chosen.argmin] / np.sqrt(64)  # of the TwoNN estimate from 64 texts
+    near = [i for i in range(first, 24) if curve[i] <= curve[chosen.argmin] + standard_error]
+    assert chosen.near_minimum == near and chosen.anchor_layer == int(np.floor(np.mean(near) + 0.5))
     width = params.width(24)  # 8: a third of the depth
-    start = min(chosen.argmin, 24 - width)  # anchored at the minimum, shifted to stay inside the model
+    start = min(max(chosen.anchor_layer - 3, 0), 24 - width)  # centred on the anchor, shifted to stay inside
     assert chosen.layers == list(range(start, start + width))
     assert result.model[0].config.layers == chosen.layers
     assert (tmp_path / "built" / PLOT_FILE).is_file()
-    print(f"\nQwen2.5 ID curve (64 texts): {np.round(curve, 1).tolist()}; argmin {chosen.argmin}, layers {chosen.layers}")
+    print(f"\nQwen2.5 ID curve (64 texts): {np.round(curve, 1).tolist()}; argmin {chosen.argmin}, "
+          f"near it {chosen.near_minimum}, layers {chosen.layers}")
