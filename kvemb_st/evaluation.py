@@ -22,6 +22,7 @@ even when it does well on single sentences.
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -44,6 +45,8 @@ from kvemb_st.calibration import (
     load_calibration,
 )
 from kvemb_st.doc_tasks import DocumentTask, SimilarityTask, TopicTask, knn_accuracy
+from kvemb_st.config import POOLING_MODES
+from kvemb_st.pooling import pool
 from kvemb_st.postprocessing import POSTPROCESSING_MODES, check_postprocessing_args, fit_postprocessing
 
 StsPair = tuple[str, str, float]
@@ -252,6 +255,42 @@ class PostSpec:
 
 
 @dataclass(frozen=True)
+class PoolSpec:
+    """A pooling to score from the same forward pass as others (``mean+last`` with its ``last_weight``)."""
+
+    mode: str
+    last_weight: float = 0.75
+
+    @classmethod
+    def parse(cls, text: str) -> PoolSpec:
+        """``last``, ``mean``, ``mean+last`` (weight 0.75) or ``mean+last:0.5``."""
+        mode, colon, weight = text.partition(":")
+        if mode not in POOLING_MODES:
+            raise ValueError(f"unknown pooling {text!r}; use one of {', '.join(POOLING_MODES)} (mean+last:W for a weight)")
+        if colon and mode != "mean+last":
+            raise ValueError(f"pooling {text!r}: only mean+last takes a weight (e.g. mean+last:0.5)")
+        try:
+            value = float(weight) if colon else 0.75
+        except ValueError:
+            value = math.nan
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"pooling {text!r}: the last-token weight must be a number in [0, 1], got {weight!r}")
+        return cls(mode, value)
+
+    @property
+    def name(self) -> str:
+        return f"mean+last:{self.last_weight:g}" if self.mode == "mean+last" else self.mode
+
+    def __call__(self, states: Sequence[torch.Tensor]) -> list[np.ndarray]:
+        """Pool each text's final hidden states ``(T_i, H)`` (real tokens only) into a unit vector."""
+        return [
+            torch.nn.functional.normalize(pool(h[None], torch.ones(1, len(h)), self.mode, self.last_weight), dim=-1)[0]
+            .numpy()
+            for h in states
+        ]
+
+
+@dataclass(frozen=True)
 class EvalTask:
     """One task of the harness: the texts it needs per role and how it scores their vectors.
 
@@ -309,18 +348,45 @@ def room_for(model: SentenceTransformer, tokens: int | None) -> Iterator[None]:
         module.max_seq_length = old
 
 
-def embed_task(model: SentenceTransformer, task: EvalTask, batch_size: int = 32) -> Vectors:
-    """Each distinct text of each role embedded once, with the role's ST method (and prompt)."""
+def encode_texts(
+    model: SentenceTransformer,
+    texts: Sequence[str],
+    role: str = "text",
+    batch_size: int = 32,
+    poolings: Sequence[PoolSpec] | None = None,
+) -> dict[str | None, dict[str, np.ndarray]]:
+    """``{pooling name: {text: unit vector}}``, each distinct text embedded once with the role's ST method.
+
+    Without ``poolings`` the model's own output is used (key ``None``). With them, every pooling is computed
+    from the same final hidden states (``output_value="token_embeddings"``), so comparing poolings costs one
+    forward pass; that needs a single-copy method (not echo, whose pooled tokens are a subset) and a model
+    without post-processing modules.
+    """
+    unique = list(dict.fromkeys(texts))
+    encode = getattr(model, ENCODERS[role])
+    options = dict(batch_size=batch_size, show_progress_bar=False)
+    if poolings is None:
+        return {None: dict(zip(unique, encode(unique, convert_to_numpy=True, **options)))}
+    if len(model) != 1 or model[0].method.copies != 1:
+        raise ValueError(
+            f"comparing poolings from one forward pass needs a model of one single-copy KVEmbedding module; this one "
+            f"has {len(model)} module(s) and method {model[0].config.method!r}: score its own pooling instead"
+        )
+    states = encode(unique, output_value="token_embeddings", convert_to_numpy=False, **options)
+    return {p.name: dict(zip(unique, p(states))) for p in poolings}
+
+
+def embed_task(
+    model: SentenceTransformer, task: EvalTask, batch_size: int = 32, poolings: Sequence[PoolSpec] | None = None
+) -> dict[str | None, Vectors]:
+    """``{pooling name: {role: {text: vector}}}`` (see :func:`encode_texts`; ``None`` = the model's pooling)."""
     if task.max_tokens is not None:
         batch_size = max(1, min(batch_size, LONG_BATCH_TOKENS // task.max_tokens))
-    vectors: Vectors = {}
+    vectors: dict[str | None, Vectors] = {}
     with room_for(model, task.max_tokens):
         for role, texts in task.inputs.items():
-            unique = list(dict.fromkeys(texts))
-            encoded = getattr(model, ENCODERS[role])(
-                unique, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False
-            )
-            vectors[role] = dict(zip(unique, encoded))
+            for name, table in encode_texts(model, texts, role, batch_size, poolings).items():
+                vectors.setdefault(name, {})[role] = table
     return vectors
 
 
@@ -330,13 +396,15 @@ def evaluate_model(
     postprocessing: Sequence[PostSpec] = (PostSpec(),),
     calibration: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
     batch_size: int = 32,
+    poolings: Sequence[PoolSpec] | None = None,
 ) -> dict[str, dict[str, float]]:
     """``{post-processing name: {metric: value}}`` for every task, each text embedded once.
 
     A post-processing is fitted on its calibration texts embedded with ``model.encode`` (the default prompt,
     as ``add_postprocessing`` does) and applied to every vector, queries and documents alike. ``calibration``
     is one list of texts, or ``{set name: texts}`` for :attr:`PostSpec.calibration` names; a text shared by
-    several sets is embedded once.
+    several sets is embedded once. With ``poolings`` (:func:`encode_texts`) the keys are
+    ``"<pooling>/<post-processing>"``, all from one forward pass per text.
     """
     sets = dict(calibration) if isinstance(calibration, Mapping) else {None: calibration}
     for post in postprocessing:
@@ -344,23 +412,23 @@ def evaluate_model(
             which = "" if post.calibration is None else f" set {post.calibration!r}"
             raise ValueError(f"post-processing {post.name!r} needs calibration texts{which}; pass "
                              "calibration=calibration_texts(...) (or {name: texts} for named sets)")
-    vectors = {task.name: embed_task(model, task, batch_size) for task in tasks}
+    vectors = {task.name: embed_task(model, task, batch_size, poolings) for task in tasks}
     needed = list(dict.fromkeys(t for post in postprocessing if post.mode for t in sets[post.calibration]))
-    embedded = dict(zip(needed, model.encode(needed, batch_size=batch_size, convert_to_numpy=True,
-                                             show_progress_bar=False))) if needed else {}
+    embedded = encode_texts(model, needed, "text", batch_size, poolings) if needed else {}
     results: dict[str, dict[str, float]] = {}
-    for post in postprocessing:
-        transform = None
-        if post.mode is not None:
-            reference = np.stack([embedded[t] for t in sets[post.calibration]])
-            transform = fit_postprocessing(reference, post.mode, post.components).transform
-        row: dict[str, float] = {}
-        for task in tasks:
-            table = vectors[task.name]
-            if transform is not None:
-                table = {role: dict(zip(t, transform(np.stack(list(t.values()))))) for role, t in table.items()}
-            row.update(task.score(model, table))
-        results[post.name] = row
+    for pooling in [None] if poolings is None else [p.name for p in poolings]:
+        for post in postprocessing:
+            transform = None
+            if post.mode is not None:
+                reference = np.stack([embedded[pooling][t] for t in sets[post.calibration]])
+                transform = fit_postprocessing(reference, post.mode, post.components).transform
+            row: dict[str, float] = {}
+            for task in tasks:
+                table = vectors[task.name][pooling]
+                if transform is not None:
+                    table = {role: dict(zip(t, transform(np.stack(list(t.values()))))) for role, t in table.items()}
+                row.update(task.score(model, table))
+            results[post.name if pooling is None else f"{pooling}/{post.name}"] = row
     return results
 
 

@@ -40,6 +40,7 @@ from kvemb_st.config import NAMED_TEMPLATES
 from kvemb_st.doc_tasks import PASSKEY_LENGTHS, build_passkey_task, load_lee, load_newsgroups, passkey_fillers
 from kvemb_st.evaluation import (
     EvalTask,
+    PoolSpec,
     PostSpec,
     build_document_task,
     calibration_texts,
@@ -119,8 +120,9 @@ def evaluate_spec(
     calibration: Sequence[str] | Mapping[str | None, Sequence[str]] | None = None,
     batch_size: int = 32,
     max_seq_length: int | None = None,
+    poolings: Sequence[PoolSpec] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per post-processing; ``tasks`` may be a function of the model's tokenizer (built on first use)."""
+    """One row per (pooling and) post-processing; ``tasks`` may be a function of the model's tokenizer."""
     method, kwargs = parse_spec(spec)
     model = kvemb_st.from_base(base, **kwargs)
     if max_seq_length:
@@ -128,14 +130,16 @@ def evaluate_spec(
     if callable(tasks):
         tasks = tasks(model[0].tokenizer)
     start = time.perf_counter()
-    results = evaluate_model(model, tasks, postprocessing, calibration, batch_size)
+    results = evaluate_model(model, tasks, postprocessing, calibration, batch_size, poolings)
     seconds = round(time.perf_counter() - start, 1)
     rows = []
-    for post, metrics in results.items():
-        for key, value in metrics.items():
+    for key, metrics in results.items():
+        for name, value in metrics.items():
             if not math.isfinite(value):
-                raise RuntimeError(f"{spec} ({post}): {key} is {value}; the embeddings are degenerate")
-        rows.append({"name": spec, "method": method, "postprocessing": post, **metrics, "seconds": seconds,
+                raise RuntimeError(f"{spec} ({key}): {name} is {value}; the embeddings are degenerate")
+        pooling, _, post = key.rpartition("/") if poolings else ("", "", key)
+        rows.append({"name": spec, "method": method, **({"pooling": pooling} if poolings else {}),
+                     "postprocessing": post, **metrics, "seconds": seconds,
                      "config": model[0].get_config_dict(), "prompts": dict(model.prompts)})
     return rows
 
@@ -167,6 +171,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         "whiten[:DIM], each optionally @SET (whiten@general) to fit it on another calibration set")
     parser.add_argument("--calibration", default=None, help="calibration set of post-processings without @SET: "
                         "general, sts-b-train, a file, or several joined by '+' (default: the package default)")
+    parser.add_argument("--poolings", default=None, help="comma-separated poolings scored from one forward pass "
+                        "(last, mean, mean+last[:W]) instead of each method's own; not for echo")
     parser.add_argument("--max-seq-length", type=int, default=None, help="of every method (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -176,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     specs = [(spec, parse_spec(spec)) for spec in args.methods]  # fail on bad input before any work
     names = _names(args.tasks, TASKS, "--tasks") + (["paragraphs"] if args.docs else [])
     postprocessing = [PostSpec.parse(p.strip()) for p in args.postprocess.split(",") if p.strip()] or [PostSpec()]
+    poolings = [PoolSpec.parse(p.strip()) for p in args.poolings.split(",") if p.strip()] if args.poolings else None
     calibration: dict[str | None, list[str]] = {
         post.calibration if post.calibration else None: calibration_texts(post.calibration or args.calibration)
         for post in postprocessing if post.mode
@@ -192,10 +199,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     rows = []
     for spec, _ in specs:
-        rows += evaluate_spec(spec, base, tasks_for, postprocessing, calibration, args.batch_size, args.max_seq_length)
-        for row in rows[-len(postprocessing):]:
+        new = evaluate_spec(spec, base, tasks_for, postprocessing, calibration, args.batch_size, args.max_seq_length,
+                            poolings)
+        for row in new:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float) and k != "seconds")
-            print(f"{spec} [{row['postprocessing']}]: {shown}", flush=True)
+            print(f"{spec} [{row.get('pooling', '')}{'/' if poolings else ''}{row['postprocessing']}]: {shown}", flush=True)
+        rows += new
     command = "python scripts/eval_sts.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     result = {
         "command": command,
@@ -216,7 +225,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     name = args.name or (f"sts_{args.split}" if names == ["sts"] else "docs")
     write_json(args.out / f"{name}.json", result)
     metrics = list(dict.fromkeys(k for row in rows for k, v in row.items() if isinstance(v, float) and k != "seconds"))
-    columns = ["name", *(["postprocessing"] if len(postprocessing) > 1 or postprocessing[0].mode else []), *metrics]
+    columns = ["name", *(["pooling"] if poolings else []),
+               *(["postprocessing"] if len(postprocessing) > 1 or postprocessing[0].mode else []), *metrics]
     (args.out / f"{name}.md").write_text(f"{describe(args, names)}\n\n{markdown_table(rows, columns)}\n`{command}`\n")
     return result
 

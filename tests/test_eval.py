@@ -17,6 +17,7 @@ from kvemb_st.assets import load_sts_b
 from kvemb_st.doc_tasks import DocumentTask, load_lee
 from kvemb_st.evaluation import (
     DOC_METRICS,
+    PoolSpec,
     PostSpec,
     calibration_texts,
     build_document_task,
@@ -149,7 +150,7 @@ def test_long_inputs_get_room_and_the_limit_comes_back(tiny_llama):
     model = kvemb_st.from_base(tiny_llama, method="mean")
     text = " ".join(["word"] * 700)
     documents = DocumentTask({"q0": "word"}, {"d0": text, "d1": "other"}, {"q0": {"d0"}})
-    embedded = embed_task(model, retrieval_task(documents, "long", ("accuracy@1",), max_tokens=700))["document"][text]
+    embedded = embed_task(model, retrieval_task(documents, "long", ("accuracy@1",), max_tokens=700))[None]["document"][text]
     assert model[0].max_seq_length == 512
     truncated = model.encode_document([text])[0]
     model[0].max_seq_length = 1000
@@ -200,3 +201,39 @@ def test_unknown_method_fails_before_any_work(eval_sts, tmp_path):
     with pytest.raises(ValueError, match="unknown method"):
         eval_sts.main(["--base", "/nonexistent", "--out", str(tmp_path), "nosuchmethod"])
     assert not list(tmp_path.iterdir())
+
+
+def test_poolings_from_one_forward_pass_equal_models_built_with_each_pooling(tiny_llama):
+    """``poolings`` scores several poolings from the same hidden states, with and without post-processing."""
+    lee = load_lee()
+    task = similarity_task(lee)
+    calibration = [pair[0] for pair in sts_pairs("train", limit=40)]
+    model = kvemb_st.from_base(tiny_llama, method="kv", layers="1-2")
+    poolings = [PoolSpec.parse("mean+last:0.25"), PoolSpec.parse("last"), PoolSpec.parse("mean")]
+    got = evaluate_model(model, [task], [PostSpec(), PostSpec("whiten", 8)], calibration, poolings=poolings)
+    assert list(got) == [f"{p}/{q}" for p in ("mean+last:0.25", "last", "mean") for q in ("none", "whiten:8")]
+    for pooling, extra in (("mean+last:0.25", dict(pooling="mean+last", last_weight=0.25)), ("last", dict(pooling="last")),
+                           ("mean", dict(pooling="mean"))):
+        alone = kvemb_st.from_base(tiny_llama, method="kv", layers="1-2", **extra)
+        assert got[f"{pooling}/none"] == pytest.approx(evaluate_model(alone, [task])["none"], abs=1e-5)
+        whitened = add_postprocessing(alone, calibration, "whiten", 8)
+        expected = task.score(alone, {"text": dict(zip(lee.texts, whitened.encode(list(lee.texts))))})
+        assert got[f"{pooling}/whiten:8"] == pytest.approx(expected, abs=1e-5)
+    assert got["last/none"] != got["mean/none"]
+    with pytest.raises(ValueError, match="single-copy"):
+        evaluate_model(kvemb_st.from_base(tiny_llama, method="echo"), [task], poolings=poolings)
+
+
+@pytest.mark.parametrize(("text", "message"), [("max", "unknown pooling"), ("last:0.5", "only mean\\+last"),
+                                               ("mean+last:2", "in \\[0, 1\\]"), ("mean+last:x", "in \\[0, 1\\]")])
+def test_bad_pooling_is_a_clear_error(text, message):
+    with pytest.raises(ValueError, match=message):
+        PoolSpec.parse(text)
+    assert PoolSpec.parse("mean+last").name == "mean+last:0.75" and PoolSpec.parse("mean+last:0.5").last_weight == 0.5
+
+
+def test_eval_script_scores_poolings(eval_sts, tiny_llama, tmp_path):
+    result = eval_sts.main(["--base", tiny_llama, "--limit", "8", "--poolings", "last,mean", "--out", str(tmp_path),
+                            "--name", "p", "kv:layers=1-2"])
+    assert [(r["pooling"], r["postprocessing"]) for r in result["results"]] == [("last", "none"), ("mean", "none")]
+    assert "| name | pooling |" in (tmp_path / "p.md").read_text()
