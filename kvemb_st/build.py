@@ -5,8 +5,11 @@ The folder is what ``SentenceTransformer.save`` writes for the model returned by
 ``kvemb_config.json`` -- configuration only, never weights), with the chosen layers and the
 ``layer_selection`` record in the config, plus ``id_curve.png`` and a ``README.md`` model card.
 The base model is loaded once: the ID curve is computed on the same backbone the model wraps.
-With ``postprocess``, the calibration texts are also embedded by the finished model and a
+With ``postprocess``, post-processing calibration texts are embedded by the finished model and a
 :class:`~kvemb_st.postprocessing.PostProcessing` module (its own folder: config + statistics) is appended.
+Layer selection and post-processing may use different sets: the ID curve is measured on the default
+STS-B sentences, and the whitening statistics by default on those plus general news paragraphs, which
+served sentences and documents best on dev data of both backbones (README, "Defaults").
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from sentence_transformers import SentenceTransformer
 from transformers.utils import logging
 
 from kvemb_st.api import from_base
-from kvemb_st.calibration import DEFAULT_CALIBRATION_FILE, load_calibration
+from kvemb_st.calibration import DEFAULT_CALIBRATION_FILE, JOIN, NAMED_CALIBRATION_SETS, load_calibration
 from kvemb_st.config import is_hub_id
 from kvemb_st.layer_selection import AUTO, LayerSelection, SelectionParams, select_layers
 from kvemb_st.model_card import render_model_card
@@ -45,6 +48,7 @@ CARD_FILE = "README.md"
 # placeholder before the model encodes or is saved (the ID curve itself is measured without re-routing).
 PLACEHOLDER_LAYERS = [0]
 NO_POSTPROCESSING = "none"
+DEFAULT_POSTPROCESS_CALIBRATION = f"sts-b-train{JOIN}general"  # when no --calibration is given
 _NOT_RECORDED = ("token", "eval_results", "command", "progress")  # secrets and noise stay out of the card
 
 
@@ -65,6 +69,7 @@ def build(
     calibration: str | os.PathLike[str] | Sequence[str] | None = None,
     calibration_limit: int | None = None,
     postprocess: str = NO_POSTPROCESSING,
+    postprocess_calibration: str | os.PathLike[str] | Sequence[str] | None = None,
     components: int | None = None,
     eigenvalue_floor: float = DEFAULT_EIGENVALUE_FLOOR,
     selection: SelectionParams | None = None,
@@ -91,9 +96,12 @@ def build(
 
     Args:
         layers: ``"auto"`` (by intrinsic dimension) or an explicit spec such as ``"20-29"``.
-        calibration, calibration_limit: Calibration texts (default set, file or list) and how many to use.
+        calibration, calibration_limit: Calibration texts (default set, named set, file or list); the limit
+            keeps the first texts of each set used (layer selection and post-processing).
         postprocess, components, eigenvalue_floor: ``"none"`` or a mode of
-            :func:`~kvemb_st.postprocessing.fit_postprocessing`, fitted on the calibration texts.
+            :func:`~kvemb_st.postprocessing.fit_postprocessing`.
+        postprocess_calibration: The texts it is fitted on; ``None`` = ``calibration`` when given, else
+            :data:`DEFAULT_POSTPROCESS_CALIBRATION`.
         selection: Where the automatic window goes; see :class:`~kvemb_st.layer_selection.SelectionParams`.
         cache_dir, use_cache: ID-curve cache (default ``<kvemb cache>/id_curves``).
         base_model_id: Hub id of the base model for the card's metadata when ``base_model`` is a path.
@@ -116,9 +124,13 @@ def build(
         )
     if postprocess != NO_POSTPROCESSING:
         check_postprocessing_args(postprocess, components, eigenvalue_floor)
-    elif components is not None:
-        raise ValueError("components applies to a post-processing mode: pass postprocess (--postprocess) too")
+    elif components is not None or postprocess_calibration is not None:
+        which = "components" if components is not None else "postprocess_calibration"
+        raise ValueError(f"{which} applies to a post-processing mode: pass postprocess (--postprocess) too")
     texts = load_calibration(calibration, calibration_limit)
+    if postprocess_calibration is None:
+        postprocess_calibration = DEFAULT_POSTPROCESS_CALIBRATION if calibration is None else calibration
+    post_texts = load_calibration(postprocess_calibration, calibration_limit) if postprocess != NO_POSTPROCESSING else []
     model = from_base(
         base_model, PLACEHOLDER_LAYERS, base_revision=base_revision, query_template=query_template,
         document_template=document_template, device=device, token=token,
@@ -137,8 +149,8 @@ def build(
     module.config.check_layers_fit(num_layers)
     if postprocess != NO_POSTPROCESSING:
         add_postprocessing(
-            model, texts, postprocess, components, batch_size,
-            calibration_name=_calibration_name(calibration), eigenvalue_floor=eigenvalue_floor,
+            model, post_texts, postprocess, components, batch_size,
+            calibration_name=_calibration_name(postprocess_calibration), eigenvalue_floor=eigenvalue_floor,
         )  # fmt: skip
 
     output.mkdir(parents=True, exist_ok=True)
@@ -170,9 +182,13 @@ def build(
 
 
 def _calibration_name(calibration: str | os.PathLike[str] | Sequence[str] | None) -> str | None:
-    """How the card names the calibration set: the shipped file, a user file's name, or ``None`` for a list."""
+    """How the card names the calibration set: shipped files, a user file's name, or ``None`` for a list."""
     if calibration is None:
         return f"{DEFAULT_CALIBRATION_FILE.name} shipped with kvemb-st {__version__}"
+    names = str(calibration).split(JOIN) if isinstance(calibration, str) else []
+    if names and all(name in NAMED_CALIBRATION_SETS for name in names):
+        files = " + ".join(NAMED_CALIBRATION_SETS[name].name for name in names)
+        return f"{calibration} ({files} shipped with kvemb-st {__version__})"
     if isinstance(calibration, (str, os.PathLike)):
         return f"the file {Path(calibration).name}"
     return None

@@ -17,6 +17,7 @@ DEFAULT_CALIBRATION_FILE = Path(__file__).parent / "data" / "calibration.txt"
 GENERAL_CALIBRATION_FILE = Path(__file__).parent / "data" / "calibration_general.txt"
 # Shipped sets by name (``kvemb build --calibration general``); a name wins over a same-named relative path.
 NAMED_CALIBRATION_SETS = {"sts-b-train": DEFAULT_CALIBRATION_FILE, "general": GENERAL_CALIBRATION_FILE}
+JOIN = "+"  # "sts-b-train+general": shipped sets joined in order, repeated texts dropped
 MIN_CALIBRATION_TEXTS = 16  # TwoNN needs many more points than this to be reliable; below it, it is noise
 
 
@@ -33,12 +34,21 @@ def load_calibration(
     source: str | os.PathLike[str] | Sequence[str] | None = None, limit: int | None = None
 ) -> list[str]:
     """Return the calibration texts: the default set (``None``), a shipped set by name
-    (:data:`NAMED_CALIBRATION_SETS`), a file path, or a list of strings.
+    (:data:`NAMED_CALIBRATION_SETS`, or several joined by ``+``), a file path, or a list of strings.
 
     ``limit`` keeps the first ``limit`` texts (the default file is shuffled, so a prefix is still varied).
     """
     if source is None:
         texts = read_calibration_file(DEFAULT_CALIBRATION_FILE)
+    elif isinstance(source, str) and JOIN in source and source not in NAMED_CALIBRATION_SETS:
+        parts = [part.strip() for part in source.split(JOIN)]
+        unknown = [part for part in parts if part not in NAMED_CALIBRATION_SETS]
+        if unknown:
+            raise ValueError(
+                f"calibration {source!r}: {unknown} are not shipped sets; only {sorted(NAMED_CALIBRATION_SETS)} can be "
+                f"joined with '{JOIN}' (pass one file of your own instead)"
+            )
+        texts = list(dict.fromkeys(t for part in parts for t in read_calibration_file(NAMED_CALIBRATION_SETS[part])))
     elif isinstance(source, (str, os.PathLike)):
         texts = read_calibration_file(NAMED_CALIBRATION_SETS.get(str(source), source))
     else:

@@ -112,6 +112,12 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> None:
         "whiten with the calibration covariance (whiten) (default: %(default)s)",
     )
     post.add_argument(
+        "--postprocess-calibration",
+        metavar="SET",
+        help="texts the post-processing is fitted on: general, sts-b-train, both joined (sts-b-train+general) or "
+        "a file (default: --calibration when given, else sts-b-train+general)",
+    )
+    post.add_argument(
         "--components",
         type=int,
         help="remove_pcs: directions removed (required); whiten: output dimension (default: the full dimension)",
@@ -155,6 +161,7 @@ def run_build(args: argparse.Namespace, argv: Sequence[str]) -> int:
         calibration=args.calibration,
         calibration_limit=args.calibration_limit,
         postprocess=args.postprocess,
+        postprocess_calibration=args.postprocess_calibration,
         components=args.components,
         eigenvalue_floor=args.eigenvalue_floor,
         selection=SelectionParams(

@@ -207,10 +207,8 @@ Vectors = dict[str, dict[str, np.ndarray]]  # role -> text -> unit vector
 
 
 def calibration_texts(source: str | None = None) -> list[str]:
-    """The package's default calibration set (``None``), a named set (:data:`CALIBRATION_SETS`) or a file;
-    ``a+b`` joins sets (e.g. ``sts-b-train+general``), dropping repeated texts."""
-    if source and "+" in source:
-        return list(dict.fromkeys(t for part in source.split("+") for t in load_calibration(part.strip() or None)))
+    """The package's default calibration set (``None``), a named set (:data:`CALIBRATION_SETS`, or several
+    joined by ``+``: ``sts-b-train+general``) or a file."""
     return load_calibration(source or None)
 
 

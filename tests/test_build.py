@@ -15,6 +15,7 @@ from sentence_transformers import SentenceTransformer
 import kvemb_st
 from kvemb_st.assets import smollm2_folder
 from kvemb_st.build import build
+from kvemb_st.calibration import calibration_hash, load_calibration
 from kvemb_st.cli import main
 from kvemb_st.layer_selection import SelectionParams, format_layer_spec, mean_position
 
@@ -170,6 +171,24 @@ def test_build_with_postprocessing_saves_its_statistics_and_describes_them(built
         assert loaded.encode(SENTENCES).shape == (3, 12)
 
 
+def test_postprocessing_calibration_defaults_to_both_shipped_sets(built, tmp_path):
+    """Layer selection keeps the STS-B sentences; the statistics come from those plus general paragraphs."""
+    _, _, _, tiny_llama = built
+    result = build(tiny_llama, tmp_path / "m", layers="1-2", postprocess="center", cache_dir=tmp_path, progress=False)
+    record = result.model[1].calibration
+    joined = load_calibration("sts-b-train+general")
+    assert record["count"] == len(joined) == len(set(joined)) and record["hash"] == calibration_hash(joined)
+    assert "calibration.txt + calibration_general.txt" in record["name"]
+    assert result.selection.calibration_hash == calibration_hash(load_calibration())
+    mine = [f"my domain text number {i}" for i in range(20)]  # a user's own set is used for both
+    own = build(tiny_llama, tmp_path / "o", layers="1-2", postprocess="center", calibration=mine, cache_dir=tmp_path,
+                progress=False)
+    assert own.model[1].calibration["hash"] == calibration_hash(mine) == own.selection.calibration_hash
+    general = build(tiny_llama, tmp_path / "g", layers="1-2", postprocess="center", postprocess_calibration="general",
+                    calibration_limit=32, cache_dir=tmp_path, progress=False)
+    assert general.model[1].calibration["hash"] == calibration_hash(load_calibration("general", 32))
+
+
 def test_card_without_postprocessing_says_so(built):
     _, folder, _, _ = built
     _, body = read_card(folder)
@@ -181,6 +200,8 @@ def test_card_without_postprocessing_says_so(built):
     [
         (["--postprocess", "remove_pcs"], "needs components"),
         (["--components", "4"], "pass postprocess (--postprocess) too"),
+        (["--postprocess-calibration", "general"], "pass postprocess (--postprocess) too"),
+        (["--postprocess", "center", "--postprocess-calibration", "general+news"], "not shipped sets"),
         (["--postprocess", "whiten", "--components", "65"], "components must be at most 64"),
         (["--postprocess", "whiten", "--eigenvalue-floor", "2"], "eigenvalue_floor"),
         (["--layers", "2-5"], "out of range for a base model with 4 layers"),

@@ -271,3 +271,11 @@ def test_flat_curve_of_a_tiny_model_is_recorded(tiny, tiny_llama, tmp_path, monk
     assert selection.flat_curve and selection.near_minimum == [0, 1, 2, 3]  # one SE of 16 texts: 7 / 4
     assert selection.layers == [2] and selection.window == [2, 2] and selection.anchor_layer == 2  # mean 1.5
     assert not list(tmp_path.iterdir())  # use_cache=False writes nothing
+
+
+def test_shipped_sets_join_by_name():
+    joined = load_calibration("sts-b-train+general")
+    assert joined == list(dict.fromkeys(load_calibration("sts-b-train") + load_calibration("general")))
+    assert load_calibration("sts-b-train+general", limit=20) == joined[:20]
+    with pytest.raises(ValueError, match=r"\['news'\] are not shipped sets"):
+        load_calibration("general+news")
