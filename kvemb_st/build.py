@@ -5,11 +5,10 @@ The folder is what ``SentenceTransformer.save`` writes for the model returned by
 ``kvemb_config.json`` -- configuration only, never weights), with the chosen layers and the
 ``layer_selection`` record in the config, plus ``id_curve.png`` and a ``README.md`` model card.
 The base model is loaded once: the ID curve is computed on the same backbone the model wraps.
-With ``postprocess``, post-processing calibration texts are embedded by the finished model and a
-:class:`~kvemb_st.postprocessing.PostProcessing` module (its own folder: config + statistics) is appended.
-Layer selection and post-processing may use different sets: the ID curve is measured on the default
-STS-B sentences, and the whitening statistics by default on those plus general news paragraphs, which
-served sentences and documents best on dev data of both backbones (README, "Defaults").
+By default the calibration texts are then embedded by the finished model and a whitening
+:class:`~kvemb_st.postprocessing.PostProcessing` module (its own folder: config + statistics) is appended:
+that is the default chosen on dev data of both real backbones, sentences and documents together
+(README, "Defaults"; ``scripts/choose_defaults.py``). ``postprocess="none"`` leaves it out.
 """
 
 from __future__ import annotations
@@ -48,7 +47,7 @@ CARD_FILE = "README.md"
 # placeholder before the model encodes or is saved (the ID curve itself is measured without re-routing).
 PLACEHOLDER_LAYERS = [0]
 NO_POSTPROCESSING = "none"
-DEFAULT_POSTPROCESS_CALIBRATION = f"sts-b-train{JOIN}general"  # when no --calibration is given
+DEFAULT_POSTPROCESS = "whiten"  # full dimension, fitted on the calibration texts; see scripts/choose_defaults.py
 _NOT_RECORDED = ("token", "eval_results", "command", "progress")  # secrets and noise stay out of the card
 
 
@@ -68,7 +67,7 @@ def build(
     base_revision: str | None = None,
     calibration: str | os.PathLike[str] | Sequence[str] | None = None,
     calibration_limit: int | None = None,
-    postprocess: str = NO_POSTPROCESSING,
+    postprocess: str = DEFAULT_POSTPROCESS,
     postprocess_calibration: str | os.PathLike[str] | Sequence[str] | None = None,
     components: int | None = None,
     eigenvalue_floor: float = DEFAULT_EIGENVALUE_FLOOR,
@@ -100,8 +99,8 @@ def build(
             keeps the first texts of each set used (layer selection and post-processing).
         postprocess, components, eigenvalue_floor: ``"none"`` or a mode of
             :func:`~kvemb_st.postprocessing.fit_postprocessing`.
-        postprocess_calibration: The texts it is fitted on; ``None`` = ``calibration`` when given, else
-            :data:`DEFAULT_POSTPROCESS_CALIBRATION`.
+        postprocess_calibration: The texts it is fitted on (``None``: the calibration texts), e.g.
+            ``"sts-b-train+general"`` to add general news paragraphs.
         selection: Where the automatic window goes; see :class:`~kvemb_st.layer_selection.SelectionParams`.
         cache_dir, use_cache: ID-curve cache (default ``<kvemb cache>/id_curves``).
         base_model_id: Hub id of the base model for the card's metadata when ``base_model`` is a path.
@@ -129,7 +128,7 @@ def build(
         raise ValueError(f"{which} applies to a post-processing mode: pass postprocess (--postprocess) too")
     texts = load_calibration(calibration, calibration_limit)
     if postprocess_calibration is None:
-        postprocess_calibration = DEFAULT_POSTPROCESS_CALIBRATION if calibration is None else calibration
+        postprocess_calibration = calibration
     post_texts = load_calibration(postprocess_calibration, calibration_limit) if postprocess != NO_POSTPROCESSING else []
     model = from_base(
         base_model, PLACEHOLDER_LAYERS, base_revision=base_revision, query_template=query_template,

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kvemb_st.build import NO_POSTPROCESSING, build
+from kvemb_st.build import DEFAULT_POSTPROCESS, NO_POSTPROCESSING, build
 from kvemb_st.config import POOLING_MODES, ROPE_MODES, KVEmbeddingConfig
 from kvemb_st.intrinsic_dim import ESTIMATORS
 from kvemb_st.layer_selection import (
@@ -107,15 +107,15 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> None:
     post.add_argument(
         "--postprocess",
         choices=(NO_POSTPROCESSING, *POSTPROCESSING_MODES),
-        default=NO_POSTPROCESSING,
+        default=DEFAULT_POSTPROCESS,
         help="subtract the calibration mean (center), also remove top principal directions (remove_pcs), or "
         "whiten with the calibration covariance (whiten) (default: %(default)s)",
     )
     post.add_argument(
         "--postprocess-calibration",
         metavar="SET",
-        help="texts the post-processing is fitted on: general, sts-b-train, both joined (sts-b-train+general) or "
-        "a file (default: --calibration when given, else sts-b-train+general)",
+        help="texts the post-processing is fitted on: sts-b-train, general, both joined (sts-b-train+general) or "
+        "a file (default: the calibration texts)",
     )
     post.add_argument(
         "--components",

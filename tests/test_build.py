@@ -63,7 +63,7 @@ def built(tiny_llama, tmp_path_factory):
 def test_cli_build_writes_a_weight_free_folder(built, capsys):
     status, folder, _, _ = built
     assert status == 0
-    assert {p.name for p in folder.iterdir()} == EXPECTED_FILES
+    assert {p.name for p in folder.iterdir()} == EXPECTED_FILES | {"1_PostProcessing"}  # default: whitening
     assert (folder / "id_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = json.loads((folder / "kvemb_config.json").read_text())
     selection = config["layer_selection"]
@@ -78,6 +78,9 @@ def test_cli_build_writes_a_weight_free_folder(built, capsys):
     if len(near) > 1:
         expected += f"; layers {format_layer_spec(near)} are within 1 standard error(s) of it"
     assert expected in card, card
+    post = json.loads((folder / "1_PostProcessing" / "config.json").read_text())
+    assert (post["mode"], post["components"]) == ("whiten", None)  # the default: whitened on the same 32 texts
+    assert post["calibration"]["hash"] == selection["calibration_hash"] and post["calibration"]["count"] == 32
     assert (config["prefix_bias"], config["prefix_rope"], config["pooling"]) == (3.5, "keep", "mean+last")
     assert (config["last_weight"], config["max_seq_length"]) == (0.25, 64)
 
@@ -127,7 +130,7 @@ def test_push_uploads_the_folder_and_no_weights(built):
     assert repo["token"] == "hf_SECRET"
     upload = calls[1][1]
     assert upload["repo_id"] == "someone/kvemb-tiny" and upload["repo_type"] == "model"
-    assert set(upload["files"]) == EXPECTED_FILES
+    assert set(upload["files"]) == EXPECTED_FILES | {"1_PostProcessing"}
     assert not [f for f in upload["files"] if f.endswith(WEIGHT_SUFFIXES)]
 
 
@@ -171,27 +174,29 @@ def test_build_with_postprocessing_saves_its_statistics_and_describes_them(built
         assert loaded.encode(SENTENCES).shape == (3, 12)
 
 
-def test_postprocessing_calibration_defaults_to_both_shipped_sets(built, tmp_path):
-    """Layer selection keeps the STS-B sentences; the statistics come from those plus general paragraphs."""
+def test_postprocessing_is_fitted_on_the_calibration_texts_or_its_own_set(built, tmp_path):
     _, _, _, tiny_llama = built
-    result = build(tiny_llama, tmp_path / "m", layers="1-2", postprocess="center", cache_dir=tmp_path, progress=False)
-    record = result.model[1].calibration
-    joined = load_calibration("sts-b-train+general")
-    assert record["count"] == len(joined) == len(set(joined)) and record["hash"] == calibration_hash(joined)
-    assert "calibration.txt + calibration_general.txt" in record["name"]
-    assert result.selection.calibration_hash == calibration_hash(load_calibration())
-    mine = [f"my domain text number {i}" for i in range(20)]  # a user's own set is used for both
-    own = build(tiny_llama, tmp_path / "o", layers="1-2", postprocess="center", calibration=mine, cache_dir=tmp_path,
-                progress=False)
+    mine = [f"my domain text number {i}" for i in range(20)]
+    own = build(tiny_llama, tmp_path / "o", layers="1-2", calibration=mine, cache_dir=tmp_path, progress=False)
     assert own.model[1].calibration["hash"] == calibration_hash(mine) == own.selection.calibration_hash
-    general = build(tiny_llama, tmp_path / "g", layers="1-2", postprocess="center", postprocess_calibration="general",
-                    calibration_limit=32, cache_dir=tmp_path, progress=False)
+    joined = build(tiny_llama, tmp_path / "j", layers="1-2", postprocess="center", cache_dir=tmp_path,
+                   postprocess_calibration="sts-b-train+general", progress=False)  # fmt: skip
+    record, texts = joined.model[1].calibration, load_calibration("sts-b-train+general")
+    assert record["count"] == len(texts) == len(set(texts)) and record["hash"] == calibration_hash(texts)
+    assert "calibration.txt + calibration_general.txt" in record["name"]
+    assert joined.selection.calibration_hash == calibration_hash(load_calibration())  # layers: the default set
+    general = build(tiny_llama, tmp_path / "g", layers="1-2", postprocess_calibration="general",
+                    calibration_limit=32, cache_dir=tmp_path, progress=False)  # fmt: skip
     assert general.model[1].calibration["hash"] == calibration_hash(load_calibration("general", 32))
 
 
-def test_card_without_postprocessing_says_so(built):
-    _, folder, _, _ = built
-    _, body = read_card(folder)
+def test_card_without_postprocessing_says_so(built, tmp_path):
+    _, _, _, tiny_llama = built
+    argv = ["build", tiny_llama, "-o", str(tmp_path / "m"), "--layers", "1-2", "--calibration-limit", "16",
+            "--postprocess", "none", "--cache-dir", str(tmp_path / "c"), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    assert {p.name for p in (tmp_path / "m").iterdir()} == EXPECTED_FILES
+    _, body = read_card(tmp_path / "m")
     assert "| Post-processing | none |" in body and "configuration only -- no weights" in body
 
 
@@ -199,8 +204,8 @@ def test_card_without_postprocessing_says_so(built):
     "extra, message",
     [
         (["--postprocess", "remove_pcs"], "needs components"),
-        (["--components", "4"], "pass postprocess (--postprocess) too"),
-        (["--postprocess-calibration", "general"], "pass postprocess (--postprocess) too"),
+        (["--postprocess", "none", "--components", "4"], "pass postprocess (--postprocess) too"),
+        (["--postprocess", "none", "--postprocess-calibration", "general"], "pass postprocess (--postprocess) too"),
         (["--postprocess", "center", "--postprocess-calibration", "general+news"], "not shipped sets"),
         (["--postprocess", "whiten", "--components", "65"], "components must be at most 64"),
         (["--postprocess", "whiten", "--eigenvalue-floor", "2"], "eigenvalue_floor"),

@@ -51,7 +51,7 @@ def test_save_load_round_trip_gives_the_same_vectors(model, tmp_path):
 
 def test_build_picks_the_window_its_id_curve_promises(qwen25, tmp_path):
     result = build(
-        qwen25, tmp_path / "built", calibration_limit=64, cache_dir=tmp_path / "cache", progress=False,
+        qwen25, tmp_path / "built", calibration_limit=64, postprocess="none", cache_dir=tmp_path / "cache", progress=False,
         local_files_only=True,
     )  # fmt: skip
     chosen = result.selection
