@@ -241,6 +241,8 @@ def test_smollm2_build_offline_prints_its_layers(tmp_path, capsys, monkeypatch):
     print(out)
     line = next(line for line in out.splitlines() if line.startswith("selected layers: "))
     layers = kvemb_st.config.parse_layer_spec(line.split()[2])
-    assert len(layers) == SelectionParams().width(30) and 6 <= layers[0] and layers[-1] <= 29  # past the skipped 20%
-    curve = json.loads((tmp_path / "smollm2" / "kvemb_config.json").read_text())["layer_selection"]["id_curve"]
-    assert len(curve) == 30
+    assert len(layers) == SelectionParams().width(30) and layers[-1] <= 29
+    selection = json.loads((tmp_path / "smollm2" / "kvemb_config.json").read_text())["layer_selection"]
+    assert len(selection["id_curve"]) == 30
+    assert min(selection["near_minimum"]) >= 6 and selection["anchor_layer"] in layers  # minima past the skipped 20%
+    assert (tmp_path / "smollm2" / "1_PostProcessing" / "statistics.safetensors").is_file()  # the default whitening
