@@ -27,7 +27,7 @@ from sentence_transformers import SentenceTransformer
 from transformers.utils import logging
 
 from kvemb_st.api import from_base
-from kvemb_st.calibration import DEFAULT_CALIBRATION_FILE, JOIN, NAMED_CALIBRATION_SETS, load_calibration
+from kvemb_st.calibration import DEFAULT_CALIBRATION_FILE, load_calibration, shipped_files
 from kvemb_st.config import is_hub_id
 from kvemb_st.layer_selection import AUTO, LayerSelection, SelectionParams, select_layers
 from kvemb_st.model_card import render_model_card
@@ -128,8 +128,9 @@ def build(
         raise ValueError(f"{which} applies to a post-processing mode: pass postprocess (--postprocess) too")
     texts = load_calibration(calibration, calibration_limit)
     if postprocess_calibration is None:
-        postprocess_calibration = calibration
-    post_texts = load_calibration(postprocess_calibration, calibration_limit) if postprocess != NO_POSTPROCESSING else []
+        postprocess_calibration, post_texts = calibration, texts
+    else:  # only with a post-processing mode (checked above)
+        post_texts = load_calibration(postprocess_calibration, calibration_limit)
     model = from_base(
         base_model, PLACEHOLDER_LAYERS, base_revision=base_revision, query_template=query_template,
         document_template=document_template, device=device, token=token,
@@ -184,10 +185,9 @@ def _calibration_name(calibration: str | os.PathLike[str] | Sequence[str] | None
     """How the card names the calibration set: shipped files, a user file's name, or ``None`` for a list."""
     if calibration is None:
         return f"{DEFAULT_CALIBRATION_FILE.name} shipped with kvemb-st {__version__}"
-    names = str(calibration).split(JOIN) if isinstance(calibration, str) else []
-    if names and all(name in NAMED_CALIBRATION_SETS for name in names):
-        files = " + ".join(NAMED_CALIBRATION_SETS[name].name for name in names)
-        return f"{calibration} ({files} shipped with kvemb-st {__version__})"
+    files = shipped_files(calibration)
+    if files:
+        return f"{calibration} ({' + '.join(path.name for path in files)} shipped with kvemb-st {__version__})"
     if isinstance(calibration, (str, os.PathLike)):
         return f"the file {Path(calibration).name}"
     return None

@@ -30,6 +30,25 @@ def read_calibration_file(path: str | os.PathLike[str]) -> list[str]:
         return [line.strip() for line in f if line.strip()]
 
 
+def shipped_files(source: object) -> list[Path] | None:
+    """The shipped files a set name stands for (``general``; ``sts-b-train+general`` joins them), or ``None``
+    when ``source`` is not such a name (a path, a list, ``None``)."""
+    if not isinstance(source, str):
+        return None
+    if source in NAMED_CALIBRATION_SETS:
+        return [NAMED_CALIBRATION_SETS[source]]
+    if JOIN not in source:
+        return None
+    parts = [part.strip() for part in source.split(JOIN)]
+    unknown = [part for part in parts if part not in NAMED_CALIBRATION_SETS]
+    if unknown:
+        raise ValueError(
+            f"calibration {source!r}: {unknown} are not shipped sets; only {sorted(NAMED_CALIBRATION_SETS)} can be "
+            f"joined with '{JOIN}' (pass one file of your own instead)"
+        )
+    return [NAMED_CALIBRATION_SETS[part] for part in parts]
+
+
 def load_calibration(
     source: str | os.PathLike[str] | Sequence[str] | None = None, limit: int | None = None
 ) -> list[str]:
@@ -38,19 +57,13 @@ def load_calibration(
 
     ``limit`` keeps the first ``limit`` texts (the default file is shuffled, so a prefix is still varied).
     """
+    files = shipped_files(source)
     if source is None:
         texts = read_calibration_file(DEFAULT_CALIBRATION_FILE)
-    elif isinstance(source, str) and JOIN in source and source not in NAMED_CALIBRATION_SETS:
-        parts = [part.strip() for part in source.split(JOIN)]
-        unknown = [part for part in parts if part not in NAMED_CALIBRATION_SETS]
-        if unknown:
-            raise ValueError(
-                f"calibration {source!r}: {unknown} are not shipped sets; only {sorted(NAMED_CALIBRATION_SETS)} can be "
-                f"joined with '{JOIN}' (pass one file of your own instead)"
-            )
-        texts = list(dict.fromkeys(t for part in parts for t in read_calibration_file(NAMED_CALIBRATION_SETS[part])))
+    elif files:
+        texts = list(dict.fromkeys(t for path in files for t in read_calibration_file(path)))
     elif isinstance(source, (str, os.PathLike)):
-        texts = read_calibration_file(NAMED_CALIBRATION_SETS.get(str(source), source))
+        texts = read_calibration_file(source)
     else:
         texts = list(source)
         bad = next((i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()), None)

@@ -199,12 +199,16 @@ def select_window(
     ``num_points`` is the number of calibration texts behind the curve. A flat curve thus yields a window
     around the middle of the eligible layers, and the caller warns.
     """
-    width = params.width(len(id_curve))
     argmin, near = near_minimum(id_curve, params, num_points)
-    anchor = mean_position(near)
+    return place_window(mean_position(near), len(id_curve), params), argmin
+
+
+def place_window(anchor: int, num_layers: int, params: SelectionParams) -> list[int]:
+    """The window of ``params.width`` layers centred on (or starting at) ``anchor``, shifted to fit the model."""
+    width = params.width(num_layers)
     start = anchor if params.anchor == "start" else anchor - (width - 1) // 2
-    start = max(0, min(start, len(id_curve) - width))
-    return list(range(start, start + width)), argmin
+    start = max(0, min(start, num_layers - width))
+    return list(range(start, start + width))
 
 
 # ------------------------------------------------------------------------------------- the ID curve
@@ -324,8 +328,9 @@ def select_layers(
     common = dict(id_curve=curve, calibration_hash=calib_hash, num_calibration_texts=len(texts), estimator=estimator)
     if chosen is not None:
         return LayerSelection(layers=chosen, mode="explicit", **common)
-    window, argmin = select_window(curve, params, len(texts))
-    near = near_minimum(curve, params, len(texts))[1]
+    argmin, near = near_minimum(curve, params, len(texts))
+    anchor = mean_position(near)
+    window = place_window(anchor, num_layers, params)
     flat = is_flat(curve)
     if flat:
         logger.warning(
@@ -338,7 +343,7 @@ def select_layers(
         params=asdict(params),
         argmin=argmin,
         near_minimum=near,
-        anchor_layer=mean_position(near),
+        anchor_layer=anchor,
         window=[window[0], window[-1]],
         flat_curve=flat,
         **common,

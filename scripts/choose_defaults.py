@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from kvemb_st.calibration import JOIN
+
 METRICS = ("sts_spearman", "lee_pearson", "newsgroups_5nn")
 SIMPLICITY = {"none": 0, "center": 1, "remove_pcs": 2, "whiten": 3}
 
@@ -36,7 +38,7 @@ def complexity(post: str) -> tuple[int, int, int]:
     """Sort key of a post-processing name such as ``whiten:256@sts-b-train+general``: simpler first."""
     spec, _, calibration = post.partition("@")
     mode, _, components = spec.partition(":")
-    return SIMPLICITY[mode], 1 if components else 0, calibration.count("+")
+    return SIMPLICITY[mode], 1 if components else 0, calibration.count(JOIN)
 
 
 def score_rows(files: Sequence[Path]) -> tuple[dict[tuple[str, str, str], dict[str, dict[str, float]]], list[str]]:

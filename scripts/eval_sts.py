@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     postprocessing = [PostSpec.parse(p.strip()) for p in args.postprocess.split(",") if p.strip()] or [PostSpec()]
     poolings = [PoolSpec.parse(p.strip()) for p in args.poolings.split(",") if p.strip()] if args.poolings else None
     calibration: dict[str | None, list[str]] = {
-        post.calibration if post.calibration else None: calibration_texts(post.calibration or args.calibration)
+        post.calibration: calibration_texts(post.calibration or args.calibration)
         for post in postprocessing if post.mode
     }  # fmt: skip
     if args.threads:
