@@ -49,18 +49,21 @@ def from_base(
     """Wrap a frozen base LLM (Hub id, folder or ``.gguf``) as a KV-Embedding ``SentenceTransformer``.
 
     ``knobs`` are fields of :class:`~kvemb_st.config.KVEmbeddingConfig` (``prefix_bias``, ``prefix_rope``,
-    ``pooling``, ``template``, ...). ``query_template``/``document_template`` become the ST prompts
-    ``query``/``document`` used by ``encode_query``/``encode_document``.
+    ``pooling``, ``template``, ``sides``, ...). ``query_template``/``document_template`` are shorthands for
+    ``sides={"query": {"template": ...}, ...}``: the templates of ``encode_query``/``encode_document``.
     """
+    sides = {side: dict(settings) for side, settings in (knobs.pop("sides", None) or {}).items()}
+    for side, template in (("query", query_template), ("document", document_template)):
+        if template:
+            sides.setdefault(side, {})["template"] = template
     config = KVEmbeddingConfig(
-        base_model=base_model, base_revision=base_revision, layers=parse_layer_spec(layers), **knobs
+        base_model=base_model, base_revision=base_revision, layers=parse_layer_spec(layers), sides=sides, **knobs
     )
     module = KVEmbedding(
         config, token=token, cache_folder=cache_folder, local_files_only=local_files_only, model_kwargs=model_kwargs
     )
-    prompts = {name: t for name, t in (("query", query_template), ("document", document_template)) if t}
     return KVSentenceTransformer(
-        modules=[module], prompts=prompts, similarity_fn_name="cosine", device=_st_device(device, module, model_kwargs)
+        modules=[module], prompts=module.prompts, similarity_fn_name="cosine", device=_st_device(device, module, model_kwargs)
     )
 
 

@@ -12,11 +12,11 @@ import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
+from kvemb_st.pooling import POOLING_MODES, Readout, check_pooling
 from kvemb_st.version import __version__
 
 CONFIG_FILE_NAME = "kvemb_config.json"
 ROPE_MODES = ("keep", "start", "relative0")
-POOLING_MODES = ("mean", "last", "mean+last")
 PROMPTEOL_TEMPLATE = 'This sentence : "{text}" means in one word:"'
 COMPRESSION_TEMPLATE = "Context: {text}\nCompress the context in one word:"
 TEXT_PLACEHOLDER = "{text}"
@@ -36,6 +36,7 @@ class MethodDefaults:
 
     template: str
     pooling: str
+    pool_span: str = "all"
 
     @property
     def copies(self) -> int:
@@ -47,7 +48,7 @@ METHOD_DEFAULTS: dict[str, MethodDefaults] = {
     "mean": MethodDefaults(TEXT_PLACEHOLDER, "mean"),
     "last": MethodDefaults(TEXT_PLACEHOLDER, "last"),
     "prompteol": MethodDefaults(PROMPTEOL_TEMPLATE, "last"),
-    "echo": MethodDefaults(ECHO_TEMPLATE, "mean"),
+    "echo": MethodDefaults(ECHO_TEMPLATE, "mean", "text"),  # the mean over the text's second copy
     "token_prepending": MethodDefaults(TOKEN_PREPENDING_TEMPLATE, "last"),
 }
 
@@ -118,8 +119,15 @@ class KVEmbeddingConfig:
         pooling: ``mean`` over real tokens, ``last`` token, or ``mean+last`` (weighted sum of the two
             L2-normalised vectors, weight ``last_weight`` on the last token); ``None`` = the method's default.
         last_weight: Weight of the last-token vector in ``mean+last`` pooling, in [0, 1].
+        pool_layers: Decoder layers whose outputs are averaged and pooled; ``None`` = the final output.
+        pool_span: Tokens the mean runs over: ``all`` real tokens or the ``text``'s own (template left out);
+            ``None`` = the method's default (``text`` for echo, its second copy; ``all`` otherwise).
         template: Prompt with one ``{text}`` placeholder (two for ``echo``); the text is truncated, never the
             template. ``None`` = the method's default.
+        sides: Settings that differ for ``encode_query`` / ``encode_document`` (and ``encode`` with
+            ``prompt_name="query"``/``"document"``): ``{"document": {"pool_layers": [14], ...}}`` with any of
+            :data:`SIDE_KEYS`; what a side leaves out is the top-level value. Both sides share the forward
+            knobs and the post-processing, so their vectors stay in one space.
         max_seq_length: Maximum number of tokens of the templated input.
         layer_selection: Metadata of automatic layer selection (ID curve, calibration hash, window);
             informational, written by ``kvemb build``.
@@ -135,7 +143,10 @@ class KVEmbeddingConfig:
     prefix_rope: str = "relative0"
     pooling: str | None = None
     last_weight: float = 0.75
+    pool_layers: list[int] | None = None
+    pool_span: str | None = None
     template: str | None = None
+    sides: dict[str, dict[str, Any]] = field(default_factory=dict)
     max_seq_length: int = 512
     layer_selection: dict[str, Any] | None = None
     kvemb_st_version: str = __version__
@@ -154,19 +165,12 @@ class KVEmbeddingConfig:
         method = METHOD_DEFAULTS[self.method]
         self.template = method.template if self.template is None else self.template
         self.pooling = method.pooling if self.pooling is None else self.pooling
-        try:
-            self.layers = parse_layer_spec(self.layers)
-        except ConfigError as err:
-            raise ConfigError(f"{_where(source, 'layers')}: {err}") from None
-        if any(layer < 0 for layer in self.layers):
-            raise ConfigError(f"{_where(source, 'layers')} must be >= 0, got {self.layers}")
+        self.pool_span = method.pool_span if self.pool_span is None else self.pool_span
+        self.layers = _layer_list(self.layers, _where(source, "layers"))
         if self.tp_layers is not None:
-            try:
-                self.tp_layers = parse_layer_spec(self.tp_layers)
-            except ConfigError as err:
-                raise ConfigError(f"{_where(source, 'tp_layers')}: {err}") from None
-            if not self.tp_layers or self.tp_layers[0] < 0:
-                raise ConfigError(f"{_where(source, 'tp_layers')} must be non-empty and >= 0, got {self.tp_layers}")
+            self.tp_layers = _layer_list(self.tp_layers, _where(source, "tp_layers"))
+            if not self.tp_layers:
+                raise ConfigError(f"{_where(source, 'tp_layers')} must be non-empty, got {self.tp_layers}")
         if isinstance(self.prefix_bias, bool) or not isinstance(self.prefix_bias, (int, float)):
             raise ConfigError(f"{_where(source, 'prefix_bias')} must be a number, got {self.prefix_bias!r}")
         if not math.isfinite(self.prefix_bias):
@@ -174,24 +178,40 @@ class KVEmbeddingConfig:
         self.prefix_bias = float(self.prefix_bias)
         if self.prefix_rope not in ROPE_MODES:
             raise ConfigError(f"{_where(source, 'prefix_rope')} must be one of {ROPE_MODES}, got {self.prefix_rope!r}")
-        if self.pooling not in POOLING_MODES:
-            raise ConfigError(f"{_where(source, 'pooling')} must be one of {POOLING_MODES}, got {self.pooling!r}")
-        if (
-            isinstance(self.last_weight, bool)
-            or not isinstance(self.last_weight, (int, float))
-            or not 0.0 <= self.last_weight <= 1.0
-        ):
-            raise ConfigError(f"{_where(source, 'last_weight')} must be a number in [0, 1], got {self.last_weight!r}")
-        self.last_weight = float(self.last_weight)
+        own = {key: getattr(self, key) for key in SIDE_KEYS}
+        for key, value in _check_side(own, method, lambda key: _where(source, key)).items():
+            setattr(self, key, value)
+        if not isinstance(self.sides, dict):
+            raise ConfigError(f"{_where(source, 'sides')} must be an object such as {{\"document\": {{...}}}}")
+        for side, overrides in self.sides.items():
+            where = lambda key, side=side: _where(source, f"sides.{side}.{key}" if key else f"sides.{side}")  # noqa: E731
+            if side not in SIDE_NAMES:
+                raise ConfigError(f"{_where(source, 'sides')}: unknown side {side!r}; expected one of {SIDE_NAMES}")
+            if not isinstance(overrides, dict) or not overrides:
+                raise ConfigError(f"{where('')} must be a non-empty object with keys among {SIDE_KEYS}, got {overrides!r}")
+            unknown = sorted(set(overrides) - set(SIDE_KEYS))
+            if unknown:
+                raise ConfigError(f"{where('')}: unknown key(s) {unknown}; a side sets only {list(SIDE_KEYS)}")
+            self.sides[side] = _check_side({**own, **overrides}, method, where, only=overrides)
         self._check_method_knobs(method, source)
         if isinstance(self.max_seq_length, bool) or not isinstance(self.max_seq_length, int) or self.max_seq_length < 8:
             raise ConfigError(f"{_where(source, 'max_seq_length')} must be an integer >= 8, got {self.max_seq_length!r}")
         if self.layer_selection is not None and not isinstance(self.layer_selection, dict):
             raise ConfigError(f"{_where(source, 'layer_selection')} must be an object or null")
 
+    def side_settings(self, side: str | None = None) -> dict[str, Any]:
+        """The :data:`SIDE_KEYS` values of ``side`` (``None``: the top-level ones, used by plain ``encode``)."""
+        own = {key: getattr(self, key) for key in SIDE_KEYS}
+        return {**own, **self.sides.get(side, {})} if side else own
+
+    def readout(self, side: str | None = None) -> Readout:
+        settings = self.side_settings(side)
+        layers = settings["pool_layers"]
+        return Readout(settings["pooling"], settings["last_weight"], None if layers is None else tuple(layers),
+                       settings["pool_span"])  # fmt: skip
+
     def _check_method_knobs(self, method: MethodDefaults, source: str | None) -> None:
         """Knobs that do not belong to the selected method are an error, never silently ignored."""
-        validate_template(self.template, _where(source, "template"), copies=method.copies)
         if not self.layers and self.method == "kv":
             raise ConfigError(
                 f"{_where(source, 'layers')} is empty: method 'kv' re-routes at least one layer. Pass e.g. "
@@ -206,18 +226,11 @@ class KVEmbeddingConfig:
             raise ConfigError(
                 f"{_where(source, 'tp_layers')} only applies to method 'token_prepending', not {self.method!r}"
             )
-        if self.method == "token_prepending":
-            prefix = self.template.split(TEXT_PLACEHOLDER)[0]
-            if prefix.count(PLACEHOLDER) != 1 or self.template.count(PLACEHOLDER) != 1:
-                raise ConfigError(
-                    f"{_where(source, 'template')} of method 'token_prepending' must hold the placeholder "
-                    f"'{PLACEHOLDER}' exactly once, before '{{text}}', e.g. {TOKEN_PREPENDING_TEMPLATE!r}; "
-                    f"got {self.template!r}"
-                )
-
     def check_layers_fit(self, num_layers: int, source: str | None = None) -> None:
         """Layers can only be range-checked once the base model's depth is known."""
-        for key, layers in (("layers", self.layers), ("tp_layers", self.tp_layers or [])):
+        pooled = [("pool_layers", self.pool_layers or [])]
+        pooled += [(f"sides.{side}.pool_layers", s.get("pool_layers") or []) for side, s in self.sides.items()]
+        for key, layers in (("layers", self.layers), ("tp_layers", self.tp_layers or []), *pooled):
             bad = [layer for layer in layers if layer >= num_layers]
             if bad:
                 raise ConfigError(
@@ -259,6 +272,46 @@ class KVEmbeddingConfig:
             setattr(config, f.name, value)
         config.validate(source)
         return config
+
+
+SIDE_NAMES = ("query", "document")
+SIDE_KEYS = ("template", "pooling", "last_weight", "pool_layers", "pool_span")
+"""What may differ between the sides of one model: how a text is wrapped and how its states are read out."""
+
+
+def _layer_list(spec: Any, where: str) -> list[int]:
+    try:
+        layers = parse_layer_spec(spec)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    if any(layer < 0 for layer in layers):
+        raise ConfigError(f"{where} must be >= 0, got {layers}")
+    return layers
+
+
+def _check_side(
+    settings: dict[str, Any], method: MethodDefaults, where: Any, only: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Validate one side's :data:`SIDE_KEYS` (``where(key)`` names the key); return the values to store
+    (normalised; only the keys of ``only`` when it is given, i.e. a side's overrides)."""
+    validate_template(settings["template"], where("template"), copies=method.copies)
+    if method is METHOD_DEFAULTS["token_prepending"]:
+        template = settings["template"]
+        if template.split(TEXT_PLACEHOLDER)[0].count(PLACEHOLDER) != 1 or template.count(PLACEHOLDER) != 1:
+            raise ConfigError(
+                f"{where('template')} of method 'token_prepending' must hold the placeholder '{PLACEHOLDER}' exactly "
+                f"once, before '{{text}}', e.g. {TOKEN_PREPENDING_TEMPLATE!r}; got {template!r}"
+            )
+    try:
+        check_pooling(settings["pooling"], settings["last_weight"], settings["pool_span"], where)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if settings["pool_layers"] is not None:
+        settings["pool_layers"] = _layer_list(settings["pool_layers"], where("pool_layers"))
+        if not settings["pool_layers"]:
+            raise ConfigError(f"{where('pool_layers')} must be null (the final output) or a non-empty list of layers")
+    settings["last_weight"] = float(settings["last_weight"])
+    return {key: settings[key] for key in (only if only is not None else settings)}
 
 
 def validate_template(template: Any, where: str, copies: int = 1) -> None:

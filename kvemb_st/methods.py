@@ -20,10 +20,10 @@ inside the single forward pass. The config's ``method`` field selects one:
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -40,6 +40,13 @@ from kvemb_st.config import (
 )
 from kvemb_st.pooling import last_token_index
 from kvemb_st.prompting import Template
+
+
+class HiddenStates(NamedTuple):
+    """What one forward pass hands to the readout: the final states and some layers' (by hidden-state index)."""
+
+    final: torch.Tensor
+    layers: dict[int, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -68,13 +75,21 @@ class Method:
         tokenizer: Any,
         config: KVEmbeddingConfig,
         features: dict[str, torch.Tensor],
+        hidden_states: Sequence[int] | None = None,
         **model_kwargs: Any,
-    ) -> torch.Tensor:
-        """One plain forward pass; returns the final hidden states ``(batch, seq, hidden)``."""
+    ) -> HiddenStates:
+        """One plain forward pass: the final hidden states ``(batch, seq, hidden)`` and, for the indices in
+        ``hidden_states`` (0 = embeddings, ``i + 1`` = output of layer ``i``), those layers' states too.
+
+        Only the asked-for layers are kept (transformers' ``output_hidden_states`` takes indices, per call).
+        """
+        if hidden_states:
+            model_kwargs["output_hidden_states"] = list(hidden_states)
         output = backbone(
             input_ids=features["input_ids"], attention_mask=features["attention_mask"], use_cache=False, **model_kwargs
         )
-        return output.last_hidden_state
+        layers = {index: output.hidden_states[index] for index in hidden_states or ()}
+        return HiddenStates(output.last_hidden_state, layers)
 
 
 def kv_routing(
@@ -111,10 +126,11 @@ class KVMethod(Method):
         tokenizer: Any,
         config: KVEmbeddingConfig,
         features: dict[str, torch.Tensor],
+        hidden_states: Sequence[int] | None = None,
         **model_kwargs: Any,
-    ) -> torch.Tensor:
+    ) -> HiddenStates:
         routing = kv_routing(backbone, config, features["input_ids"], features["attention_mask"])
-        return super().run(backbone, tokenizer, config, features, kv_routing=routing, **model_kwargs)
+        return super().run(backbone, tokenizer, config, features, hidden_states, kv_routing=routing, **model_kwargs)
 
 
 @dataclass(frozen=True)
@@ -195,8 +211,9 @@ class TokenPrepending(Method):
         tokenizer: Any,
         config: KVEmbeddingConfig,
         features: dict[str, torch.Tensor],
+        hidden_states: Sequence[int] | None = None,
         **model_kwargs: Any,
-    ) -> torch.Tensor:
+    ) -> HiddenStates:
         input_ids, attention_mask = features["input_ids"], features["attention_mask"]
         placeholder_id = tokenizer.convert_tokens_to_ids(placeholder_token(tokenizer))
         hits = (input_ids == placeholder_id) & attention_mask.bool()
@@ -210,7 +227,9 @@ class TokenPrepending(Method):
             tp_layers = default_tp_layers(backbone.config.num_hidden_layers)
         prepending = Prepending(frozenset(tp_layers), hits.int().argmax(dim=1), last_token_index(attention_mask))
         with _prepend_hooks(backbone, prepending.layers):
-            return super().run(backbone, tokenizer, config, features, token_prepending=prepending, **model_kwargs)
+            return super().run(
+                backbone, tokenizer, config, features, hidden_states, token_prepending=prepending, **model_kwargs
+            )
 
 
 def placeholder_token(tokenizer: Any) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,14 +20,21 @@ from transformers.utils import logging
 from kvemb_st.backbone import load_backbone
 from kvemb_st.config import CONFIG_FILE_NAME, ConfigError, KVEmbeddingConfig, is_hub_id
 from kvemb_st.inputs import validate_texts
-from kvemb_st.methods import get_method
-from kvemb_st.pooling import pool
+from kvemb_st.methods import HiddenStates, get_method
+from kvemb_st.pooling import Readout
 from kvemb_st.prompting import Template, TemplateTokenizer, resolve_template
 from kvemb_st.version import __version__
 
 logger = logging.get_logger(__name__)
 
 REQUIREMENT = {"kvemb-st": f">={__version__}"}
+
+
+class Side(NamedTuple):
+    """How one side (plain ``encode``, ``query``, ``document``) wraps a text and reads out its vector."""
+
+    template: Template
+    readout: Readout
 
 
 class KVEmbedding(InputModule):
@@ -72,8 +79,13 @@ class KVEmbedding(InputModule):
         self.auto_model = backbone
         self.tokenizer = tokenizer
         self.method = get_method(config.method)
-        self._template = Template.parse(config.template, self.method.copies)
-        self.method.prepare_template(self._template, tokenizer)  # fail at load time, not at the first encode
+        self._sides: dict[str | None, Side] = {}
+        for side in (None, *config.sides):
+            template = Template.parse(config.side_settings(side)["template"], self.method.copies)
+            self.method.prepare_template(template, tokenizer)  # fail at load time, not at the first encode
+            readout = config.readout(side)
+            readout.check_fits(backbone.config.num_hidden_layers, f"{config_source or 'config'}: {side or 'default'} side")
+            self._sides[side] = Side(template, readout)
         self._template_tokenizer = TemplateTokenizer(tokenizer, config.max_seq_length)
         self._warned_truncation = False
 
@@ -94,14 +106,34 @@ class KVEmbedding(InputModule):
     def get_embedding_dimension(self) -> int:
         return self.auto_model.config.hidden_size
 
+    # ------------------------------------------------------------------------------------ sides
+    @property
+    def prompts(self) -> dict[str, str]:
+        """The sentence-transformers prompts of the sides: each side's template, by which ST names the side.
+
+        ST hands a module the prompt's text, not its name; :meth:`preprocess` maps it back to the side.
+        """
+        return {side: self.config.side_settings(side)["template"] for side in self.config.sides}
+
+    def side_of(self, prompt: str | None, task: str | None) -> str | None:
+        """The side a call uses: ``task`` (``encode_query``/``encode_document`` set it), else the side whose
+        template ``prompt`` is (``encode(prompt_name="document")``), else the top-level settings (``None``)."""
+        if task in self._sides:
+            return task
+        return next((side for side, text in self.prompts.items() if prompt and prompt == text), None)
+
     # ------------------------------------------------------------------------------------ input / forward
     def preprocess(
-        self, inputs: Sequence[str], prompt: str | None = None, **kwargs: Any
+        self, inputs: Sequence[str], prompt: str | None = None, task: str | None = None, **kwargs: Any
     ) -> dict[str, torch.Tensor | Any]:
-        """Wrap each text in the template (or the ST prompt, see :func:`resolve_template`) and tokenize."""
+        """Wrap each text in its side's template (plus an ST prompt, see :func:`resolve_template`) and tokenize."""
         texts = validate_texts(inputs)
-        template = self.method.prepare_template(resolve_template(self._template, prompt), self.tokenizer)
-        features, truncated = self._template_tokenizer.encode(texts, template)
+        side = self.side_of(prompt, task)
+        own = self._sides[side]
+        extra = None if side is not None and prompt == self.prompts[side] else prompt  # the side's own template
+        template = self.method.prepare_template(resolve_template(own.template, extra), self.tokenizer)
+        features, truncated = self._template_tokenizer.encode(texts, template, text_mask=own.readout.span == "text")
+        features["side"] = side
         if truncated and not self._warned_truncation:
             self._warned_truncation = True
             logger.warning(
@@ -112,14 +144,18 @@ class KVEmbedding(InputModule):
         return features
 
     def forward(self, features: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, torch.Tensor]:
-        hidden = self.method.run(self.auto_model, self.tokenizer, self.config, features)
-        pool_mask = features.get("pool_mask", features["attention_mask"])  # echo: the text's last copy only
-        embedding = pool(hidden, pool_mask, self.config.pooling, self.config.last_weight)
+        readout = self._sides[features.get("side")].readout
+        hidden = self.run(features, readout.hidden_state_indices())
+        embedding = readout.pool(hidden.final, features["attention_mask"], features.get("text_mask"), hidden.layers)
         features.update(
-            token_embeddings=hidden,
+            token_embeddings=hidden.final,
             sentence_embedding=F.normalize(embedding, dim=-1),
         )
         return features
+
+    def run(self, features: dict[str, torch.Tensor], hidden_states: Sequence[int] | None = None) -> HiddenStates:
+        """The method's forward pass on preprocessed ``features``, keeping the given hidden-state indices."""
+        return self.method.run(self.auto_model, self.tokenizer, self.config, features, hidden_states)
 
     # ------------------------------------------------------------------------------------- save / load
     def save(self, output_path: str, *args: Any, safe_serialization: bool = True, **kwargs: Any) -> None:

@@ -229,10 +229,13 @@ class TemplateTokenizer:
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
 
-    def encode(self, texts: Sequence[str], template: Template) -> tuple[dict[str, torch.Tensor], int]:
+    def encode(
+        self, texts: Sequence[str], template: Template, text_mask: bool = False
+    ) -> tuple[dict[str, torch.Tensor], int]:
         """Return ``{"input_ids", "attention_mask"}`` and the number of texts that had to be truncated.
 
-        A template with repeated text (echo) also yields ``pool_mask``: the tokens of the last copy.
+        With ``text_mask`` also ``text_mask``: the tokens that carry characters of the text (of its last copy,
+        for templates that repeat it), i.e. the template's own tokens left out.
         """
         texts = list(texts)
         formatted = [template.format(text) for text in texts]
@@ -253,9 +256,9 @@ class TemplateTokenizer:
             )
         input_ids, attention_mask = _padded(encoded, self.pad_token_id)
         features = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if template.copies > 1:
+        if text_mask:
             spans = [_spans(row) for row in parts]
-            features["pool_mask"] = self._last_copy_mask(texts, template, spans, attention_mask)
+            features["text_mask"] = self._last_copy_mask(texts, template, spans, attention_mask)
         return features, len(over)
 
     def _excess(self, length: int, template: Template) -> int:

@@ -107,10 +107,10 @@ def test_token_prepending_changes_the_vector(built):
 def test_echo_truncation_cuts_both_copies_and_pools_the_second(tiny_llama):
     model = kvemb_st.from_base(tiny_llama, method="echo", max_seq_length=24)
     features = model[0].preprocess([LONG * 3])
-    ids, pool_mask = features["input_ids"][0], features["pool_mask"][0].bool()
+    ids, text_mask = features["input_ids"][0], features["text_mask"][0].bool()
     assert len(ids) <= 24
     tokenizer = model.tokenizer
-    second = tokenizer.decode(ids[pool_mask]).strip()
+    second = tokenizer.decode(ids[text_mask]).strip()
     first = tokenizer.decode(ids).split("rewritten sentence:")[0].removeprefix("Rewrite the sentence:").strip(" ,")
     assert second == first and LONG.startswith(second) and len(second) > 10
 
@@ -145,5 +145,5 @@ def test_echo_prompt_template_repeats_the_text(built):
     """An echo ST prompt with two copies is a whole template of its own and pools its own second copy."""
     prompt = "Query: {text}\nQuery again: {text}"
     features = built["echo"][0].preprocess(["red apples"], prompt=prompt)
-    tokens = built["echo"].tokenizer.decode(features["input_ids"][0][features["pool_mask"][0].bool()])
+    tokens = built["echo"].tokenizer.decode(features["input_ids"][0][features["text_mask"][0].bool()])
     assert tokens.strip() == "red apples"

@@ -36,7 +36,9 @@ class ReferenceTemplateTokenizer:
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
 
-    def encode(self, texts: Sequence[str], template: Template) -> tuple[dict[str, torch.Tensor], int]:
+    def encode(
+        self, texts: Sequence[str], template: Template, text_mask: bool = False
+    ) -> tuple[dict[str, torch.Tensor], int]:
         texts = list(texts)
         encoded = self.tokenizer([template.format(text) for text in texts])["input_ids"]
         truncated = 0
@@ -58,8 +60,8 @@ class ReferenceTemplateTokenizer:
             input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             attention_mask[row, : len(ids)] = 1
         features = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if template.copies > 1:
-            features["pool_mask"] = self._last_copy_mask(texts, template, attention_mask)
+        if text_mask:
+            features["text_mask"] = self._last_copy_mask(texts, template, attention_mask)
         return features, truncated
 
     def _last_copy_mask(self, texts: list[str], template: Template, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -197,7 +199,7 @@ SHORT = {"empty": "", "space": " ", "newline": "\n", "word": "hello", "braces": 
 def outcome(encoder, texts: list[str], template: Template):
     """Everything ``encode`` promises, as plain values; or the error message it raised."""
     try:
-        features, truncated = encoder.encode(texts, template)
+        features, truncated = encoder.encode(texts, template, text_mask=True)
     except ValueError as err:
         return f"ValueError: {err}"
     return {key: value.tolist() for key, value in features.items()}, truncated
