@@ -10,6 +10,8 @@ files; gensim itself is never imported (it pulls in scipy and smart_open):
   (``mini_newsgroup``, an sklearn ``Bunch`` pickled by gensim's tests). Headers, quoted replies and
   signatures are removed: the header names the newsgroup, i.e. the label. Split into seeded, stratified
   halves ``dev``/``test`` so that choices can be made on one half and reported on the other.
+- **Newsgroups subject -> body retrieval**: the same posts; each distinct ``Subject:`` (``Re:`` removed) is a
+  query whose relevant documents are the bodies of every post with that subject (seeded halves of the queries).
 
 The **passkey** task hides a needle sentence ("Ann Smith's pass key is 12345 ...") at a random depth of
 real filler sentences (STS-B *train*, minus the default calibration set); the query asks for the pass key of
@@ -136,26 +138,75 @@ def clean_newsgroup_post(post: str) -> str:
     return " ".join(" ".join(lines).split())
 
 
-def load_newsgroups(split: str = "all", seed: int = 0) -> TopicTask:
-    """The cleaned posts; ``dev``/``test`` are seeded halves of each topic (posts left empty are dropped)."""
-    if split not in NEWSGROUPS_SPLITS:
-        raise ValueError(f"newsgroups split must be one of {NEWSGROUPS_SPLITS}, got {split!r}")
+def _newsgroup_posts() -> tuple[list[str], list[int], tuple[str, ...]]:
+    """The raw posts (headers included), their labels and the label names."""
     raw = zlib.decompress(gensim_data_file("mini_newsgroup").read_bytes())
     bunch = _BunchUnpickler(io.BytesIO(raw), encoding="latin1").load()
     names = tuple(str(name) for name in bunch["target_names"])
-    posts = [(clean_newsgroup_post(text), int(label)) for text, label in zip(bunch["data"], bunch["target"])]
+    return [str(text) for text in bunch["data"]], [int(label) for label in bunch["target"]], names
+
+
+def _seeded_half(members: Sequence[int], split: str, rng: random.Random) -> list[int]:
+    """``dev``: a seeded half of ``members``; ``test``: the other half."""
+    members = list(members)
+    rng.shuffle(members)
+    half = len(members) // 2
+    return members[:half] if split == "dev" else members[half:]
+
+
+def _check_split(split: str) -> None:
+    if split not in NEWSGROUPS_SPLITS:
+        raise ValueError(f"newsgroups split must be one of {NEWSGROUPS_SPLITS}, got {split!r}")
+
+
+def load_newsgroups(split: str = "all", seed: int = 0) -> TopicTask:
+    """The cleaned posts; ``dev``/``test`` are seeded halves of each topic (posts left empty are dropped)."""
+    _check_split(split)
+    texts, labels, names = _newsgroup_posts()
+    posts = [(clean_newsgroup_post(text), label) for text, label in zip(texts, labels)]
     posts = [(text, label) for text, label in posts if text]
     if split != "all":
         rng = random.Random(seed)
         keep = []
         for label in range(len(names)):
-            members = [i for i, (_, lab) in enumerate(posts) if lab == label]
-            rng.shuffle(members)
-            half = len(members) // 2
-            keep += members[:half] if split == "dev" else members[half:]
+            keep += _seeded_half([i for i, (_, lab) in enumerate(posts) if lab == label], split, rng)
         posts = [posts[i] for i in sorted(keep)]
     texts, labels = zip(*posts)
     return TopicTask(tuple(texts), tuple(labels), names)
+
+
+_REPLY = re.compile(r"^(re\s*:\s*)+", re.IGNORECASE)
+
+
+def newsgroup_subject(post: str) -> str:
+    """The ``Subject:`` of a raw post without its ``Re:`` prefixes (``""`` if it has none)."""
+    header, _, _ = post.partition("\n\n")
+    line = next((line for line in header.splitlines() if line.lower().startswith("subject:")), "subject:")
+    return " ".join(_REPLY.sub("", line[len("subject:") :].strip()).split())
+
+
+def load_newsgroup_retrieval(split: str = "all", seed: int = 0) -> DocumentTask:
+    """Subject -> body retrieval over the newsgroups posts.
+
+    Each distinct subject (``Re:`` removed) is a query; its relevant documents are the cleaned bodies of every
+    post with that subject; the corpus is every non-empty body. ``dev``/``test`` are seeded halves of the
+    queries over the same corpus, so a choice made on dev never sees a test query.
+    """
+    _check_split(split)
+    corpus, relevant = {}, {}
+    for i, post in enumerate(_newsgroup_posts()[0]):
+        body = clean_newsgroup_post(post)
+        subject = newsgroup_subject(post)
+        if body:
+            corpus[f"d{i}"] = body
+            if subject:
+                relevant.setdefault(subject, set()).add(f"d{i}")
+    subjects = sorted(relevant)
+    if split != "all":
+        subjects = sorted(_seeded_half(range(len(subjects)), split, random.Random(seed)))
+        subjects = [sorted(relevant)[i] for i in subjects]
+    queries = {f"q{k}": subject for k, subject in enumerate(subjects)}
+    return DocumentTask(queries, corpus, {f"q{k}": relevant[subject] for k, subject in enumerate(subjects)})
 
 
 # -------------------------------------------------------------------------------------------- passkey

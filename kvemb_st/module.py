@@ -124,15 +124,23 @@ class KVEmbedding(InputModule):
 
     # ------------------------------------------------------------------------------------ input / forward
     def preprocess(
-        self, inputs: Sequence[str], prompt: str | None = None, task: str | None = None, **kwargs: Any
+        self,
+        inputs: Sequence[str],
+        prompt: str | None = None,
+        task: str | None = None,
+        text_mask: bool = False,
+        **kwargs: Any,
     ) -> dict[str, torch.Tensor | Any]:
-        """Wrap each text in its side's template (plus an ST prompt, see :func:`resolve_template`) and tokenize."""
+        """Wrap each text in its side's template (plus an ST prompt, see :func:`resolve_template`) and tokenize.
+
+        ``text_mask`` adds the mask of the text's own tokens also where the side's readout does not need it.
+        """
         texts = validate_texts(inputs)
         side = self.side_of(prompt, task)
         own = self._sides[side]
         extra = None if side is not None and prompt == self.prompts[side] else prompt  # the side's own template
         template = self.method.prepare_template(resolve_template(own.template, extra), self.tokenizer)
-        features, truncated = self._template_tokenizer.encode(texts, template, text_mask=own.readout.span == "text")
+        features, truncated = self._template_tokenizer.encode(texts, template, text_mask=text_mask or own.readout.span == "text")
         features["side"] = side
         if truncated and not self._warned_truncation:
             self._warned_truncation = True
