@@ -27,7 +27,7 @@ from sentence_transformers import SentenceTransformer
 from transformers.utils import logging
 
 from kvemb_st.api import from_base
-from kvemb_st.calibration import DEFAULT_CALIBRATION_FILE, load_calibration, shipped_files
+from kvemb_st.calibration import DEFAULT_CALIBRATION_FILE, load_calibration, named_sets
 from kvemb_st.config import is_hub_id
 from kvemb_st.layer_selection import AUTO, LayerSelection, SelectionParams, select_layers
 from kvemb_st.model_card import render_model_card
@@ -182,12 +182,12 @@ def build(
 
 
 def _calibration_name(calibration: str | os.PathLike[str] | Sequence[str] | None) -> str | None:
-    """How the card names the calibration set: shipped files, a user file's name, or ``None`` for a list."""
+    """How the card names the calibration set: named sets, a user file's name, or ``None`` for a list."""
     if calibration is None:
         return f"{DEFAULT_CALIBRATION_FILE.name} shipped with kvemb-st {__version__}"
-    files = shipped_files(calibration)
-    if files:
-        return f"{calibration} ({' + '.join(path.name for path in files)} shipped with kvemb-st {__version__})"
+    sets = named_sets(calibration)
+    if sets:
+        return f"{calibration} ({' + '.join(named.source for named in sets)}; kvemb-st {__version__})"
     if isinstance(calibration, (str, os.PathLike)):
         return f"the file {Path(calibration).name}"
     return None

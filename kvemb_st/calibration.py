@@ -1,23 +1,44 @@
-"""Calibration texts for layer selection: the shipped default set, a user file, or a list.
+"""Calibration texts for layer selection and post-processing: a named set, a user file, or a list.
 
-The default set (``kvemb_st/data/calibration.txt``) is 512 distinct sentences from the STS-B *train*
-split, balanced over captions, news and forum text; ``scripts/make_calibration_set.py`` regenerates it.
-It ships inside the package, so a build never downloads anything. The hash identifies a calibration
-set in the saved config and in the ID-curve cache key.
+The default set (``kvemb_st/data/calibration.txt``, name ``sts-b-train``) is 512 distinct sentences from the
+STS-B *train* split, balanced over captions, news and forum text; ``scripts/make_calibration_set.py``
+regenerates it. It ships inside the package, so a build never downloads anything. The ``general`` set (news
+paragraphs and sentences) is not shipped: it is rebuilt from gensim's installed test data
+(:mod:`kvemb_st.general_calibration`). The hash identifies a calibration set in the saved config and in the
+ID-curve cache key.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_CALIBRATION_FILE = Path(__file__).parent / "data" / "calibration.txt"
-GENERAL_CALIBRATION_FILE = Path(__file__).parent / "data" / "calibration_general.txt"
-# Shipped sets by name (``kvemb build --calibration general``); a name wins over a same-named relative path.
-NAMED_CALIBRATION_SETS = {"sts-b-train": DEFAULT_CALIBRATION_FILE, "general": GENERAL_CALIBRATION_FILE}
-JOIN = "+"  # "sts-b-train+general": shipped sets joined in order, repeated texts dropped
+
+
+def _general() -> list[str]:
+    from kvemb_st.general_calibration import general_calibration_texts  # reads gensim's files (imports doc_tasks)
+
+    return general_calibration_texts()
+
+
+@dataclass(frozen=True)
+class NamedSet:
+    """A calibration set known by name: how to get its texts and how a model card names its source."""
+
+    load: Callable[[], list[str]]
+    source: str
+
+
+# Sets by name (``kvemb build --calibration general``); a name wins over a same-named relative path.
+NAMED_CALIBRATION_SETS = {
+    "sts-b-train": NamedSet(lambda: read_calibration_file(DEFAULT_CALIBRATION_FILE), f"{DEFAULT_CALIBRATION_FILE.name}"),
+    "general": NamedSet(_general, "lee_background.cor of gensim's test data"),
+}
+JOIN = "+"  # "sts-b-train+general": named sets joined in order, repeated texts dropped
 MIN_CALIBRATION_TEXTS = 16  # TwoNN needs many more points than this to be reliable; below it, it is noise
 
 
@@ -30,9 +51,9 @@ def read_calibration_file(path: str | os.PathLike[str]) -> list[str]:
         return [line.strip() for line in f if line.strip()]
 
 
-def shipped_files(source: object) -> list[Path] | None:
-    """The shipped files a set name stands for (``general``; ``sts-b-train+general`` joins them), or ``None``
-    when ``source`` is not such a name (a path, a list, ``None``)."""
+def named_sets(source: object) -> list[NamedSet] | None:
+    """The named sets ``source`` stands for (``general``; ``sts-b-train+general`` joins them), or ``None``
+    when it is not such a name (a path, a list, ``None``)."""
     if not isinstance(source, str):
         return None
     if source in NAMED_CALIBRATION_SETS:
@@ -43,7 +64,7 @@ def shipped_files(source: object) -> list[Path] | None:
     unknown = [part for part in parts if part not in NAMED_CALIBRATION_SETS]
     if unknown:
         raise ValueError(
-            f"calibration {source!r}: {unknown} are not shipped sets; only {sorted(NAMED_CALIBRATION_SETS)} can be "
+            f"calibration {source!r}: {unknown} are not named sets; only {sorted(NAMED_CALIBRATION_SETS)} can be "
             f"joined with '{JOIN}' (pass one file of your own instead)"
         )
     return [NAMED_CALIBRATION_SETS[part] for part in parts]
@@ -57,11 +78,11 @@ def load_calibration(
 
     ``limit`` keeps the first ``limit`` texts (the default file is shuffled, so a prefix is still varied).
     """
-    files = shipped_files(source)
+    sets = named_sets(source)
     if source is None:
         texts = read_calibration_file(DEFAULT_CALIBRATION_FILE)
-    elif files:
-        texts = list(dict.fromkeys(t for path in files for t in read_calibration_file(path)))
+    elif sets:
+        texts = list(dict.fromkeys(t for named in sets for t in named.load()))
     elif isinstance(source, (str, os.PathLike)):
         texts = read_calibration_file(source)
     else:

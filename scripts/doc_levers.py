@@ -31,7 +31,7 @@ from scipy.stats import pearsonr, spearmanr
 import kvemb_st
 from kvemb_st.assets import load_sts_b, qwen25_folder, smollm2_folder
 from kvemb_st.calibration import load_calibration
-from kvemb_st.config import COMPRESSION_TEMPLATE, PROMPTEOL_TEMPLATE
+from kvemb_st.config import COMPRESSION_TEMPLATE, KVEmbeddingConfig
 from kvemb_st.doc_tasks import knn_accuracy, load_lee, load_newsgroup_retrieval, load_newsgroups
 from kvemb_st.evaluation import markdown_table, sts_pairs, write_json
 from kvemb_st.layer_probe import ProbeVectors, probe
@@ -119,6 +119,8 @@ def run_probe(args: argparse.Namespace) -> None:
         kwargs = settings(backbone)[name]
         model = None
         for set_name, texts in sets.items():
+            if args.sets and set_name not in args.sets.split(","):
+                continue
             if set_name == "sts" and name not in STS_SETTINGS:
                 continue
             path = args.cache / args.backbone / name / f"{set_name}.npz"
@@ -153,7 +155,8 @@ class Scorer:
         self.backbone = BACKBONES[backbone]
         self._probes: dict[tuple[str, str], ProbeVectors] = {}
         lee = load_lee()
-        self.lee_texts, self.lee_pairs = list(lee.texts), lee.pairs
+        self.lee_index = np.array([[i for i, _, _ in lee.pairs], [j for _, j, _ in lee.pairs]])
+        self.lee_gold = np.array([score for _, _, score in lee.pairs])
         news = load_newsgroups("all")
         dev = set(load_newsgroups("dev").texts)
         self.news_texts = list(news.texts)
@@ -187,19 +190,14 @@ class Scorer:
         parts = [self.vectors(setting, f"cal_{part}", readout) for part in calibration.split("+")]
         return fit_postprocessing(np.concatenate(parts), "whiten").transform
 
-    def documents(self, setting: str, readout: Readout, calibration: str) -> dict[str, float]:
-        """Lee and newsgroups-dev scores of one document readout under one whitening."""
-        apply = self.transform(setting, readout, calibration)
-        lee = apply(self.vectors(setting, "lee", readout))
-        cos = np.array([lee[i] @ lee[j] for i, j, _ in self.lee_pairs])
-        gold = np.array([score for _, _, score in self.lee_pairs])
-        news = apply(self.vectors(setting, "newsgroups", readout))
+    def documents(self, lee: np.ndarray, news: np.ndarray) -> dict[str, float]:
+        """Lee and newsgroups-dev scores of (post-processed) document vectors: Lee's texts, all newsgroups texts."""
+        cos = np.einsum("ij,ij->i", lee[self.lee_index[0]], lee[self.lee_index[1]])
         dev = news[self.news_dev]
         return {
-            "lee_pearson": float(pearsonr(cos, gold)[0]),
-            "lee_spearman": float(spearmanr(cos, gold)[0]),
+            "lee_pearson": float(pearsonr(cos, self.lee_gold)[0]),
+            "lee_spearman": float(spearmanr(cos, self.lee_gold)[0]),
             "newsgroups_5nn": knn_accuracy(dev, self.news_labels[self.news_dev], 5),
-            "_docs": news,
         }
 
     def retrieval(self, query: np.ndarray, docs: np.ndarray) -> dict[str, float]:
@@ -214,54 +212,147 @@ class Scorer:
         return float(spearmanr(cos, [s for _, _, s in self.sts_pairs])[0])
 
 
-def document_readouts(num_layers: int) -> list[Readout]:
-    """Every layer x pooling x span, plus windows of 3 and 5 layers (mean pooling) around every layer."""
-    out = []
-    for layer in range(num_layers):
-        for spec in ("mean", "mean/text", "last", "mean+last:0.5", "mean+last:0.5/text", "mean+last:0.25/text"):
-            out.append(Readout.parse(f"{spec}@{layer}"))
-        for width in (3, 5):
-            lo, hi = layer - width // 2, layer + width // 2
-            if lo >= 0 and hi < num_layers:
-                out += [Readout.parse(f"{spec}@{lo}-{hi}") for spec in ("mean", "mean/text")]
-    return out
-
-
-CALIBRATIONS = ("none", "sentences", "general", "sts_paragraphs", "sentences+general", "sentences+sts_paragraphs")
+FRACTIONS = tuple(round(0.25 + 0.05 * k, 2) for k in range(16))  # relative depth 0.25 ... 1.0
+WIDTHS = (1, 3, 5)
+POOLINGS = ("mean", "mean/text", "last", "mean+last:0.5/text", "mean+last:0.25/text")
+CALIBRATIONS = ("none", "sentences", "sts_paragraphs", "sentences+sts_paragraphs", "general", "sentences+general")
+ELIGIBLE_CALIBRATIONS = CALIBRATIONS[:4]  # general reaches us only as gensim's LGPL test data
+TEMPLATE_SETTINGS = ("kv", "kv_passage", "kv_compression", "kv_raw")  # side knobs only
+FORWARD_SETTINGS = ("kv_bias0", "kv_bias5", "kv_early")  # would need their own routing per side
 DEFAULT_QUERY = Readout("mean+last", 0.75)  # the default build's readout
 
 
+def depth_layers(fraction: float, width: int, num_layers: int) -> tuple[int, ...] | None:
+    """The window of ``width`` layers centred on relative depth ``fraction`` (``None``: the final output)."""
+    centre = int(fraction * (num_layers - 1) + 0.5)
+    if fraction == 1.0 and width == 1:
+        return None
+    lo = min(max(centre - width // 2, 0), num_layers - width)
+    return tuple(range(lo, lo + width))
+
+
+def candidates(num_layers: int) -> Iterable[tuple[dict[str, Any], Readout]]:
+    """Stage-1 readouts with the relative description the rule ranks by."""
+    for fraction in FRACTIONS:
+        for width in WIDTHS:
+            layers = depth_layers(fraction, width, num_layers)
+            for spec in POOLINGS:
+                base = Readout.parse(spec)
+                yield {"depth": fraction, "width": width, "pooling": spec}, Readout(
+                    base.pooling, base.last_weight, layers, base.span)
+
+
 def run_score(args: argparse.Namespace) -> dict[str, Any]:
+    """Stage 1 on one backbone: every setting x readout x whitening, documents and symmetric retrieval."""
     scorer = Scorer(args.cache, args.backbone)
     names = [n for n in (args.settings.split(",") if args.settings else settings(scorer.backbone)) if scorer.has(n)]
     rows = []
     for setting in names:
-        num_layers = scorer.layers(setting)
-        readouts = document_readouts(num_layers) + [Readout(), DEFAULT_QUERY, Readout("mean"), Readout("last")]
-        if setting in ("echo", "token_prepending", "mean", "prompteol"):  # their own recipe too
-            readouts.append(kvemb_st.from_base.__globals__["KVEmbeddingConfig"](
-                base_model="x", **settings(scorer.backbone)[setting]).readout())
-        for readout in dict.fromkeys(readouts):
+        own = KVEmbeddingConfig(base_model="x", **settings(scorer.backbone)[setting]).readout()
+        seen: dict[Readout, dict[str, Any]] = {}
+        for description, readout in [*candidates(scorer.layers(setting)), ({"own": True}, own)]:
+            seen.setdefault(readout, description)
+        start = time.perf_counter()
+        for readout, description in seen.items():
             for calibration in CALIBRATIONS:
-                row = {"setting": setting, "readout": readout.name, "whiten": calibration}
-                scores = scorer.documents(setting, readout, calibration)
-                docs = scores.pop("_docs")
-                row.update(scores)
-                # queries through the same setting and readout: one side for both
-                query = scorer.transform(setting, readout, calibration)(scorer.vectors(setting, "subjects", readout))
-                row.update(scorer.retrieval(query, docs))
+                apply = scorer.transform(setting, readout, calibration)
+                docs = apply(scorer.vectors(setting, "newsgroups", readout))
+                row = {"setting": setting, "readout": readout.name, **description, "whiten": calibration,
+                       **scorer.documents(apply(scorer.vectors(setting, "lee", readout)), docs),
+                       **scorer.retrieval(apply(scorer.vectors(setting, "subjects", readout)), docs)}  # fmt: skip
                 rows.append(row)
-        print(f"{setting}: {len(rows)} rows so far", flush=True)
+        print(f"{setting}: {len(seen)} readouts x {len(CALIBRATIONS)} whitenings in {time.perf_counter() - start:.0f} s",
+              flush=True)
     result = {"backbone": args.backbone, "command": " ".join(sys.argv), "rows": rows}
-    write_json(args.out / f"{args.backbone}.json", result)
+    write_json(args.out / f"{args.backbone}_stage1.json", result)
     return result
+
+
+SIMPLER_WHITENING = {"sentences": 0, "sts_paragraphs": 1, "sentences+sts_paragraphs": 2, "none": 3}
+SIMPLER_POOLING = {spec: k for k, spec in enumerate(("mean", "last", "mean/text", "mean+last:0.5/text",
+                                                    "mean+last:0.25/text"))}  # fmt: skip
+
+
+def stage1_key(row: dict[str, Any]) -> tuple:
+    return row["setting"], row["depth"], row["width"], row["pooling"], row["whiten"]
+
+
+def doc_score(row: dict[str, Any]) -> float:
+    return (row["lee_pearson"] + row["newsgroups_5nn"] + row["retrieval_ndcg@10"]) / 3
+
+
+def simplicity(key: tuple) -> tuple:
+    setting, depth, width, pooling, whiten = key
+    return (setting != "kv", width, "/text" in pooling, SIMPLER_WHITENING[whiten], SIMPLER_POOLING[pooling], -depth)
+
+
+def rank_stage1(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Candidates of every backbone by the rule's score (results/doc_levers/RULE.md, stage 1)."""
+    by_key: dict[tuple, dict[str, Any]] = {}
+    for result in results:
+        for row in result["rows"]:
+            if "depth" in row:
+                entry = by_key.setdefault(stage1_key(row), {"key": stage1_key(row), "rows": {}})
+                entry["rows"][result["backbone"]] = row
+    ranked = []
+    for entry in by_key.values():
+        if len(entry["rows"]) == len(results):
+            entry["score"] = float(np.mean([doc_score(row) for row in entry["rows"].values()]))
+            ranked.append(entry)
+    return sorted(ranked, key=lambda e: -e["score"])
+
+
+def choose_stage1(ranked: list[dict[str, Any]]) -> dict[str, Any]:
+    eligible = [e for e in ranked if e["key"][4] in ELIGIBLE_CALIBRATIONS]
+    same = [e for e in eligible if e["key"][0] in TEMPLATE_SETTINGS]
+    forward = [e for e in eligible if e["key"][0] in FORWARD_SETTINGS]
+    pool = same
+    if forward and same and forward[0]["score"] > same[0]["score"] + 0.01:
+        pool = forward + same
+    best = pool[0]["score"]
+    return min((e for e in pool if e["score"] >= best - 0.005), key=lambda e: simplicity(e["key"]))
+
+
+def run_choose(args: argparse.Namespace) -> dict[str, Any]:
+    """Both stages of the rule over the backbones' stage-1 results; stage 2 scores its candidates here."""
+    results = [json.loads((args.out / f"{name}_stage1.json").read_text()) for name in args.backbones.split(",")]
+    ranked = rank_stage1(results)
+    chosen = choose_stage1(ranked)
+    setting, depth, width, pooling, whiten = chosen["key"]
+    stage2 = []
+    for result in results:
+        scorer = Scorer(args.cache, result["backbone"])
+        base = Readout.parse(pooling)
+        doc = Readout(base.pooling, base.last_weight, depth_layers(depth, width, scorer.layers(setting)), base.span)
+        default_w = scorer.transform("kv", DEFAULT_QUERY, "sentences")
+        doc_w = scorer.transform(setting, doc, whiten)
+        parts = [scorer.vectors("kv", "cal_sentences", DEFAULT_QUERY)]
+        if whiten != "none":
+            parts += [scorer.vectors(setting, f"cal_{part}", doc) for part in whiten.split("+")]
+        shared = fit_postprocessing(np.concatenate(parts), "whiten").transform
+        for query_name, query in (("default side", DEFAULT_QUERY), ("document readout", doc)):
+            for post in ("one whitening", "one per side"):
+                w_default = shared if post == "one whitening" else default_w
+                w_doc = shared if post == "one whitening" else doc_w
+                w_query = w_default if query is DEFAULT_QUERY or post == "one whitening" else doc_w
+                docs = w_doc(scorer.vectors(setting, "newsgroups", doc))
+                row = {"backbone": result["backbone"], "query": query_name, "post": post,
+                       "sts_dev": scorer.sts("kv", DEFAULT_QUERY, w_default),
+                       **scorer.documents(w_doc(scorer.vectors(setting, "lee", doc)), docs),
+                       **scorer.retrieval(w_query(scorer.vectors("kv", "subjects", query)), docs)}  # fmt: skip
+                stage2.append(row)
+    choice = {"stage1": {"key": chosen["key"], "score": chosen["score"], "rows": chosen["rows"]},
+              "top": [{"key": e["key"], "score": e["score"]} for e in ranked[:40]], "stage2": stage2}
+    write_json(args.out / "choice.json", choice)
+    return choice
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=("probe", "score"))
-    parser.add_argument("backbone", choices=sorted(BACKBONES))
+    parser.add_argument("stage", choices=("probe", "score", "choose"))
+    parser.add_argument("backbone", help=f"one of {sorted(BACKBONES)} (choose: several, comma-separated)")
     parser.add_argument("--settings", default=None, help="comma-separated forward settings (default: all)")
+    parser.add_argument("--sets", default=None, help="probe: comma-separated text sets (default: all)")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "kvemb_st" / "probe")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "doc_levers")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -269,6 +360,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.backbones = args.backbone
+    if args.stage == "choose":
+        run_choose(args)
+        return
+    if args.backbone not in BACKBONES:
+        parser.error(f"unknown backbone {args.backbone!r}; choose from {sorted(BACKBONES)}")
     if args.stage == "probe":
         run_probe(args)
     else:

@@ -183,7 +183,7 @@ def test_postprocessing_is_fitted_on_the_calibration_texts_or_its_own_set(built,
                    postprocess_calibration="sts-b-train+general", progress=False)  # fmt: skip
     record, texts = joined.model[1].calibration, load_calibration("sts-b-train+general")
     assert record["count"] == len(texts) == len(set(texts)) and record["hash"] == calibration_hash(texts)
-    assert "calibration.txt + calibration_general.txt" in record["name"]
+    assert "calibration.txt + lee_background.cor of gensim's test data" in record["name"]
     assert joined.selection.calibration_hash == calibration_hash(load_calibration())  # layers: the default set
     general = build(tiny_llama, tmp_path / "g", layers="1-2", postprocess_calibration="general",
                     calibration_limit=32, cache_dir=tmp_path, progress=False)  # fmt: skip
@@ -206,7 +206,7 @@ def test_card_without_postprocessing_says_so(built, tmp_path):
         (["--postprocess", "remove_pcs"], "needs components"),
         (["--postprocess", "none", "--components", "4"], "pass postprocess (--postprocess) too"),
         (["--postprocess", "none", "--postprocess-calibration", "general"], "pass postprocess (--postprocess) too"),
-        (["--postprocess", "center", "--postprocess-calibration", "general+news"], "not shipped sets"),
+        (["--postprocess", "center", "--postprocess-calibration", "general+news"], "not named sets"),
         (["--postprocess", "whiten", "--components", "65"], "components must be at most 64"),
         (["--postprocess", "whiten", "--eigenvalue-floor", "2"], "eigenvalue_floor"),
         (["--layers", "2-5"], "out of range for a base model with 4 layers"),

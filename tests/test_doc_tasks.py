@@ -5,22 +5,31 @@ Budget: < 20 s (file reads, the real SmolLM2 tokenizer, no model).
 
 from __future__ import annotations
 
+import io
+import pickle
+import re
+import zlib
+from pathlib import Path
+
 import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
+import kvemb_st
 from kvemb_st.assets import load_sts_b
-from kvemb_st.calibration import DEFAULT_CALIBRATION_FILE, read_calibration_file
+from kvemb_st.calibration import DEFAULT_CALIBRATION_FILE, calibration_hash, read_calibration_file
 from kvemb_st.doc_tasks import (
     build_passkey_task,
     clean_newsgroup_post,
+    gensim_data_file,
     knn_accuracy,
     load_lee,
+    load_newsgroup_retrieval,
     load_newsgroups,
     passkey_fillers,
 )
-from kvemb_st.calibration import GENERAL_CALIBRATION_FILE
-from kvemb_st.evaluation import CALIBRATION_SETS, calibration_texts
+from kvemb_st.evaluation import calibration_texts
+from kvemb_st.general_calibration import general_calibration_texts, split_sentences
 
 
 @pytest.fixture(scope="module")
@@ -66,13 +75,16 @@ def test_newsgroup_post_keeps_the_body_only():
     assert clean_newsgroup_post(post) == "The shuttle flies low."
 
 
-def test_general_calibration_is_the_scripts_output_and_overlaps_no_evaluation_set(load_script, fillers):
+GENERAL_HASH = "sha256:4fbdb9c5529d1d3724fb1263fcab211941e483e94e2890faf269cc6657037819"  # as once shipped
+
+
+def test_general_calibration_is_built_from_gensim_reproducibly_and_overlaps_no_evaluation_set(fillers):
     texts = calibration_texts("general")
-    assert CALIBRATION_SETS["general"] == GENERAL_CALIBRATION_FILE
-    assert texts == load_script("make_general_calibration").general_calibration_texts()  # reproducible, up to date
+    assert texts == general_calibration_texts() and calibration_hash(texts) == GENERAL_HASH  # same texts as before
+    assert not (Path(kvemb_st.__file__).parent / "data" / "calibration_general.txt").exists()  # never shipped
     assert len(texts) == len(set(texts)) == 512
     assert sum(len(t.split()) > 40 for t in texts) >= 200 and sum(len(t.split()) < 40 for t in texts) >= 200
-    sentences = {s for t in texts for s in load_script("make_general_calibration").split_sentences(t)}
+    sentences = {s for t in texts for s in split_sentences(t)}
     documents = [*load_lee().texts, *load_newsgroups("all").texts]
     assert not any(s in doc for doc in documents for s in sentences)
     evaluated = {s for split in ("dev", "test") for p in load_sts_b(split) for s in p[:2]} | set(fillers)
@@ -130,3 +142,43 @@ def test_knn_accuracy_matches_a_hand_computation():
         knn_accuracy(vectors, labels, k=6)
     with pytest.raises(ValueError, match="one label per"):
         knn_accuracy(vectors, labels[:-1])
+
+
+def _raw_posts() -> list[str]:
+    """The posts read straight from gensim's file, without the package's loader (only ``data`` is needed)."""
+    class Loose(pickle.Unpickler):
+        def find_class(self, module, name):
+            if module.startswith("sklearn"):
+                return dict
+            return super().find_class(module.replace("numpy.core", "numpy._core").replace("__builtin__", "builtins")
+                                      .replace("copy_reg", "copyreg"), name)  # fmt: skip
+
+    bunch = Loose(io.BytesIO(zlib.decompress(gensim_data_file("mini_newsgroup").read_bytes())), encoding="latin1").load()
+    return list(bunch["data"])
+
+
+def test_retrieval_qrels_match_the_subject_lines_of_the_raw_file():
+    posts = _raw_posts()
+    subjects = []
+    for post in posts:
+        match = re.search(r"^Subject:(.*)$", post.split("\n\n")[0], re.MULTILINE)
+        subject = match.group(1).strip() if match else ""
+        while subject.lower().startswith("re:"):
+            subject = subject[3:].strip()
+        subjects.append(" ".join(subject.split()))
+    whole = load_newsgroup_retrieval("all")
+    by_text = {text: q for q, text in whole.queries.items()}
+    expected = {}
+    for i, (post, subject) in enumerate(zip(posts, subjects)):
+        if subject and clean_newsgroup_post(post):
+            expected.setdefault(subject, set()).add(f"d{i}")
+    assert set(by_text) == set(expected) and len(expected) > 100
+    for subject, docs in expected.items():
+        assert whole.relevant[by_text[subject]] == docs
+        assert all(whole.corpus[d] == clean_newsgroup_post(posts[int(d[1:])]) for d in docs)
+    assert max(len(docs) for docs in expected.values()) >= 4  # some subjects have several posts
+    dev, test = load_newsgroup_retrieval("dev"), load_newsgroup_retrieval("test")
+    assert not set(dev.queries.values()) & set(test.queries.values())
+    assert set(dev.queries.values()) | set(test.queries.values()) == set(expected)
+    assert dev.corpus == test.corpus == whole.corpus
+    assert not any(re.match(r"(?i)re:", q) for q in whole.queries.values())

@@ -1,28 +1,23 @@
-"""Regenerate ``kvemb_st/data/calibration_general.txt``, the general-domain calibration set.
+"""The ``general`` calibration set, built on demand from gensim's test data -- never shipped in the wheel.
 
-Source: ``lee_background.cor`` of gensim's test data (``pip install --no-deps gensim==4.4.0``), 300
-Australian news articles (ABC, 2001-2002) collected by Lee, Pincombe & Welsh (2005) as the *background*
-corpus of their similarity study, i.e. a different set of documents from the 50 they scored (``lee.cor``,
-one of our evaluation sets), and unrelated to STS-B and to the newsgroups set. It covers politics, crime,
-sport, business, science and disasters: general news prose, not captions or forum posts.
+Source: ``lee_background.cor`` of gensim's test data (``pip install --no-deps gensim==4.4.0``), 300 Australian
+news articles (ABC, 2001-2002) collected by Lee, Pincombe & Welsh (2005) as the *background* corpus of their
+similarity study, i.e. other documents than the 50 they scored (``lee.cor``, one of our evaluation sets), and
+unrelated to STS-B and to the newsgroups set. The article text is copyright of its publisher and reaches PyPI
+only inside gensim's LGPL-2.1 wheel as research test data, so kvemb-st does not redistribute it: the set is
+rebuilt from the installed gensim files whenever it is asked for by name (``general``).
 
-The set mixes 256 paragraphs (3-6 consecutive sentences of one article, ~100 tokens) and 256 single
-sentences (from the remaining sentences of the articles), no sentence used twice, shuffled so that any prefix is a
-mix too; one text per line. Deterministic (seed 0): the same gensim file gives the same set.
-
-    pip install --no-deps gensim==4.4.0
-    python scripts/make_general_calibration.py
+The set mixes 256 paragraphs (3-6 consecutive sentences of one article, ~100 tokens) and 256 single sentences
+(from the remaining sentences of the articles), no sentence used twice, shuffled so that any prefix is a mix
+too. Deterministic (seed 0): the same gensim file gives the same set.
 """
 
 from __future__ import annotations
 
-import argparse
 import random
 import re
-from pathlib import Path
 
 from kvemb_st.doc_tasks import gensim_data_file
-from kvemb_st.calibration import GENERAL_CALIBRATION_FILE
 
 PARAGRAPHS, SENTENCES = 256, 256
 PARAGRAPH_SENTENCES = (3, 6)
@@ -45,6 +40,7 @@ def split_sentences(text: str) -> list[str]:
 
 
 def general_calibration_texts(seed: int = SEED) -> list[str]:
+    """The 512 texts (see the module docstring); needs gensim's test data installed."""
     rng = random.Random(seed)
     articles = [split_sentences(line) for line in gensim_data_file("lee_background.cor").read_text("latin-1").splitlines()]
     articles = [a for a in articles if a]
@@ -79,16 +75,3 @@ def general_calibration_texts(seed: int = SEED) -> list[str]:
     texts = paragraphs + singles
     rng.shuffle(texts)
     return texts
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", type=Path, default=GENERAL_CALIBRATION_FILE)
-    args = parser.parse_args()
-    texts = general_calibration_texts()
-    args.output.write_text("\n".join(texts) + "\n", encoding="utf-8")
-    print(f"wrote {len(texts)} texts ({PARAGRAPHS} paragraphs, {SENTENCES} sentences) to {args.output}")
-
-
-if __name__ == "__main__":
-    main()
