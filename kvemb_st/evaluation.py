@@ -22,7 +22,6 @@ even when it does well on single sentences.
 from __future__ import annotations
 
 import json
-import math
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -45,8 +44,7 @@ from kvemb_st.calibration import (
     load_calibration,
 )
 from kvemb_st.doc_tasks import DocumentTask, SimilarityTask, TopicTask, knn_accuracy
-from kvemb_st.config import POOLING_MODES
-from kvemb_st.pooling import pool
+from kvemb_st.pooling import Readout
 from kvemb_st.postprocessing import POSTPROCESSING_MODES, check_postprocessing_args, fit_postprocessing
 
 StsPair = tuple[str, str, float]
@@ -252,40 +250,21 @@ class PostSpec:
         return self.mode + components + ("" if self.calibration is None else f"@{self.calibration}")
 
 
-@dataclass(frozen=True)
-class PoolSpec:
-    """A pooling to score from the same forward pass as others (``mean+last`` with its ``last_weight``)."""
+def final_pooling(text: str) -> Readout:
+    """A pooling to score from the same forward pass as others (``last``, ``mean``, ``mean+last[:W]``): a
+    :class:`~kvemb_st.pooling.Readout` of the final output over all tokens (other readouts: :mod:`kvemb_st.layer_probe`)."""
+    readout = Readout.parse(text)
+    if readout.layers is not None or readout.span != "all":
+        raise ValueError(f"pooling {text!r}: --poolings scores the final output over all tokens; layers and the text "
+                         "span are swept by scripts/doc_levers.py (kvemb_st.layer_probe)")
+    return readout
 
-    mode: str
-    last_weight: float = 0.75
 
-    @classmethod
-    def parse(cls, text: str) -> PoolSpec:
-        """``last``, ``mean``, ``mean+last`` (weight 0.75) or ``mean+last:0.5``."""
-        mode, colon, weight = text.partition(":")
-        if mode not in POOLING_MODES:
-            raise ValueError(f"unknown pooling {text!r}; use one of {', '.join(POOLING_MODES)} (mean+last:W for a weight)")
-        if colon and mode != "mean+last":
-            raise ValueError(f"pooling {text!r}: only mean+last takes a weight (e.g. mean+last:0.5)")
-        try:
-            value = float(weight) if colon else 0.75
-        except ValueError:
-            value = math.nan
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"pooling {text!r}: the last-token weight must be a number in [0, 1], got {weight!r}")
-        return cls(mode, value)
-
-    @property
-    def name(self) -> str:
-        return f"mean+last:{self.last_weight:g}" if self.mode == "mean+last" else self.mode
-
-    def __call__(self, states: Sequence[torch.Tensor]) -> list[np.ndarray]:
-        """Pool each text's final hidden states ``(T_i, H)`` (real tokens only) into a unit vector."""
-        return [
-            torch.nn.functional.normalize(pool(h[None], torch.ones(1, len(h)), self.mode, self.last_weight), dim=-1)[0]
-            .numpy()
-            for h in states
-        ]
+def pool_states(readout: Readout, states: Sequence[torch.Tensor]) -> list[np.ndarray]:
+    """Pool each text's final hidden states ``(T_i, H)`` (real tokens only) into a unit vector."""
+    return [
+        torch.nn.functional.normalize(readout.pool(h[None], torch.ones(1, len(h))), dim=-1)[0].numpy() for h in states
+    ]
 
 
 @dataclass(frozen=True)
@@ -308,17 +287,18 @@ def sts_task(pairs: Sequence[StsPair], name: str = "sts") -> EvalTask:
         f"{name}_spearman": precomputed_sts_metrics(model, pairs, v["text"], name)["spearman"]})
 
 
-def similarity_task(task: SimilarityTask, name: str = "lee") -> EvalTask:
-    """Pearson and Spearman of cosine vs the human score over document pairs (each document embedded once)."""
+def similarity_task(task: SimilarityTask, name: str = "lee", role: str = "document") -> EvalTask:
+    """Pearson and Spearman of cosine vs the human score over document pairs (each document embedded once,
+    by ``encode_document``: the same as ``encode`` for a model without a document side)."""
     pairs = task.text_pairs()
-    return EvalTask(name, {"text": task.texts}, lambda model, v: {
-        f"{name}_{m}": value for m, value in precomputed_sts_metrics(model, pairs, v["text"], name).items()})
+    return EvalTask(name, {role: task.texts}, lambda model, v: {
+        f"{name}_{m}": value for m, value in precomputed_sts_metrics(model, pairs, v[role], name).items()})
 
 
-def topic_task(task: TopicTask, k: int = 5, name: str = "newsgroups") -> EvalTask:
-    """Leave-one-out ``k``-NN accuracy of the topic labels (``<name>_<k>nn``)."""
-    return EvalTask(name, {"text": task.texts}, lambda model, v: {
-        f"{name}_{k}nn": knn_accuracy(np.stack([v["text"][t] for t in task.texts]), task.labels, k)})
+def topic_task(task: TopicTask, k: int = 5, name: str = "newsgroups", role: str = "document") -> EvalTask:
+    """Leave-one-out ``k``-NN accuracy of the topic labels (``<name>_<k>nn``), documents by ``encode_document``."""
+    return EvalTask(name, {role: task.texts}, lambda model, v: {
+        f"{name}_{k}nn": knn_accuracy(np.stack([v[role][t] for t in task.texts]), task.labels, k)})
 
 
 def retrieval_task(
@@ -351,7 +331,7 @@ def encode_texts(
     texts: Sequence[str],
     role: str = "text",
     batch_size: int = 32,
-    poolings: Sequence[PoolSpec] | None = None,
+    poolings: Sequence[Readout] | None = None,
 ) -> dict[str | None, dict[str, np.ndarray]]:
     """``{pooling name: {text: unit vector}}``, each distinct text embedded once with the role's ST method.
 
@@ -371,11 +351,11 @@ def encode_texts(
             f"has {len(model)} module(s) and method {model[0].config.method!r}: score its own pooling instead"
         )
     states = encode(unique, output_value="token_embeddings", convert_to_numpy=False, **options)
-    return {p.name: dict(zip(unique, p(states))) for p in poolings}
+    return {p.name: dict(zip(unique, pool_states(p, states))) for p in poolings}
 
 
 def embed_task(
-    model: SentenceTransformer, task: EvalTask, batch_size: int = 32, poolings: Sequence[PoolSpec] | None = None
+    model: SentenceTransformer, task: EvalTask, batch_size: int = 32, poolings: Sequence[Readout] | None = None
 ) -> dict[str | None, Vectors]:
     """``{pooling name: {role: {text: vector}}}`` (see :func:`encode_texts`; ``None`` = the model's pooling)."""
     if task.max_tokens is not None:
@@ -394,7 +374,7 @@ def evaluate_model(
     postprocessing: Sequence[PostSpec] = (PostSpec(),),
     calibration: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
     batch_size: int = 32,
-    poolings: Sequence[PoolSpec] | None = None,
+    poolings: Sequence[Readout] | None = None,
 ) -> dict[str, dict[str, float]]:
     """``{post-processing name: {metric: value}}`` for every task, each text embedded once.
 

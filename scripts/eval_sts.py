@@ -10,7 +10,8 @@ Tasks (``--tasks``, comma-separated; default ``sts``): ``sts`` (STS-B ``--split`
 vs human scores), ``newsgroups`` (5-NN topic accuracy, ``--newsgroups-split``), ``passkey`` (needle
 retrieval among ``--passkey-docs`` documents of 512...4,096 tokens, accuracy@1).
 
-Each method is a spec ``METHOD[:key=value,...]`` whose keys are :func:`kvemb_st.from_base` arguments;
+Each method is a spec ``METHOD[:key=value,...]`` whose keys are :func:`kvemb_st.from_base` arguments, or
+``load:FOLDER`` for a saved model as it is (its sides and post-processing included; ``--base`` is not used);
 values are JSON when they parse as JSON, else strings, and ``prompteol``/``compression`` name the
 templates. Or give a whole JSON object after the colon. ``--postprocess none,center,whiten`` scores every
 method without and with calibrated post-processing (fitted on ``--calibration``). Examples::
@@ -38,10 +39,17 @@ import torch
 import kvemb_st
 from kvemb_st.assets import smollm2_folder
 from kvemb_st.config import NAMED_TEMPLATES
-from kvemb_st.doc_tasks import PASSKEY_LENGTHS, build_passkey_task, load_lee, load_newsgroups, passkey_fillers
+from kvemb_st.doc_tasks import (
+    PASSKEY_LENGTHS,
+    build_passkey_task,
+    load_lee,
+    load_newsgroup_retrieval,
+    load_newsgroups,
+    passkey_fillers,
+)
 from kvemb_st.evaluation import (
     EvalTask,
-    PoolSpec,
+    final_pooling,
     PostSpec,
     build_document_task,
     calibration_texts,
@@ -55,14 +63,20 @@ from kvemb_st.evaluation import (
     write_json,
 )
 from kvemb_st.methods import METHODS
+from kvemb_st.pooling import Readout
 
 TEMPLATE_KEYS = ("template", "query_template", "document_template")
-TASKS = ("sts", "sts-test", "paragraphs", "lee", "newsgroups", "passkey")
+LOAD = "load"  # spec "load:FOLDER": a saved model (with its post-processing and sides), run as it is
+TASKS = ("sts", "sts-test", "paragraphs", "lee", "newsgroups", "retrieval", "passkey")
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """``"kv:layers=20-29,prefix_bias=3"`` -> ``("kv", {"method": "kv", "layers": "20-29", "prefix_bias": 3})``."""
     method, _, rest = spec.partition(":")
+    if method == LOAD:
+        if not rest:
+            raise ValueError(f"method spec {spec!r}: name the saved model folder, e.g. 'load:smollm2-kvemb'")
+        return LOAD, {"path": rest}
     if not method:
         raise ValueError(f"method spec {spec!r} has no method name; use e.g. 'kv:layers=20-29' or 'prompteol'")
     if method not in METHODS:
@@ -107,6 +121,9 @@ def build_tasks(args: argparse.Namespace, names: Sequence[str], tokenizer: Any) 
         tasks.append(similarity_task(load_lee()))
     if "newsgroups" in names:
         tasks.append(topic_task(load_newsgroups(args.newsgroups_split, args.seed), args.knn))
+    if "retrieval" in names:
+        task = load_newsgroup_retrieval(args.newsgroups_split, args.seed)
+        tasks.append(retrieval_task(task, "retrieval", ("ndcg@10", "mrr@10")))
     if "passkey" in names:
         fillers = passkey_fillers()
         for length in args.passkey_lengths:
@@ -123,11 +140,11 @@ def evaluate_spec(
     calibration: Sequence[str] | Mapping[str | None, Sequence[str]] | None = None,
     batch_size: int = 32,
     max_seq_length: int | None = None,
-    poolings: Sequence[PoolSpec] | None = None,
+    poolings: Sequence[Readout] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per (pooling and) post-processing; ``tasks`` may be a function of the model's tokenizer."""
     method, kwargs = parse_spec(spec)
-    model = kvemb_st.from_base(base, **kwargs)
+    model = kvemb_st.load(kwargs["path"]) if method == LOAD else kvemb_st.from_base(base, **kwargs)
     if max_seq_length:
         model[0].max_seq_length = max_seq_length
     if callable(tasks):
@@ -166,7 +183,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--docs", action="store_true", help="also run the paragraph task (= --tasks ...,paragraphs)")
     parser.add_argument("--doc-queries", type=int, default=200)
     parser.add_argument("--doc-sentences", type=int, default=10)
-    parser.add_argument("--newsgroups-split", default="dev", choices=("dev", "test", "all"))
+    parser.add_argument("--newsgroups-split", default="dev", choices=("dev", "test", "all"),
+                        help="half of the newsgroups posts (newsgroups) and of the subject queries (retrieval)")
     parser.add_argument("--knn", type=int, default=5, help="k of the newsgroups k-NN accuracy")
     parser.add_argument("--passkey-docs", type=int, default=8, help="documents per passkey length")
     parser.add_argument("--passkey-lengths", type=lambda t: [int(x) for x in t.split(",")], default=list(PASSKEY_LENGTHS))
@@ -185,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     specs = [(spec, parse_spec(spec)) for spec in args.methods]  # fail on bad input before any work
     names = _names(args.tasks, TASKS, "--tasks") + (["paragraphs"] if args.docs else [])
     postprocessing = [PostSpec.parse(p.strip()) for p in args.postprocess.split(",") if p.strip()] or [PostSpec()]
-    poolings = [PoolSpec.parse(p.strip()) for p in args.poolings.split(",") if p.strip()] if args.poolings else None
+    poolings = [final_pooling(p.strip()) for p in args.poolings.split(",") if p.strip()] if args.poolings else None
     calibration: dict[str | None, list[str]] = {
         post.calibration: calibration_texts(post.calibration or args.calibration)
         for post in postprocessing if post.mode
@@ -249,9 +267,12 @@ def describe(args: argparse.Namespace, names: Sequence[str]) -> str:
         "sts": f"- sts: STS-B {args.split} ({args.limit or 'all'} pairs), Spearman of cosine",
         "sts-test": "- sts_test: STS-B test (all 1,379 pairs), Spearman of cosine; reported, never used to choose",
         "paragraphs": f"- docs: STS-B {args.split} paragraphs ({args.doc_queries} queries, {args.doc_sentences} sentences each)",
-        "lee": "- lee: Lee et al. (2005), 50 news documents, 1,225 pairs, correlation of cosine with the human mean",
+        "lee": "- lee: Lee et al. (2005), 50 news documents (encode_document), 1,225 pairs, correlation of cosine with "
+               "the human mean",
         "newsgroups": f"- newsgroups: {args.newsgroups_split} posts (alt.atheism vs sci.space), leave-one-out "
-                      f"{args.knn}-NN accuracy (cosine)",
+                      f"{args.knn}-NN accuracy (cosine), documents by encode_document",
+        "retrieval": f"- retrieval: newsgroups subject -> body, {args.newsgroups_split} queries (encode_query), all "
+                     "200 bodies (encode_document), nDCG@10 / MRR@10",
         "passkey": f"- passkeyN: needle retrieval among {args.passkey_docs} documents of N tokens, accuracy@1",
     }
     return "\n".join(lines[n] for n in names)

@@ -17,7 +17,7 @@ from kvemb_st.assets import load_sts_b
 from kvemb_st.doc_tasks import DocumentTask, load_lee
 from kvemb_st.evaluation import (
     DOC_METRICS,
-    PoolSpec,
+    final_pooling,
     PostSpec,
     calibration_texts,
     build_document_task,
@@ -128,7 +128,7 @@ def test_harness_post_processing_equals_the_appended_module(tiny_llama):
     calibration = [pair[0] for pair in sts_pairs("train", limit=40)]
     model = kvemb_st.from_base(tiny_llama, method="prompteol")
     got = evaluate_model(model, [task], [PostSpec(), PostSpec("whiten", 8)], calibration)
-    expected = task.score(model, {"text": dict(zip(lee.texts, add_postprocessing(model, calibration, "whiten", 8).encode(list(lee.texts))))})
+    expected = task.score(model, {"document": dict(zip(lee.texts, add_postprocessing(model, calibration, "whiten", 8).encode(list(lee.texts))))})
     assert got["whiten:8"] == pytest.approx(expected, abs=1e-5)
     assert got["none"] != got["whiten:8"]
     with pytest.raises(ValueError, match="calibration texts"):
@@ -138,7 +138,7 @@ def test_harness_post_processing_equals_the_appended_module(tiny_llama):
     model = kvemb_st.from_base(tiny_llama, method="prompteol")  # add_postprocessing appended a module to the first
     named = evaluate_model(model, [task], [PostSpec("whiten", 8), PostSpec("whiten", 8, "other")],
                            {None: calibration, "other": other})
-    expected_other = task.score(model, {"text": dict(zip(lee.texts, add_postprocessing(model, other, "whiten", 8).encode(list(lee.texts))))})
+    expected_other = task.score(model, {"document": dict(zip(lee.texts, add_postprocessing(model, other, "whiten", 8).encode(list(lee.texts))))})
     assert named["whiten:8"] == pytest.approx(expected, abs=1e-5)
     assert named["whiten:8@other"] == pytest.approx(expected_other, abs=1e-5) and expected_other != expected
     with pytest.raises(ValueError, match="set 'missing'"):
@@ -209,7 +209,7 @@ def test_poolings_from_one_forward_pass_equal_models_built_with_each_pooling(tin
     task = similarity_task(lee)
     calibration = [pair[0] for pair in sts_pairs("train", limit=40)]
     model = kvemb_st.from_base(tiny_llama, method="kv", layers="1-2")
-    poolings = [PoolSpec.parse("mean+last:0.25"), PoolSpec.parse("last"), PoolSpec.parse("mean")]
+    poolings = [final_pooling("mean+last:0.25"), final_pooling("last"), final_pooling("mean")]
     got = evaluate_model(model, [task], [PostSpec(), PostSpec("whiten", 8)], calibration, poolings=poolings)
     assert list(got) == [f"{p}/{q}" for p in ("mean+last:0.25", "last", "mean") for q in ("none", "whiten:8")]
     for pooling, extra in (("mean+last:0.25", dict(pooling="mean+last", last_weight=0.25)), ("last", dict(pooling="last")),
@@ -217,7 +217,7 @@ def test_poolings_from_one_forward_pass_equal_models_built_with_each_pooling(tin
         alone = kvemb_st.from_base(tiny_llama, method="kv", layers="1-2", **extra)
         assert got[f"{pooling}/none"] == pytest.approx(evaluate_model(alone, [task])["none"], abs=1e-5)
         whitened = add_postprocessing(alone, calibration, "whiten", 8)
-        expected = task.score(alone, {"text": dict(zip(lee.texts, whitened.encode(list(lee.texts))))})
+        expected = task.score(alone, {"document": dict(zip(lee.texts, whitened.encode(list(lee.texts))))})
         assert got[f"{pooling}/whiten:8"] == pytest.approx(expected, abs=1e-5)
     assert got["last/none"] != got["mean/none"]
     with pytest.raises(ValueError, match="single-copy"):
@@ -225,11 +225,12 @@ def test_poolings_from_one_forward_pass_equal_models_built_with_each_pooling(tin
 
 
 @pytest.mark.parametrize(("text", "message"), [("max", "unknown pooling"), ("last:0.5", "only mean\\+last"),
-                                               ("mean+last:2", "in \\[0, 1\\]"), ("mean+last:x", "in \\[0, 1\\]")])
+                                               ("mean+last:2", "in \\[0, 1\\]"), ("mean+last:x", "in \\[0, 1\\]"),
+                                               ("mean@3", "doc_levers"), ("mean/text", "doc_levers")])
 def test_bad_pooling_is_a_clear_error(text, message):
     with pytest.raises(ValueError, match=message):
-        PoolSpec.parse(text)
-    assert PoolSpec.parse("mean+last").name == "mean+last:0.75" and PoolSpec.parse("mean+last:0.5").last_weight == 0.5
+        final_pooling(text)
+    assert final_pooling("mean+last").name == "mean+last:0.75" and final_pooling("mean+last:0.5").last_weight == 0.5
 
 
 def test_eval_script_scores_poolings(eval_sts, tiny_llama, tmp_path):
