@@ -118,7 +118,7 @@ class KVEmbedding(InputModule):
     def side_of(self, prompt: str | None, task: str | None) -> str | None:
         """The side a call uses: ``task`` (``encode_query``/``encode_document`` set it), else the side whose
         template ``prompt`` is (``encode(prompt_name="document")``), else the top-level settings (``None``)."""
-        if task in self._sides:
+        if task is not None and task in self._sides:
             return task
         return next((side for side, text in self.prompts.items() if prompt and prompt == text), None)
 
