@@ -15,6 +15,7 @@ the default side under each shared whitening. Never test data.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import random
 import sys
@@ -253,19 +254,32 @@ def run_score(args: argparse.Namespace) -> dict[str, Any]:
         for description, readout in [*candidates(scorer.layers(setting)), ({"own": True}, own)]:
             seen.setdefault(readout, description)
         start = time.perf_counter()
+        calibrations = [c for c in CALIBRATIONS if c == "none" or all(
+            (scorer.root / setting / f"cal_{part}.npz").exists() for part in c.split("+"))]  # fmt: skip
         for readout, description in seen.items():
-            for calibration in CALIBRATIONS:
+            for calibration in calibrations:
                 apply = scorer.transform(setting, readout, calibration)
                 docs = apply(scorer.vectors(setting, "newsgroups", readout))
                 row = {"setting": setting, "readout": readout.name, **description, "whiten": calibration,
                        **scorer.documents(apply(scorer.vectors(setting, "lee", readout)), docs),
                        **scorer.retrieval(apply(scorer.vectors(setting, "subjects", readout)), docs)}  # fmt: skip
                 rows.append(row)
-        print(f"{setting}: {len(seen)} readouts x {len(CALIBRATIONS)} whitenings in {time.perf_counter() - start:.0f} s",
+        print(f"{setting}: {len(seen)} readouts x {len(calibrations)} whitenings in {time.perf_counter() - start:.0f} s",
               flush=True)
     result = {"backbone": args.backbone, "command": " ".join(sys.argv), "rows": rows}
-    write_json(args.out / f"{args.backbone}_stage1.json", result)
+    write_rows(args.out / f"{args.backbone}_stage1.json.gz", result)
     return result
+
+
+def write_rows(path: Path, result: dict[str, Any]) -> None:
+    """Compact gzipped JSON, floats to 4 decimals: thousands of rows per backbone."""
+    rounded = [{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()} for row in result["rows"]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(json.dumps({**result, "rows": rounded}, separators=(",", ":")).encode(), mtime=0))
+
+
+def read_rows(path: Path) -> dict[str, Any]:
+    return json.loads(gzip.decompress(path.read_bytes()))
 
 
 SIMPLER_WHITENING = {"sentences": 0, "sts_paragraphs": 1, "sentences+sts_paragraphs": 2, "none": 3}
@@ -315,7 +329,7 @@ def choose_stage1(ranked: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_choose(args: argparse.Namespace) -> dict[str, Any]:
     """Both stages of the rule over the backbones' stage-1 results; stage 2 scores its candidates here."""
-    results = [json.loads((args.out / f"{name}_stage1.json").read_text()) for name in args.backbones.split(",")]
+    results = [read_rows(args.out / f"{name}_stage1.json.gz") for name in args.backbones.split(",")]
     ranked = rank_stage1(results)
     chosen = choose_stage1(ranked)
     setting, depth, width, pooling, whiten = chosen["key"]
