@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_CALIBRATION_FILE = Path(__file__).parent / "data" / "calibration.txt"
+PARAGRAPH_CALIBRATION_FILE = Path(__file__).parent / "data" / "calibration_paragraphs.txt"
 
 
 def _general() -> list[str]:
@@ -36,6 +37,9 @@ class NamedSet:
 # Sets by name (``kvemb build --calibration general``); a name wins over a same-named relative path.
 NAMED_CALIBRATION_SETS = {
     "sts-b-train": NamedSet(lambda: read_calibration_file(DEFAULT_CALIBRATION_FILE), f"{DEFAULT_CALIBRATION_FILE.name}"),
+    "sts-b-train-paragraphs": NamedSet(
+        lambda: read_calibration_file(PARAGRAPH_CALIBRATION_FILE), PARAGRAPH_CALIBRATION_FILE.name
+    ),
     "general": NamedSet(_general, "lee_background.cor of gensim's test data"),
 }
 JOIN = "+"  # "sts-b-train+general": named sets joined in order, repeated texts dropped

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import random
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -30,7 +29,7 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 
 import kvemb_st
-from kvemb_st.assets import load_sts_b, qwen25_folder, smollm2_folder
+from kvemb_st.assets import qwen25_folder, smollm2_folder
 from kvemb_st.calibration import load_calibration
 from kvemb_st.config import COMPRESSION_TEMPLATE, KVEmbeddingConfig
 from kvemb_st.doc_tasks import knn_accuracy, load_lee, load_newsgroup_retrieval, load_newsgroups
@@ -78,32 +77,12 @@ def settings(backbone: Backbone) -> dict[str, dict[str, Any]]:
 STS_SETTINGS = ("kv", "mean", "prompteol", "echo", "token_prepending")  # the default side and the baselines
 
 
-def sts_paragraphs(count: int = 256, seed: int = 0) -> list[str]:
-    """Paragraphs of 3-6 STS-B *train* sentences (none of the shipped calibration sentences): shippable texts."""
-    used = set(load_calibration())
-    sentences = sorted({s for a, b, _ in load_sts_b("train") for s in (a, b) if len(s.split()) >= 5} - used)
-    rng = random.Random(seed)
-    rng.shuffle(sentences)
-    out, cursor = [], 0
-    for _ in range(count):
-        size = rng.randint(3, 6)
-        out.append(" ".join(s if s[-1] in ".!?" else s + "." for s in sentences[cursor : cursor + size]))
-        cursor += size
-    return out
-
-
-def general_paragraphs() -> list[str]:
-    """The 256 paragraphs of the shipped general set (its other 256 texts are single sentences)."""
-    texts = load_calibration("general")
-    return sorted(texts, key=lambda t: -len(t.split()))[:256]
-
-
 def text_sets(backbone: Backbone) -> dict[str, list[str]]:
     retrieval = load_newsgroup_retrieval("dev")
     return {
         "cal_sentences": load_calibration(),
         "cal_general": load_calibration("general"),
-        "cal_sts_paragraphs": sts_paragraphs(),
+        "cal_sts_paragraphs": load_calibration("sts-b-train-paragraphs"),
         "lee": list(load_lee().texts),
         "newsgroups": list(load_newsgroups("all").texts),
         "subjects": list(retrieval.queries.values()),

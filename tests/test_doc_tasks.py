@@ -182,3 +182,17 @@ def test_retrieval_qrels_match_the_subject_lines_of_the_raw_file():
     assert set(dev.queries.values()) | set(test.queries.values()) == set(expected)
     assert dev.corpus == test.corpus == whole.corpus
     assert not any(re.match(r"(?i)re:", q) for q in whole.queries.values())
+
+
+def test_shipped_calibration_sets_are_the_scripts_output_from_sts_b_train_only(load_script):
+    script = load_script("make_calibration_set")
+    sentences = calibration_texts("sts-b-train")
+    paragraphs = calibration_texts("sts-b-train-paragraphs")
+    assert paragraphs == script.sts_b_train_paragraphs(set(sentences))  # reproducible, up to date
+    assert len(paragraphs) == len(set(paragraphs)) == 256 and min(len(p.split()) for p in paragraphs) >= 15
+    joined = "\n".join(paragraphs)
+    evaluated = {t for split in ("dev", "test") for pair in load_sts_b(split) for t in pair[:2] if len(t.split()) >= 12}
+    train = {t for pair in load_sts_b("train") for t in pair[:2]}
+    assert not [t for t in evaluated - train if t in joined]
+    documents = [*load_lee().texts, *load_newsgroups("all").texts]
+    assert not set(paragraphs) & set(documents)
