@@ -49,6 +49,10 @@ PLACEHOLDER_LAYERS = [0]
 NO_POSTPROCESSING = "none"
 DEFAULT_POSTPROCESS = "whiten"  # full dimension, fitted on the calibration texts; see scripts/choose_defaults.py
 _NOT_RECORDED = ("token", "eval_results", "command", "progress")  # secrets and noise stay out of the card
+# The document side of a default build and the texts it adds to the whitening: chosen on dev data of both
+# backbones by a rule written before the runs (results/doc_levers/RULE.md, README "Documents").
+DEFAULT_SIDES: dict[str, dict[str, Any]] = {}
+DEFAULT_DOCUMENT_CALIBRATION = "sts-b-train-paragraphs"
 
 
 @dataclass
@@ -69,6 +73,7 @@ def build(
     calibration_limit: int | None = None,
     postprocess: str = DEFAULT_POSTPROCESS,
     postprocess_calibration: str | os.PathLike[str] | Sequence[str] | None = None,
+    document_calibration: str | os.PathLike[str] | Sequence[str] | None = DEFAULT_DOCUMENT_CALIBRATION,
     components: int | None = None,
     eigenvalue_floor: float = DEFAULT_EIGENVALUE_FLOOR,
     selection: SelectionParams | None = None,
@@ -101,13 +106,16 @@ def build(
             :func:`~kvemb_st.postprocessing.fit_postprocessing`.
         postprocess_calibration: The texts it is fitted on (``None``: the calibration texts), e.g.
             ``"sts-b-train+general"`` to add general news paragraphs.
+        document_calibration: Texts embedded by ``encode_document`` that join the same fit when the model
+            has a document side (``None``: none); one transform for all sides keeps one space.
         selection: Where the automatic window goes; see :class:`~kvemb_st.layer_selection.SelectionParams`.
         cache_dir, use_cache: ID-curve cache (default ``<kvemb cache>/id_curves``).
         base_model_id: Hub id of the base model for the card's metadata when ``base_model`` is a path.
         eval_results: Metric name -> value, shown in the card.
         push_to_hub: Hub repo id to upload the folder to (created if missing).
         command: How the build was invoked, for the card; defaults to this Python call.
-        knobs: Fields of :class:`~kvemb_st.config.KVEmbeddingConfig` (``prefix_bias``, ``pooling``, ...).
+        knobs: Fields of :class:`~kvemb_st.config.KVEmbeddingConfig` (``prefix_bias``, ``pooling``, ...);
+            ``sides`` defaults to :data:`DEFAULT_SIDES` (``sides={}``: every side reads out like ``encode``).
     """
     call = {name: value for name, value in locals().items() if name not in _NOT_RECORDED}
     output = Path(output_dir)
@@ -126,6 +134,7 @@ def build(
     elif components is not None or postprocess_calibration is not None:
         which = "components" if components is not None else "postprocess_calibration"
         raise ValueError(f"{which} applies to a post-processing mode: pass postprocess (--postprocess) too")
+    knobs.setdefault("sides", DEFAULT_SIDES)
     texts = load_calibration(calibration, calibration_limit)
     if postprocess_calibration is None:
         postprocess_calibration, post_texts = calibration, texts
@@ -148,9 +157,12 @@ def build(
     num_layers = module.auto_model.config.num_hidden_layers
     module.config.check_layers_fit(num_layers)
     if postprocess != NO_POSTPROCESSING:
+        with_documents = document_calibration is not None and "document" in module.config.sides
         add_postprocessing(
             model, post_texts, postprocess, components, batch_size,
             calibration_name=_calibration_name(postprocess_calibration), eigenvalue_floor=eigenvalue_floor,
+            document_texts=load_calibration(document_calibration, calibration_limit) if with_documents else (),
+            document_name=_calibration_name(document_calibration) if with_documents else None,
         )  # fmt: skip
 
     output.mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kvemb_st.build import DEFAULT_POSTPROCESS, NO_POSTPROCESSING, build
+from kvemb_st.build import DEFAULT_DOCUMENT_CALIBRATION, DEFAULT_POSTPROCESS, DEFAULT_SIDES, NO_POSTPROCESSING, build
 from kvemb_st.config import POOLING_MODES, ROPE_MODES, KVEmbeddingConfig
+from kvemb_st.pooling import SPANS
 from kvemb_st.intrinsic_dim import ESTIMATORS
 from kvemb_st.layer_selection import (
     ANCHORS,
@@ -35,11 +36,14 @@ from kvemb_st.version import __version__
 DTYPES = ("float32", "bfloat16", "float16")
 _CONFIG_DEFAULTS = KVEmbeddingConfig(base_model="<base>", layers=[0]).to_dict()  # the defaults of method 'kv'
 _SECRET_OPTIONS = ("--token",)
+SIDE_FLAGS = ("pooling", "last_weight", "pool_layers", "pool_span")  # --document-<name>, beside --document-template
 KNOB_OPTIONS: dict[str, dict[str, Any]] = {  # KVEmbeddingConfig field -> argparse options of its --flag
     "prefix_bias": dict(type=float, help="added to the prefix slot's attention logit"),
     "prefix_rope": dict(choices=ROPE_MODES, help="position of the prefix key"),
-    "pooling": dict(choices=POOLING_MODES, help="pooling of the final hidden states"),
+    "pooling": dict(choices=POOLING_MODES, help="pooling of the hidden states"),
     "last_weight": dict(type=float, help="weight of the last token in mean+last pooling"),
+    "pool_layers": dict(help="layers whose outputs are averaged and pooled, e.g. '14' or '12-16' (default: the final output)"),
+    "pool_span": dict(choices=SPANS, help="tokens the mean runs over ('text': the text's own)"),
     "template": dict(help="prompt with one {text} placeholder"),
     "max_seq_length": dict(type=int, help="maximum tokens of the templated input"),
 }
@@ -66,7 +70,17 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> None:
     for name, options in KNOB_OPTIONS.items():
         _knob(knobs, name, **options)
     knobs.add_argument("--query-template", help="template for encode_query (ST prompt 'query')")
-    knobs.add_argument("--document-template", help="template for encode_document (ST prompt 'document')")
+
+    document = parser.add_argument_group(
+        "document side (encode_document); default: " + (json.dumps(DEFAULT_SIDES.get("document")) or "none")
+    )
+    document.add_argument("--document-template", help="template for encode_document (ST prompt 'document')")
+    for name in SIDE_FLAGS:
+        options = dict(KNOB_OPTIONS[name])
+        options["help"] = f"document side: {options['help']}"
+        document.add_argument(f"--document-{name.replace('_', '-')}", dest=f"document_{name}", **options)
+    document.add_argument("--no-document-side", action="store_true",
+                          help="documents read out like plain encode (the --document-* flags still apply)")
 
     select = parser.add_argument_group("automatic layer selection")
     select.add_argument("--calibration", type=Path, help="calibration file, one text per line (default: shipped set)")
@@ -118,6 +132,13 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> None:
         "a file (default: the calibration texts)",
     )
     post.add_argument(
+        "--document-calibration",
+        metavar="SET",
+        default=DEFAULT_DOCUMENT_CALIBRATION,
+        help="texts embedded by encode_document that join the same fit when there is a document side, or 'none' "
+        "(default: %(default)s)",
+    )
+    post.add_argument(
         "--components",
         type=int,
         help="remove_pcs: directions removed (required); whiten: output dimension (default: the full dimension)",
@@ -151,8 +172,17 @@ def _knob(group: argparse._ArgumentGroup, name: str, **options: Any) -> None:
     group.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help_text, **options)
 
 
+def document_side(args: argparse.Namespace) -> dict[str, Any]:
+    """The document side the flags ask for: the default one (unless --no-document-side) with any --document-* set."""
+    side = {} if args.no_document_side else dict(DEFAULT_SIDES.get("document", {}))
+    side.update({name: getattr(args, f"document_{name}") for name in SIDE_FLAGS if getattr(args, f"document_{name}") is not None})
+    return side
+
+
 def run_build(args: argparse.Namespace, argv: Sequence[str]) -> int:
     knobs = {name: value for name, value in vars(args).items() if name in KNOB_OPTIONS}
+    side = document_side(args)
+    knobs["sides"] = {"document": side} if side else {}
     result = build(
         args.base_model,
         args.output,
@@ -162,6 +192,7 @@ def run_build(args: argparse.Namespace, argv: Sequence[str]) -> int:
         calibration_limit=args.calibration_limit,
         postprocess=args.postprocess,
         postprocess_calibration=args.postprocess_calibration,
+        document_calibration=None if args.document_calibration == NO_POSTPROCESSING else args.document_calibration,
         components=args.components,
         eigenvalue_floor=args.eigenvalue_floor,
         selection=SelectionParams(

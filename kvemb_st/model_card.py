@@ -20,6 +20,7 @@ from huggingface_hub import ModelCardData
 
 from kvemb_st.config import KVEmbeddingConfig, is_hub_id
 from kvemb_st.layer_selection import format_layer_spec
+from kvemb_st.pooling import Readout
 from kvemb_st.postprocessing import STATISTICS_FILE, PostProcessing
 from kvemb_st.version import __version__
 
@@ -104,9 +105,15 @@ def _postprocessing_text(postprocessing: tuple[PostProcessing, str] | None) -> t
     held = f"the calibration mean ({module.in_features} values)" + (f", and {matrix}" if matrix else "")
     size_note = "" if module.out_features == module.in_features else f" (reduced from {module.in_features})"
     calibration = module.calibration
+    document = calibration.get("document")
+    also = (
+        f", plus {document['count']} texts ({document['name']}, `{document['hash']}`) embedded by `encode_document`,"
+        " so that one transform serves every side and queries and documents stay in one space"
+        if document else ""
+    )
     made = (
         f"It was fitted by `kvemb build` on {calibration['count']} calibration texts "
-        f"({calibration['name']}, `{calibration['hash']}`), embedded by "
+        f"({calibration['name']}, `{calibration['hash']}`){also}, embedded by "
         "this very model (template, re-routed layers, pooling), without labels or gradients."
     )
     text = (
@@ -129,6 +136,24 @@ def _evaluation_text(eval_results: Mapping[str, int | float | str] | None) -> st
         for name, value in eval_results.items()
     )
     return f"| Metric | Value |\n|---|---|\n{rows}"
+
+
+def describe_readout(readout: Readout) -> str:
+    """``mean+last (last-token weight 0.75), final output, all tokens`` and the like, for the card."""
+    pooling = readout.pooling if readout.pooling != "mean+last" else f"mean+last (last-token weight {readout.last_weight:g})"
+    layers = "final output" if readout.layers is None else f"layers {format_layer_spec(list(readout.layers))} (mean)"
+    span = "the text's own tokens" if readout.span == "text" else "all tokens"
+    return f"{pooling}, {layers}, mean over {span}"
+
+
+def _sides_rows(config: KVEmbeddingConfig) -> str:
+    """Table rows for the sides that differ from plain ``encode`` (none: an empty string)."""
+    rows = []
+    for side in config.sides:
+        settings = config.side_settings(side)
+        template = settings["template"].replace("\n", "\\n")
+        rows.append(f"| `encode_{side}` side | template `{template}`; {describe_readout(config.readout(side))} |")
+    return "".join(f"\n{row}" for row in rows)
 
 
 def render_model_card(
@@ -165,7 +190,7 @@ def render_model_card(
     )
     name = hub_id or Path(config.base_model).name
     postprocessing_cell, postprocessing_section = _postprocessing_text(postprocessing)
-    pooling = config.pooling if config.pooling != "mean+last" else f"mean+last (last-token weight {config.last_weight})"
+    pooling = describe_readout(config.readout())
     return Template(TEMPLATE.read_text(encoding="utf-8")).substitute(
         metadata=metadata,
         title=f"KV-Embedding on {name}",
@@ -178,6 +203,7 @@ def render_model_card(
         prefix_rope=config.prefix_rope,
         pooling=pooling,
         template=config.template.replace("\n", "\\n"),
+        sides=_sides_rows(config),
         max_seq_length=config.max_seq_length,
         dimension=dimension,
         contents="configuration only" if postprocessing is None else "configuration and calibration statistics",

@@ -279,11 +279,16 @@ def add_postprocessing(
     *,
     calibration_name: str | None = None,
     eigenvalue_floor: float = DEFAULT_EIGENVALUE_FLOOR,
+    document_texts: Sequence[str] = (),
+    document_name: str | None = None,
 ) -> SentenceTransformer:
     """Embed ``texts`` with ``model`` (its default prompt), fit ``mode`` and append the module; return ``model``.
 
     Works for any method (the statistics only see the output vectors), so baselines can be given the same
-    treatment. ``calibration_name`` names the set in the saved config and card (default: a description).
+    treatment. ``document_texts`` are embedded with ``encode_document`` and join the fit: one transform for
+    every side keeps queries and documents in one space, and a document side whose vectors differ from the
+    default side's (another template or readout) is then whitened by statistics that saw such vectors.
+    ``calibration_name`` / ``document_name`` name the sets in the saved config and card.
     """
     check_postprocessing_args(mode, components, eigenvalue_floor)
     if any(isinstance(module, PostProcessing) for module in model):
@@ -291,9 +296,13 @@ def add_postprocessing(
             "this model already has a PostProcessing module; fit on a model without one (its statistics would "
             "otherwise be computed on already post-processed vectors)"
         )
-    texts = list(texts)
-    embeddings = model.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
+    texts, document_texts = list(texts), list(document_texts)
+    options = dict(batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
+    embeddings = model.encode(texts, **options)
     record = calibration_record(texts, calibration_name)
+    if document_texts:
+        embeddings = np.concatenate([embeddings, model.encode_document(document_texts, **options)])
+        record = {**record, "document": calibration_record(document_texts, document_name)}
     module = fit_postprocessing(embeddings, mode, components, record, eigenvalue_floor)
     model.append(module.to(model.device))
     return model

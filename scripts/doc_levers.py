@@ -306,6 +306,27 @@ def choose_stage1(ranked: list[dict[str, Any]]) -> dict[str, Any]:
     return min((e for e in pool if e["score"] >= best - 0.005), key=lambda e: simplicity(e["key"]))
 
 
+STS_FLOOR = {"smollm2": 0.805 - 0.005, "qwen25": 0.787 - 0.005}  # today's STS-B dev of `encode`, minus 0.005
+QUERY_ORDER = ("default side", "document readout", "document side")
+POST_ORDER = ("one whitening", "one whitening, document paragraphs", "one per side")
+
+
+def choose_stage2(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Best mean retrieval-dev nDCG@10 over the backbones among candidates that keep STS-B dev on each;
+    a simpler candidate within 0.005 wins (results/doc_levers/RULE.md, stage 2)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["query"], row["post"]), []).append(row)
+    allowed = {key: float(np.mean([r["retrieval_ndcg@10"] for r in group])) for key, group in groups.items()
+               if all(r["sts_dev"] >= STS_FLOOR[r["backbone"]] for r in group)}  # fmt: skip
+    if not allowed:
+        raise ValueError("no stage-2 candidate keeps STS-B dev on every backbone")
+    best = max(allowed.values())
+    query, post = min((key for key, score in allowed.items() if score >= best - 0.005),
+                      key=lambda key: (QUERY_ORDER.index(key[0]), POST_ORDER.index(key[1])))  # fmt: skip
+    return {"query": query, "post": post, "retrieval_ndcg@10": allowed[(query, post)], "allowed": len(allowed)}
+
+
 def run_choose(args: argparse.Namespace) -> dict[str, Any]:
     """Both stages of the rule over the backbones' stage-1 results; stage 2 scores its candidates here."""
     results = [read_rows(args.out / f"{name}_stage1.json.gz") for name in args.backbones.split(",")]
@@ -319,23 +340,28 @@ def run_choose(args: argparse.Namespace) -> dict[str, Any]:
         doc = Readout(base.pooling, base.last_weight, depth_layers(depth, width, scorer.layers(setting)), base.span)
         default_w = scorer.transform("kv", DEFAULT_QUERY, "sentences")
         doc_w = scorer.transform(setting, doc, whiten)
-        parts = [scorer.vectors("kv", "cal_sentences", DEFAULT_QUERY)]
-        if whiten != "none":
-            parts += [scorer.vectors(setting, f"cal_{part}", doc) for part in whiten.split("+")]
-        shared = fit_postprocessing(np.concatenate(parts), "whiten").transform
-        for query_name, query in (("default side", DEFAULT_QUERY), ("document readout", doc)):
-            for post in ("one whitening", "one per side"):
-                w_default = shared if post == "one whitening" else default_w
-                w_doc = shared if post == "one whitening" else doc_w
-                w_query = w_default if query is DEFAULT_QUERY or post == "one whitening" else doc_w
+        default_sentences = scorer.vectors("kv", "cal_sentences", DEFAULT_QUERY)
+        doc_parts = [] if whiten == "none" else whiten.split("+")
+        posts = {"one whitening": doc_parts, "one whitening, document paragraphs": [p for p in doc_parts if p != "sentences"]}
+        shared = {name: fit_postprocessing(np.concatenate(
+            [default_sentences, *(scorer.vectors(setting, f"cal_{p}", doc) for p in parts)]), "whiten").transform
+            for name, parts in posts.items() if name == "one whitening" or parts != doc_parts}  # fmt: skip
+        queries = {"default side": ("kv", DEFAULT_QUERY), "document readout": ("kv", doc),
+                   "document side": (setting, doc)}  # fmt: skip
+        for query_name, (query_setting, query) in queries.items():
+            for post in [*shared, "one per side"]:
+                w_default = shared.get(post, default_w)
+                w_doc = shared.get(post, doc_w)
+                w_query = shared.get(post, default_w if query_name == "default side" else doc_w)
                 docs = w_doc(scorer.vectors(setting, "newsgroups", doc))
                 row = {"backbone": result["backbone"], "query": query_name, "post": post,
                        "sts_dev": scorer.sts("kv", DEFAULT_QUERY, w_default),
                        **scorer.documents(w_doc(scorer.vectors(setting, "lee", doc)), docs),
-                       **scorer.retrieval(w_query(scorer.vectors("kv", "subjects", query)), docs)}  # fmt: skip
+                       **scorer.retrieval(w_query(scorer.vectors(query_setting, "subjects", query)), docs)}  # fmt: skip
                 stage2.append(row)
     choice = {"stage1": {"key": chosen["key"], "score": chosen["score"], "rows": chosen["rows"]},
-              "top": [{"key": e["key"], "score": e["score"]} for e in ranked[:40]], "stage2": stage2}
+              "top": [{"key": e["key"], "score": e["score"]} for e in ranked[:40]], "stage2": stage2,
+              "stage2_choice": choose_stage2(stage2)}
     write_json(args.out / "choice.json", choice)
     return choice
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -18,6 +19,7 @@ from kvemb_st.build import build
 from kvemb_st.calibration import calibration_hash, load_calibration
 from kvemb_st.cli import main
 from kvemb_st.layer_selection import SelectionParams, format_layer_spec, mean_position
+from kvemb_st.postprocessing import fit_postprocessing
 
 EXPECTED_FILES = {"modules.json", "config_sentence_transformers.json", "kvemb_config.json", "id_curve.png", "README.md"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".onnx")
@@ -246,3 +248,36 @@ def test_smollm2_build_offline_prints_its_layers(tmp_path, capsys, monkeypatch):
     assert len(selection["id_curve"]) == 30
     assert min(selection["near_minimum"]) >= 6 and selection["anchor_layer"] in layers  # minima past the skipped 20%
     assert (tmp_path / "smollm2" / "1_PostProcessing" / "statistics.safetensors").is_file()  # the default whitening
+
+
+TEXTS = ["A man plays a guitar on the street.", "Rates rose again this quarter.", "Cats sleep most of the day."]
+
+
+def test_document_side_flags_and_the_shared_whitening_over_both_sides(tiny_llama, tmp_path):
+    """--document-* flags make the side; the whitening is fitted on the sentences through ``encode`` and the
+    document calibration texts through ``encode_document``, together."""
+    argv = ["build", tiny_llama, "-o", str(tmp_path / "m"), "--layers", "1-2", "--calibration-limit", "16",
+            "--cache-dir", str(tmp_path), "--quiet", "--document-template", 'Passage: "{text}" in one word:"',
+            "--document-pooling", "mean", "--document-pool-layers", "1", "--document-pool-span", "text",
+            "--document-calibration", "sts-b-train-paragraphs"]  # fmt: skip
+    assert main(argv) == 0
+    config = json.loads((tmp_path / "m" / "kvemb_config.json").read_text())
+    assert config["sides"] == {"document": {"template": 'Passage: "{text}" in one word:"', "pooling": "mean",
+                                            "pool_layers": [1], "pool_span": "text"}}  # fmt: skip
+    loaded = kvemb_st.load(str(tmp_path / "m"))
+    record = loaded[1].calibration
+    sentences, paragraphs = load_calibration(None, 16), load_calibration("sts-b-train-paragraphs", 16)
+    assert record["count"] == 16 and record["document"]["count"] == 16
+    assert record["document"]["hash"] == calibration_hash(paragraphs)
+    bare = kvemb_st.from_base(tiny_llama, "1-2", sides=config["sides"])
+    both = np.concatenate([bare.encode(sentences), bare.encode_document(paragraphs)])
+    expected = fit_postprocessing(both, "whiten").transform(bare.encode_document(TEXTS))
+    np.testing.assert_allclose(loaded.encode_document(TEXTS), expected, atol=2e-5)
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "`encode_document` side" in card and "embedded by `encode_document`" in card
+    # without a document side, no document texts join the fit
+    assert main(["build", tiny_llama, "-o", str(tmp_path / "n"), "--layers", "1-2", "--calibration-limit", "16",
+                 "--cache-dir", str(tmp_path), "--quiet", "--no-document-side"]) == 0  # fmt: skip
+    plain = kvemb_st.load(str(tmp_path / "n"))
+    assert json.loads((tmp_path / "n" / "kvemb_config.json").read_text())["sides"] == {}
+    assert "document" not in plain[1].calibration
