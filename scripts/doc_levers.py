@@ -135,6 +135,7 @@ class Scorer:
         self.backbone = BACKBONES[backbone]
         self._probes: dict[tuple[str, str], ProbeVectors] = {}
         lee = load_lee()
+        self.lee_texts = list(lee.texts)
         self.lee_index = np.array([[i for i, _, _ in lee.pairs], [j for _, j, _ in lee.pairs]])
         self.lee_gold = np.array([score for _, _, score in lee.pairs])
         news = load_newsgroups("all")

@@ -1,0 +1,99 @@
+"""Texts longer than the token budget: truncation (the package's behaviour) vs chunks averaged, on dev documents.
+
+Each Lee document and newsgroups post is embedded by the document side (i) whole (``--full`` tokens), (ii) cut
+to ``--budget`` tokens as the model does, and (iii) split at sentence boundaries into chunks of at most
+``--budget`` templated tokens, each embedded, the unit vectors averaged. The same whitening as the model's (one
+transform for every side, fitted at the full budget) is applied to all three. Scores: Lee Pearson over all
+1,225 pairs, newsgroups-dev 5-NN and subject -> body retrieval-dev nDCG@10, plus how many texts were long.
+
+    python scripts/long_documents.py smollm2 --budget 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import kvemb_st
+from kvemb_st.calibration import load_calibration
+from kvemb_st.evaluation import write_json
+from kvemb_st.general_calibration import split_sentences
+from kvemb_st.postprocessing import fit_postprocessing
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from doc_levers import BACKBONES, Scorer  # noqa: E402  (the same data and scoring as the lever harness)
+
+
+def chunks(text: str, fits) -> list[str]:
+    """Consecutive sentences packed greedily while ``fits(chunk)``; a sentence too long alone is its own chunk
+    (and is cut by the model)."""
+    out: list[str] = []
+    for sentence in split_sentences(text):
+        if out and fits(f"{out[-1]} {sentence}"):
+            out[-1] = f"{out[-1]} {sentence}"
+        else:
+            out.append(sentence)
+    return out or [text]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("backbone", choices=sorted(BACKBONES))
+    parser.add_argument("--sides", required=True, help="JSON of the model's sides, e.g. the default build's")
+    parser.add_argument("--layers", default=None, help="re-routed layers (default: the backbone's build window)")
+    parser.add_argument("--budget", type=int, default=128)
+    parser.add_argument("--full", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "kvemb_st" / "probe")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "results" / "doc_levers")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    backbone = BACKBONES[args.backbone]
+    model = kvemb_st.from_base(str(backbone.folder()), args.layers or backbone.layers, sides=json.loads(args.sides),
+                               max_seq_length=args.full)  # fmt: skip
+    scorer = Scorer(args.cache, args.backbone)
+    documents = {"lee": scorer.lee_texts, "newsgroups": scorer.news_texts}
+    options = dict(batch_size=8, convert_to_numpy=True, show_progress_bar=False)
+    calibration = np.concatenate([model.encode(load_calibration(), **options),
+                                  model.encode_document(load_calibration("sts-b-train-paragraphs"), **options)])
+    whiten = fit_postprocessing(calibration, "whiten").transform
+    queries = whiten(model.encode_query(scorer.subjects, **options))
+    module = model[0]
+    template = module.config.side_settings("document")["template"]
+
+    def fits(chunk: str) -> bool:
+        return len(module.tokenizer(template.replace("{text}", chunk))["input_ids"]) <= args.budget
+
+    rows = []
+    long = {name: sum(not fits(t) for t in items) for name, items in documents.items()}
+    for mode in ("full", "truncate", "chunk"):
+        module.max_seq_length = args.full if mode == "full" else args.budget
+        vectors = {}
+        for name, items in documents.items():
+            if mode != "chunk":
+                vectors[name] = model.encode_document(items, **options)
+                continue
+            pieces = [chunks(text, fits) for text in items]
+            flat = model.encode_document([p for piece in pieces for p in piece], **options)
+            bounds = np.cumsum([0, *map(len, pieces)])
+            mean = np.stack([flat[a:b].mean(0) for a, b in zip(bounds[:-1], bounds[1:])])
+            vectors[name] = mean / np.linalg.norm(mean, axis=1, keepdims=True)
+        lee, news = whiten(vectors["lee"]), whiten(vectors["newsgroups"])
+        row = {"mode": mode, "budget": args.full if mode == "full" else args.budget,
+               **scorer.documents(lee, news), **scorer.retrieval(queries, news)}  # fmt: skip
+        rows.append(row)
+        print(row, flush=True)
+    result = {"backbone": args.backbone, "sides": json.loads(args.sides), "long_texts": long,
+              "command": "python scripts/long_documents.py " + " ".join(argv or sys.argv[1:]), "rows": rows}
+    write_json(args.out / f"long_documents_{args.backbone}_{args.budget}.json", result)
+
+
+if __name__ == "__main__":
+    main()
