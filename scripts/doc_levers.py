@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -75,6 +76,22 @@ def settings(backbone: Backbone) -> dict[str, dict[str, Any]]:
 
 
 STS_SETTINGS = ("kv", "mean", "prompteol", "echo", "token_prepending")  # the default side and the baselines
+_WINDOW = re.compile(r"kv@(\d+-\d+)(?:/b(-?[\d.]+))?")
+
+
+def setting_kwargs(backbone: Backbone, name: str) -> dict[str, Any]:
+    """A named setting, or ``kv@START-END[/bBIAS]``: the default knobs with that window (and prefix bias)."""
+    match = _WINDOW.fullmatch(name)
+    if match:
+        window, bias = match.groups()
+        return dict(method="kv", layers=window, **({} if bias is None else {"prefix_bias": float(bias)}))
+    if name not in settings(backbone):
+        raise ValueError(f"unknown setting {name!r}: one of {sorted(settings(backbone))} or kv@START-END[/bBIAS]")
+    return settings(backbone)[name]
+
+
+def wants_sts(name: str) -> bool:
+    return name in STS_SETTINGS or bool(_WINDOW.fullmatch(name))
 
 
 def text_sets(backbone: Backbone) -> dict[str, list[str]]:
@@ -96,12 +113,12 @@ def run_probe(args: argparse.Namespace) -> None:
     sets = text_sets(backbone)
     wanted = args.settings.split(",") if args.settings else list(settings(backbone))
     for name in wanted:
-        kwargs = settings(backbone)[name]
+        kwargs = setting_kwargs(backbone, name)
         model = None
         for set_name, texts in sets.items():
             if args.sets and set_name not in args.sets.split(","):
                 continue
-            if set_name == "sts" and name not in STS_SETTINGS:
+            if set_name == "sts" and not wants_sts(name):
                 continue
             path = args.cache / args.backbone / name / f"{set_name}.npz"
             if path.exists():
@@ -229,7 +246,7 @@ def run_score(args: argparse.Namespace) -> dict[str, Any]:
     names = [n for n in (args.settings.split(",") if args.settings else settings(scorer.backbone)) if scorer.has(n)]
     rows = []
     for setting in names:
-        own = KVEmbeddingConfig(base_model="x", **settings(scorer.backbone)[setting]).readout()
+        own = KVEmbeddingConfig(base_model="x", **setting_kwargs(scorer.backbone, setting)).readout()
         seen: dict[Readout, dict[str, Any]] = {}
         for description, readout in [*candidates(scorer.layers(setting)), ({"own": True}, own)]:
             seen.setdefault(readout, description)
@@ -367,9 +384,33 @@ def run_choose(args: argparse.Namespace) -> dict[str, Any]:
     return choice
 
 
+def run_windows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Issue 20's window (and bias) sweep: every cached ``kv@START-END[/bBIAS]`` setting of one backbone, the
+    default readout whitened on the calibration sentences, on STS-B dev and Lee."""
+    scorer = Scorer(args.cache, args.backbone)
+    rows = []
+    for path in sorted(scorer.root.glob("kv@*")):
+        if not (path / "sts.npz").exists() or not (path / "lee.npz").exists():
+            continue
+        kwargs = setting_kwargs(scorer.backbone, path.name)
+        apply = scorer.transform(path.name, DEFAULT_QUERY, "sentences")
+        lee = apply(scorer.vectors(path.name, "lee", DEFAULT_QUERY))
+        cos = np.einsum("ij,ij->i", lee[scorer.lee_index[0]], lee[scorer.lee_index[1]])
+        start, end = map(int, kwargs["layers"].split("-"))
+        rows.append({"setting": path.name, "start": start, "end": end, "prefix_bias": kwargs.get("prefix_bias", 3.0),
+                     "sts_dev": scorer.sts(path.name, DEFAULT_QUERY, apply),
+                     "lee_pearson": float(pearsonr(cos, scorer.lee_gold)[0])})  # fmt: skip
+    rows.sort(key=lambda r: (r["prefix_bias"], r["end"] - r["start"], r["start"]))
+    write_json(args.out / f"windows_{args.backbone}.json", {"backbone": args.backbone, "rows": rows})
+    (args.out / f"windows_{args.backbone}.md").write_text(
+        markdown_table(rows, ["setting", "start", "end", "prefix_bias", "sts_dev", "lee_pearson"], 4)
+    )
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=("probe", "score", "choose"))
+    parser.add_argument("stage", choices=("probe", "score", "choose", "windows"))
     parser.add_argument("backbone", help=f"one of {sorted(BACKBONES)} (choose: several, comma-separated)")
     parser.add_argument("--settings", default=None, help="comma-separated forward settings (default: all)")
     parser.add_argument("--sets", default=None, help="probe: comma-separated text sets (default: all)")
@@ -386,10 +427,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if args.backbone not in BACKBONES:
         parser.error(f"unknown backbone {args.backbone!r}; choose from {sorted(BACKBONES)}")
-    if args.stage == "probe":
-        run_probe(args)
-    else:
-        run_score(args)
+    {"probe": run_probe, "score": run_score, "windows": run_windows}[args.stage](args)
 
 
 if __name__ == "__main__":
