@@ -273,9 +273,9 @@ def test_flat_curve_of_a_tiny_model_is_recorded(tiny, tiny_llama, tmp_path, monk
     assert not list(tmp_path.iterdir())  # use_cache=False writes nothing
 
 
-def test_shipped_sets_join_by_name():
+def test_named_sets_join_by_name():
     joined = load_calibration("sts-b-train+general")
     assert joined == list(dict.fromkeys(load_calibration("sts-b-train") + load_calibration("general")))
     assert load_calibration("sts-b-train+general", limit=20) == joined[:20]
-    with pytest.raises(ValueError, match=r"\['news'\] are not shipped sets"):
+    with pytest.raises(ValueError, match=r"\['news'\] are not named sets"):
         load_calibration("general+news")
