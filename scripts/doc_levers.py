@@ -103,6 +103,7 @@ def text_sets(backbone: Backbone) -> dict[str, list[str]]:
         "lee": list(load_lee().texts),
         "newsgroups": list(load_newsgroups("all").texts),
         "subjects": list(retrieval.queries.values()),
+        "subjects_test": list(load_newsgroup_retrieval("test").queries.values()),
         "sts": [s for pair in sts_pairs("dev", backbone.sts_limit) for s in pair[:2]],
     }
 
@@ -147,8 +148,9 @@ def ndcg_mrr(queries: np.ndarray, docs: np.ndarray, relevant: list[set[int]], k:
 class Scorer:
     """Loads the cached probes of one backbone and scores readout x whitening combinations."""
 
-    def __init__(self, cache: Path, backbone: str) -> None:
+    def __init__(self, cache: Path, backbone: str, split: str = "dev") -> None:
         self.root = cache / backbone
+        self.split = split
         self.backbone = BACKBONES[backbone]
         self._probes: dict[tuple[str, str], ProbeVectors] = {}
         lee = load_lee()
@@ -156,12 +158,12 @@ class Scorer:
         self.lee_index = np.array([[i for i, _, _ in lee.pairs], [j for _, j, _ in lee.pairs]])
         self.lee_gold = np.array([score for _, _, score in lee.pairs])
         news = load_newsgroups("all")
-        dev = set(load_newsgroups("dev").texts)
+        half = set(load_newsgroups(split).texts)
         self.news_texts = list(news.texts)
-        self.news_dev = [i for i, t in enumerate(news.texts) if t in dev]
+        self.news_dev = [i for i, t in enumerate(news.texts) if t in half]  # the split's half, dev unless told
         self.news_labels = np.array(news.labels)
-        retrieval = load_newsgroup_retrieval("dev")
-        self.subjects = list(retrieval.queries.values())
+        retrieval = load_newsgroup_retrieval(split)
+        self.subjects_set = "subjects" if split == "dev" else f"subjects_{split}"
         ids = list(retrieval.corpus)
         position = {text: i for i, text in enumerate(self.news_texts)}
         self.corpus = [position[retrieval.corpus[d]] for d in ids]  # corpus bodies = the newsgroups texts
@@ -259,7 +261,7 @@ def run_score(args: argparse.Namespace) -> dict[str, Any]:
                 docs = apply(scorer.vectors(setting, "newsgroups", readout))
                 row = {"setting": setting, "readout": readout.name, **description, "whiten": calibration,
                        **scorer.documents(apply(scorer.vectors(setting, "lee", readout)), docs),
-                       **scorer.retrieval(apply(scorer.vectors(setting, "subjects", readout)), docs)}  # fmt: skip
+                       **scorer.retrieval(apply(scorer.vectors(setting, scorer.subjects_set, readout)), docs)}  # fmt: skip
                 rows.append(row)
         print(f"{setting}: {len(seen)} readouts x {len(calibrations)} whitenings in {time.perf_counter() - start:.0f} s",
               flush=True)
@@ -345,43 +347,106 @@ def choose_stage2(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"query": query, "post": post, "retrieval_ndcg@10": allowed[(query, post)], "allowed": len(allowed)}
 
 
+def document_readout(scorer: Scorer, key: tuple) -> tuple[str, Readout, str]:
+    """The stage-1 key's setting, document readout on this backbone, and whitening name."""
+    setting, depth, width, pooling, whiten = key
+    base = Readout.parse(pooling)
+    return setting, Readout(base.pooling, base.last_weight, depth_layers(depth, width, scorer.layers(setting)),
+                            base.span), whiten  # fmt: skip
+
+
+def shared_whitenings(scorer: Scorer, setting: str, doc: Readout, whiten: str) -> dict[str, Callable]:
+    """Stage 2's shared post-processings: one whitening on the default side's calibration sentences plus the
+    document side's whitening texts (all of them, or its paragraphs only)."""
+    default_sentences = scorer.vectors("kv", "cal_sentences", DEFAULT_QUERY)
+    doc_parts = [] if whiten == "none" else whiten.split("+")
+    posts = {"one whitening": doc_parts, "one whitening, document paragraphs": [p for p in doc_parts if p != "sentences"]}
+    return {name: fit_postprocessing(np.concatenate(
+        [default_sentences, *(scorer.vectors(setting, f"cal_{p}", doc) for p in parts)]), "whiten").transform
+        for name, parts in posts.items() if name == "one whitening" or parts != doc_parts}  # fmt: skip
+
+
+def score_sides(scorer: Scorer, doc: tuple[str, Readout, Callable], query: tuple[str, Readout, Callable],
+                default: Callable | None) -> dict[str, float]:
+    """Documents (Lee, newsgroups 5-NN), query -> document retrieval, and STS-B dev of the default side under
+    ``default`` (``None``: not scored), each side through its own (setting, readout, post-processing)."""
+    (doc_setting, doc_readout, w_doc), (query_setting, query_readout, w_query) = doc, query
+    docs = w_doc(scorer.vectors(doc_setting, "newsgroups", doc_readout))
+    row = {**scorer.documents(w_doc(scorer.vectors(doc_setting, "lee", doc_readout)), docs),
+           **scorer.retrieval(w_query(scorer.vectors(query_setting, scorer.subjects_set, query_readout)), docs)}  # fmt: skip
+    if default is not None:
+        row["sts_dev"] = scorer.sts("kv", DEFAULT_QUERY, default)
+    return row
+
+
 def run_choose(args: argparse.Namespace) -> dict[str, Any]:
     """Both stages of the rule over the backbones' stage-1 results; stage 2 scores its candidates here."""
     results = [read_rows(args.out / f"{name}_stage1.json.gz") for name in args.backbones.split(",")]
     ranked = rank_stage1(results)
     chosen = choose_stage1(ranked)
-    setting, depth, width, pooling, whiten = chosen["key"]
     stage2 = []
     for result in results:
         scorer = Scorer(args.cache, result["backbone"])
-        base = Readout.parse(pooling)
-        doc = Readout(base.pooling, base.last_weight, depth_layers(depth, width, scorer.layers(setting)), base.span)
+        setting, doc, whiten = document_readout(scorer, chosen["key"])
         default_w = scorer.transform("kv", DEFAULT_QUERY, "sentences")
         doc_w = scorer.transform(setting, doc, whiten)
-        default_sentences = scorer.vectors("kv", "cal_sentences", DEFAULT_QUERY)
-        doc_parts = [] if whiten == "none" else whiten.split("+")
-        posts = {"one whitening": doc_parts, "one whitening, document paragraphs": [p for p in doc_parts if p != "sentences"]}
-        shared = {name: fit_postprocessing(np.concatenate(
-            [default_sentences, *(scorer.vectors(setting, f"cal_{p}", doc) for p in parts)]), "whiten").transform
-            for name, parts in posts.items() if name == "one whitening" or parts != doc_parts}  # fmt: skip
+        shared = shared_whitenings(scorer, setting, doc, whiten)
         queries = {"default side": ("kv", DEFAULT_QUERY), "document readout": ("kv", doc),
                    "document side": (setting, doc)}  # fmt: skip
         for query_name, (query_setting, query) in queries.items():
             for post in [*shared, "one per side"]:
-                w_default = shared.get(post, default_w)
-                w_doc = shared.get(post, doc_w)
                 w_query = shared.get(post, default_w if query_name == "default side" else doc_w)
-                docs = w_doc(scorer.vectors(setting, "newsgroups", doc))
-                row = {"backbone": result["backbone"], "query": query_name, "post": post,
-                       "sts_dev": scorer.sts("kv", DEFAULT_QUERY, w_default),
-                       **scorer.documents(w_doc(scorer.vectors(setting, "lee", doc)), docs),
-                       **scorer.retrieval(w_query(scorer.vectors(query_setting, "subjects", query)), docs)}  # fmt: skip
-                stage2.append(row)
+                row = score_sides(scorer, (setting, doc, shared.get(post, doc_w)), (query_setting, query, w_query),
+                                  shared.get(post, default_w))  # fmt: skip
+                stage2.append({"backbone": result["backbone"], "query": query_name, "post": post, **row})
     choice = {"stage1": {"key": chosen["key"], "score": chosen["score"], "rows": chosen["rows"]},
               "top": [{"key": e["key"], "score": e["score"]} for e in ranked[:40]], "stage2": stage2,
               "stage2_choice": choose_stage2(stage2)}
     write_json(args.out / "choice.json", choice)
     return choice
+
+
+BASELINES = ("mean", "prompteol", "echo", "token_prepending", "kv")  # kv: the default build before the document side
+BASELINE_WHITENINGS = ("none", "sentences", "sentences+sts_paragraphs")
+
+
+def run_report(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The chosen default (both sides) and every probed baseline, each with its own readout and the same
+    whitening choices, on dev and on test (newsgroups test half, retrieval test queries; Lee has no split)."""
+    choice = json.loads((args.out / "choice.json").read_text())
+    query_name, post = choice["stage2_choice"]["query"], choice["stage2_choice"]["post"]
+    rows = []
+    for backbone in args.backbones.split(","):
+        for split in ("dev", "test"):
+            scorer = Scorer(args.cache, backbone, split)
+            sts = split == "dev"
+            setting, doc, whiten = document_readout(scorer, tuple(choice["stage1"]["key"]))
+            default_w = scorer.transform("kv", DEFAULT_QUERY, "sentences")
+            w = shared_whitenings(scorer, setting, doc, whiten).get(post)
+            w_doc = w or scorer.transform(setting, doc, whiten)
+            query = {"default side": ("kv", DEFAULT_QUERY), "document readout": ("kv", doc),
+                     "document side": (setting, doc)}[query_name]  # fmt: skip
+            w_query = w or (default_w if query_name == "default side" else w_doc)
+            row = score_sides(scorer, (setting, doc, w_doc), (*query, w_query), (w or default_w) if sts else None)
+            rows.append({"backbone": backbone, "split": split, "method": "default build (document side)",
+                         "whiten": post, **row})  # fmt: skip
+            for name in BASELINES:
+                if not scorer.has(name):
+                    continue
+                own = KVEmbeddingConfig(base_model="x", **setting_kwargs(scorer.backbone, name)).readout()
+                for calibration in BASELINE_WHITENINGS:
+                    apply = scorer.transform(name, own, calibration)
+                    has_sts = sts and (scorer.root / name / "sts.npz").exists()
+                    row = score_sides(scorer, (name, own, apply), (name, own, apply), None)
+                    if has_sts:
+                        row["sts_dev"] = scorer.sts(name, own, apply)
+                    rows.append({"backbone": backbone, "split": split, "method": name, "whiten": calibration, **row})
+    write_json(args.out / "report.json", {"command": " ".join(sys.argv), "choice": choice["stage2_choice"],
+                                          "stage1": choice["stage1"]["key"], "rows": rows})  # fmt: skip
+    columns = ["backbone", "split", "method", "whiten", "sts_dev", "lee_pearson", "lee_spearman", "newsgroups_5nn",
+               "retrieval_ndcg@10", "retrieval_mrr@10"]  # fmt: skip
+    (args.out / "report.md").write_text(markdown_table(rows, columns, 3))
+    return rows
 
 
 def run_windows(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -410,7 +475,7 @@ def run_windows(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=("probe", "score", "choose", "windows"))
+    parser.add_argument("stage", choices=("probe", "score", "choose", "report", "windows"))
     parser.add_argument("backbone", help=f"one of {sorted(BACKBONES)} (choose: several, comma-separated)")
     parser.add_argument("--settings", default=None, help="comma-separated forward settings (default: all)")
     parser.add_argument("--sets", default=None, help="probe: comma-separated text sets (default: all)")
@@ -422,8 +487,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.backbones = args.backbone
-    if args.stage == "choose":
-        run_choose(args)
+    if args.stage in ("choose", "report"):
+        {"choose": run_choose, "report": run_report}[args.stage](args)
         return
     if args.backbone not in BACKBONES:
         parser.error(f"unknown backbone {args.backbone!r}; choose from {sorted(BACKBONES)}")
