@@ -12,7 +12,9 @@ keeping its fast path. Selected layers run the fused kernel that SDPA itself wou
 (``_fused_sdp_choice``), through the private op of that kernel that also returns the log-sum-exp, and merge
 the prefix slot in afterwards, exactly (:func:`merge_prefix`). Where the chosen kernel returns no
 log-sum-exp (the math backend, an unknown device) they fall back to one public SDPA call with the prefix
-logit on extra head channels.
+logit on extra head channels. The first call of each kernel combination checks the merge against that portable
+path (:func:`checked_attention_with_lse`, :mod:`kvemb_st.kernel_check`): a private op with another convention,
+or one that raises, can never give wrong vectors.
 """
 
 from __future__ import annotations
@@ -310,7 +312,7 @@ def attention_with_lse(
 
 # --------------------------------------------------------------------------- the self-check of the fast path
 SELF_CHECK_ROWS = 3  # batch rows compared: first, middle and last (sorted batches: the longest and the shortest)
-_PROBE_LIMIT = 1e4  # fully masked rows have an LSE near the dtype's minimum: the probe logit stays representable
+_PROBE_LIMIT = 1e3  # fully masked rows have an LSE near the dtype's minimum; the probe stays representable in fp16
 
 
 def _mask_kind(mask: torch.Tensor | None, is_causal: bool) -> str:

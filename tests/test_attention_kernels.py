@@ -447,6 +447,19 @@ def test_right_kernel_passes_its_check_once_and_keeps_the_fast_path(kv_model, re
     assert [v.path for v in kernel_check.results().values()] == ["lse_merge"]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_right_kernel_passes_with_fully_masked_rows_in_every_dtype(recwarn, dtype):
+    """Left padding with the mask kept: the first queries of a padded row see no key at all. No false alarm."""
+    q, k, v = qkv(2, 16, dtype)
+    keep = torch.arange(LENGTH)[None] >= torch.tensor([0, 14])[:, None]  # row 1: 14 pads on the left
+    mask = torch.ones(LENGTH, LENGTH, dtype=torch.bool).tril()[None, None] & keep[:, None, None, :]
+    routing = KVRouting(layers=frozenset({0}), last_index=torch.full((BATCH,), LENGTH - 1), prefix_bias=1.0)
+    module = SimpleNamespace(layer_idx=0, is_causal=True, num_key_value_groups=2)
+    attention.kv_reroute_attention(module, q, k, v, mask, scaling=0.25, kv_routing=routing)
+    [verdict] = kernel_check.results().values()
+    assert verdict.fast and not [w for w in recwarn if "self-check" in str(w.message)]
+
+
 def test_concurrent_first_calls_run_one_check():
     combination = kernel_check.Combination("cpu", "FLASH_ATTENTION", "torch.float32", 16, 4, 2, "causal")
     calls = []
