@@ -278,7 +278,8 @@ def sdpa_arguments(
 def sdpa_backend(query: torch.Tensor, args: SdpaArguments, scale: float) -> SDPBackend:
     """The backend SDPA would run for these arguments (``_fused_sdp_choice``)."""
     gqa = {"enable_gqa": True} if args.enable_gqa else {}  # keyword absent from older torch; only needed when set
-    return SDPBackend(_ATEN._fused_sdp_choice(query, args.key, args.value, args.mask, 0.0, args.is_causal, scale=scale, **gqa))
+    choice = _ATEN._fused_sdp_choice(query, args.key, args.value, args.mask, 0.0, args.is_causal, scale=scale, **gqa)
+    return SDPBackend(choice)
 
 
 def _run_lse_kernel(

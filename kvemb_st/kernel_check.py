@@ -122,7 +122,8 @@ def summary() -> str:
     """One line per checked combination: which path ran and why."""
     if not enabled():
         return f"attention self-check off ({ENV}=0): the log-sum-exp merge ran unchecked wherever a kernel had one"
-    lines = [f"{c}: {v.path} ({'checked, difference ' if v.fast else 'self-check failed: '}{v.error})" for c, v in results().items()]
+    why = {True: "checked, difference ", False: "self-check failed: "}
+    lines = [f"{c}: {v.path} ({why[v.fast]}{v.error})" for c, v in results().items()]
     return "\n".join(lines) or "no re-routed layer ran a kernel with a log-sum-exp op (prefix-channel path only)"
 
 

@@ -31,8 +31,7 @@ WHEELS=(sentence-transformers==6.2.0 transformers==5.24.0 regex==2026.5.9 semant
 CUDA_CHECK=scripts/cuda_check.py  # hook: a CUDA-vs-CPU script, run if present (its output goes to the log)
 
 prepare() {
-  mkdir -p "$CARRY/wheels" "$CARRY/smollm2" .git/info
-  grep -qx "/$CARRY/" .git/info/exclude 2>/dev/null || echo "/$CARRY/" >>.git/info/exclude
+  mkdir -p "$CARRY/wheels" "$CARRY/smollm2"  # .gitignore lists /.gpu/ (also in a worktree, where .git is a file)
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d "$CARRY/wheels" "${WHEELS[@]}"
