@@ -3,7 +3,9 @@
 ``merge_prefix`` and ``prefix_logits`` take the plain output and log-sum-exp from any kernel; the wrappers of
 the CUDA kernels run here against CPU stand-ins that return what the real ops return (head dim multiple of 8
 for flash, no GQA for efficient attention, its LSE padded along T, cuDNN's trailing LSE dim, flash's
-(B, T, H, D) memory layout), so their padding, slicing, GQA and causal logic is checked without a GPU.
+(B, T, H, D) memory layout), so their padding, slicing, GQA and causal logic is checked without a GPU. The real
+private CUDA ops run through the same wrappers on ``device="meta"`` (their schemas and output shapes), and stand-ins
+that break one convention each show that the self-check catches it, warns once and keeps the vectors right.
 """
 
 from __future__ import annotations
