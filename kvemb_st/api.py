@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from sentence_transformers import SentenceTransformer
@@ -10,6 +9,7 @@ from sentence_transformers.util import load_file_path
 from sentence_transformers.util.environment import check_version_requirements
 
 from kvemb_st.config import KVEmbeddingConfig, parse_layer_spec
+from kvemb_st.folder import damaged, read_json
 from kvemb_st.inputs import validate_texts
 from kvemb_st.module import KVEmbedding
 from kvemb_st.postprocessing import PostProcessing
@@ -79,12 +79,9 @@ def _st_device(device: str | None, module: KVEmbedding, model_kwargs: dict[str, 
     return device
 
 
-def _read_json(name_or_path: str, filename: str, hub_kwargs: dict[str, Any]) -> Any:
+def _read_json(name_or_path: str, filename: str, hub_kwargs: dict[str, Any], kind: type = dict) -> Any:
     path = load_file_path(name_or_path, filename, **hub_kwargs)
-    if path is None:
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return None if path is None else read_json(path, kind)
 
 
 def load(
@@ -108,11 +105,14 @@ def load(
     in safetensors) -- and anything else is refused.
     """
     hub_kwargs = {"token": token, "cache_folder": cache_folder, "revision": revision, "local_files_only": local_files_only}
-    modules = _read_json(model_name_or_path, "modules.json", hub_kwargs)
+    modules = _read_json(model_name_or_path, "modules.json", hub_kwargs, list)
     if modules is None:
         raise FileNotFoundError(f"'{model_name_or_path}' has no modules.json: not a sentence-transformers model")
-    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
-        raise ValueError(f"{model_name_or_path}/modules.json must be a list of module entries, got {modules!r}")
+    if not all(isinstance(m, dict) and isinstance(m.get("path", ""), str) for m in modules):
+        raise damaged(
+            f"{model_name_or_path}/modules.json",
+            f"must be a list of module entries with a string 'path', got {modules!r}",
+        )
     types = tuple(m.get("type") for m in modules)
     if types not in ALLOWED_PIPELINES:
         allowed = " or ".join(str(list(pipeline)) for pipeline in ALLOWED_PIPELINES)

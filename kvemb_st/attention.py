@@ -12,14 +12,16 @@ keeping its fast path. Selected layers run the fused kernel that SDPA itself wou
 (``_fused_sdp_choice``), through the private op of that kernel that also returns the log-sum-exp, and merge
 the prefix slot in afterwards, exactly (:func:`merge_prefix`). Where the chosen kernel returns no
 log-sum-exp (the math backend, an unknown device) they fall back to one public SDPA call with the prefix
-logit on extra head channels.
+logit on extra head channels. The first call of each kernel combination checks the merge against that portable
+path (:func:`checked_attention_with_lse`, :mod:`kvemb_st.kernel_check`): a private op with another convention,
+or one that raises, can never give wrong vectors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,8 @@ from torch.nn.attention import SDPBackend
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward, use_gqa_in_sdpa
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from kvemb_st import kernel_check
 
 ATTN_IMPLEMENTATION = "kvemb_reroute"
 
@@ -202,6 +206,8 @@ def _cpu_flash(query, key, value, mask, is_causal, scale):
 
 def _cuda_flash(query, key, value, mask, is_causal, scale):
     """CUDA flash, as SDPA calls it: never with a mask, fewer KV heads natively, head dim zero-padded to 8."""
+    if mask is not None:  # SDPA never picks flash with a mask; dropping it would be a silent wrong output
+        raise ValueError("the CUDA flash kernel takes no attention mask")
     dim = query.shape[-1]
     padded = [F.pad(t, (0, -dim % 8)) for t in (query, key, value)] if dim % 8 else [query, key, value]
     out, lse = _ATEN._scaled_dot_product_flash_attention(*padded, 0.0, is_causal, False, scale=scale)[:2]
@@ -209,7 +215,8 @@ def _cuda_flash(query, key, value, mask, is_causal, scale):
 
 
 def _cuda_efficient(query, key, value, mask, is_causal, scale):
-    """Memory-efficient kernel: equal head counts (SDPA never picks it for GQA); its LSE is padded along T."""
+    """Memory-efficient kernel; its LSE is padded along T. Fewer KV heads only where SDPA picked it with
+    ``enable_gqa`` (torch >= 2.13 does not; newer torch may take GQA natively), else equal head counts."""
     bias = None if mask is None else _aligned_bias(_additive_mask(mask, query), query, key)
     return _ATEN._scaled_dot_product_efficient_attention(query, key, value, bias, True, 0.0, is_causal, scale=scale)[:2]
 
@@ -230,20 +237,57 @@ _LSE_KERNELS: dict[tuple[str, SDPBackend], LSEKernel] = {
 }
 
 
-def sdpa_arguments(
-    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, bool, bool]:
-    """``(key, value, is_causal, enable_gqa)`` as transformers' ``sdpa_attention_forward`` hands them to SDPA.
+class SdpaArguments(NamedTuple):
+    """What transformers' ``sdpa_attention_forward`` hands to SDPA for a layer's inputs."""
 
-    GQA stays native where transformers asks SDPA for it (no mask); otherwise K/V are repeated to the query
-    heads. Passing the same inputs to ``_fused_sdp_choice`` selects the kernel a plain layer would run.
+    key: torch.Tensor
+    value: torch.Tensor
+    mask: torch.Tensor | None
+    is_causal: bool
+    enable_gqa: bool
+
+
+def sdpa_arguments(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool | None = None,
+) -> SdpaArguments:
+    """The arguments of transformers' ``sdpa_attention_forward``: passed to ``_fused_sdp_choice``, they select the
+    kernel a plain layer would run.
+
+    GQA stays native where transformers asks SDPA for it (no mask), otherwise K/V are repeated to the query heads;
+    the ``is_causal`` keyword wins over ``module.is_causal``; a 4-D mask is sliced to the key length, and a causal
+    call without a mask to square (as transformers does for a longer, static cache).
     """
     n_rep = query.shape[1] // key.shape[1]
     enable_gqa = n_rep > 1 and use_gqa_in_sdpa(mask, key, value)
     if n_rep > 1 and not enable_gqa:
         key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
-    is_causal = query.shape[2] > 1 and mask is None and getattr(module, "is_causal", True)
-    return key, value, is_causal, enable_gqa
+    if mask is not None and mask.dim() == 4:
+        mask = mask[:, :, :, : key.shape[-2]]
+    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    is_causal = query.shape[2] > 1 and mask is None and bool(causal)
+    if is_causal and key.shape[2] > query.shape[2]:
+        key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]
+    return SdpaArguments(key, value, mask, is_causal, enable_gqa)
+
+
+def sdpa_backend(query: torch.Tensor, args: SdpaArguments, scale: float) -> SDPBackend:
+    """The backend SDPA would run for these arguments (``_fused_sdp_choice``)."""
+    gqa = {"enable_gqa": True} if args.enable_gqa else {}  # keyword absent from older torch; only needed when set
+    choice = _ATEN._fused_sdp_choice(query, args.key, args.value, args.mask, 0.0, args.is_causal, scale=scale, **gqa)
+    return SDPBackend(choice)
+
+
+def _run_lse_kernel(
+    kernel: LSEKernel, query: torch.Tensor, args: SdpaArguments, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = kernel(query, args.key, args.value, args.mask, args.is_causal, scale)
+    lse = lse[..., 0] if lse.dim() == 4 else lse  # cuDNN: (B, H, T, 1)
+    return out, lse[..., : query.shape[2]]  # efficient: padded to a multiple of 32 along T
 
 
 def attention_with_lse(
@@ -253,22 +297,103 @@ def attention_with_lse(
     value: torch.Tensor,
     mask: torch.Tensor | None,
     scale: float,
+    is_causal: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Plain attention ``(B, H, T, D)`` and its log-sum-exp ``(B, H, T)`` from SDPA's own kernel, or ``None``.
 
     ``_fused_sdp_choice`` names the backend SDPA would run for this layer's inputs; the private op of that
     backend that also returns the log-sum-exp is called the way SDPA calls it (``attention.cpp``). The math
     backend and unknown devices have no such op: ``None`` sends the caller to the prefix-channel fallback.
+    Unchecked: re-routed layers go through :func:`checked_attention_with_lse`.
     """
-    key, value, is_causal, enable_gqa = sdpa_arguments(module, query, key, value, mask)
-    gqa = {"enable_gqa": True} if enable_gqa else {}  # keyword absent from older torch; only needed when set
-    backend = SDPBackend(_ATEN._fused_sdp_choice(query, key, value, mask, 0.0, is_causal, scale=scale, **gqa))
+    args = sdpa_arguments(module, query, key, value, mask, is_causal)
+    kernel = _LSE_KERNELS.get((query.device.type, sdpa_backend(query, args, scale)))
+    return None if kernel is None else _run_lse_kernel(kernel, query, args, scale)
+
+
+# --------------------------------------------------------------------------- the self-check of the fast path
+SELF_CHECK_ROWS = 3  # batch rows compared: first, middle and last (sorted batches: the longest and the shortest)
+_PROBE_LIMIT = 1e3  # fully masked rows have an LSE near the dtype's minimum; the probe stays representable in fp16
+
+
+def _mask_kind(mask: torch.Tensor | None, is_causal: bool) -> str:
+    return "mask" if mask is not None else "causal" if is_causal else "full"
+
+
+def checked_attention_with_lse(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    prefix_value: torch.Tensor,
+    is_causal: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`attention_with_lse`, self-checked once per :class:`~kvemb_st.kernel_check.Combination` per process.
+
+    The first call of a combination compares the log-sum-exp merge with :func:`_attention_with_prefix_channel` on
+    a few rows (:func:`_self_check_difference`); a mismatch or an exception from the private op (a convention
+    that changed, ROCm, an opt-in FA3/FA4 backend) makes this return ``None`` for that combination from then on,
+    i.e. the caller takes the portable path. Later calls cost one dictionary lookup.
+    """
+    args = sdpa_arguments(module, query, key, value, mask, is_causal)
+    backend = sdpa_backend(query, args, scale)
     kernel = _LSE_KERNELS.get((query.device.type, backend))
     if kernel is None:
         return None
-    out, lse = kernel(query, key, value, mask, is_causal, scale)
-    lse = lse[..., 0] if lse.dim() == 4 else lse  # cuDNN: (B, H, T, 1)
-    return out, lse[..., : query.shape[2]]  # efficient: padded to a multiple of 32 along T
+    if not kernel_check.enabled():
+        return _run_lse_kernel(kernel, query, args, scale)
+    heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[-1]
+    combination = kernel_check.Combination(
+        query.device.type, backend.name, str(query.dtype), dim, heads, kv_heads, _mask_kind(args.mask, args.is_causal)
+    )
+    known = kernel_check.verdict(combination)
+    if known is not None and not known.fast:
+        return None
+    try:
+        plain = _run_lse_kernel(kernel, query, args, scale)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a private op that raises: never the user's problem
+        kernel_check.fail(combination, error)
+        return None
+    if known is None:
+        tolerance = kernel_check.TOLERANCE.get(query.dtype, kernel_check.TOLERANCE[torch.bfloat16])
+        check = lambda: _self_check_difference(query, key, value, args, scale, plain, prefix_value)  # noqa: E731
+        if not kernel_check.decide(combination, check, tolerance):
+            return None
+    return plain
+
+
+def _self_check_difference(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    args: SdpaArguments,
+    scale: float,
+    plain: tuple[torch.Tensor, torch.Tensor],
+    prefix_value: torch.Tensor,
+) -> float:
+    """``max |merge - portable| / max |portable|`` on :data:`SELF_CHECK_ROWS` rows of the batch.
+
+    The prefix logit is a probe, not the layer's: the kernel's own log-sum-exp, so the merge weighs the prefix
+    by exactly 1/2, where the output is most sensitive to a wrong log-sum-exp, whatever the layer's bias; any
+    error of the kernel's output shows at half size. Both paths get the same queries, keys, values and mask.
+    """
+    out, lse = plain
+    batch = query.shape[0]
+    rows = torch.linspace(0, batch - 1, min(batch, SELF_CHECK_ROWS)).round().long().unique().to(query.device)
+    pick = lambda t: t if t is None or t.shape[0] == 1 else t.index_select(0, rows)  # noqa: E731
+    probe = pick(lse).float().clamp(-_PROBE_LIMIT, _PROBE_LIMIT)
+    fast = merge_prefix(pick(out), pick(lse), probe, pick(prefix_value))
+    portable = _attention_with_prefix_channel(
+        pick(query), pick(key), pick(value), pick(args.mask), scale, probe, pick(prefix_value), 0.0, args.is_causal
+    )
+    if fast.shape != portable.shape:
+        raise ValueError(f"the kernel's output has shape {tuple(out.shape)}, expected {tuple(query.shape[:3])} + (D,)")
+    difference = (fast.double() - portable.double()).abs().max() / portable.double().abs().max().clamp_min(1e-30)
+    return float(difference.nan_to_num(nan=float("inf")))
 
 
 def _attention_with_prefix_channel(
@@ -280,15 +405,16 @@ def _attention_with_prefix_channel(
     prefix_logit: torch.Tensor,
     prefix_value: torch.Tensor,
     dropout: float,
+    causal: bool = True,
 ) -> torch.Tensor:
     """Softmax over ``[prefix; keys]`` in one public SDPA call, the prefix logit riding on extra head channels.
 
     The portable fallback. The prefix logit differs per query (bias, ``relative0``), which SDPA's fused kernels
     cannot take as a mask without losing their fast path. So queries become ``[q ; s0 / scale ; 0..]``, ordinary
     keys ``[k ; 0 ; 0..]`` and the prefix key ``[0 ; 1 ; 0..]``; the head dim is padded to a multiple of 8, which
-    fused GPU kernels require. Without a mask, a zero query is put first so that SDPA's square ``is_causal``
-    alignment lets token ``i`` see the prefix and keys ``0..i``. With a mask, the prefix column is allowed
-    for every query.
+    fused GPU kernels require. Without a mask, a ``causal`` layer gets a zero query first so that SDPA's square
+    ``is_causal`` alignment lets token ``i`` see the prefix and keys ``0..i``; a non-causal one sees every key.
+    A mask is sliced to the key length (as transformers does) and the prefix column allowed for every query.
     """
     batch, heads, q_len, head_dim = query.shape
     kv_heads = key.shape[1]
@@ -298,10 +424,11 @@ def _attention_with_prefix_channel(
     prefix_key = F.pad(torch.ones_like(prefix_value[..., :1]), (head_dim, extra - 1))
     key = torch.cat([prefix_key[:, :, None], F.pad(key, (0, extra))], dim=2)
     value = F.pad(torch.cat([prefix_value[:, :, None], value], dim=2), (0, extra))
-    if mask is None:
+    causal = causal and mask is None
+    if causal:
         query = torch.cat([torch.zeros_like(query[:, :, :1]), query], dim=2)
-    else:
-        mask = _additive_mask(mask, query).expand(batch, 1, q_len, key.shape[2] - 1)
+    elif mask is not None:
+        mask = _additive_mask(mask[..., : key.shape[2] - 1], query).expand(batch, 1, q_len, key.shape[2] - 1)
         mask = torch.cat([mask.new_zeros(batch, 1, q_len, 1), mask], dim=-1)
     sdpa_kwargs = {}
     if kv_heads != heads:
@@ -310,19 +437,21 @@ def _attention_with_prefix_channel(
         else:
             key, value = repeat_kv(key, heads // kv_heads), repeat_kv(value, heads // kv_heads)
     out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scale, **sdpa_kwargs
+        query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=scale, **sdpa_kwargs
     )
     return out[:, :, out.shape[2] - q_len :, :head_dim]
 
 
-def _causal_suffices(module: torch.nn.Module, routing: KVRouting, kv_length: int, kwargs: dict[str, Any]) -> bool:
+def _causal_suffices(
+    module: torch.nn.Module, routing: KVRouting, kv_length: int, causal: bool, kwargs: dict[str, Any]
+) -> bool:
     """Whether a plain causal kernel without the mask is exact for every real token of this layer.
 
-    True for right-padded batches unless the layer also limits attention to a sliding window shorter than the
-    sequence (then the mask carries the window and must stay).
+    True for right-padded batches of a causal layer unless it also limits attention to a sliding window shorter
+    than the sequence (then the mask carries the window and must stay).
     """
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-    return routing.right_padded and (window is None or window >= kv_length)
+    return routing.right_padded and causal and (window is None or window >= kv_length)
 
 
 def kv_reroute_attention(
@@ -333,27 +462,34 @@ def kv_reroute_attention(
     attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
+    is_causal: bool | None = None,
     kv_routing: KVRouting | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Attention with the final token's K/V prepended as a prefix slot at the selected layers.
 
     Receives what every transformers attention function receives: post-RoPE ``query`` ``(B, H, T, D)``
-    and ``key``/``value`` ``(B, H_kv, T, D)`` before the GQA repeat.
+    and ``key``/``value`` ``(B, H_kv, T, D)`` before the GQA repeat; an ``is_causal`` keyword wins over
+    ``module.is_causal``, as in transformers' SDPA attention.
     """
     if kv_routing is None or getattr(module, "layer_idx", None) not in kv_routing.layers:
         return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
     prefix_key, prefix_value = prefix_slot(key, value, kv_routing)
     tables = (kv_routing.cos, kv_routing.sin) if kv_routing.prefix_rope == "relative0" else ()
     prefix_logit = prefix_logits(query, prefix_key, scale, kv_routing.prefix_bias, *tables)
-    mask = None if _causal_suffices(module, kv_routing, key.shape[2], kwargs) else attention_mask
+    mask = None if _causal_suffices(module, kv_routing, key.shape[2], causal, kwargs) else attention_mask
 
-    plain = attention_with_lse(module, query, key, value, mask, scale) if dropout == 0.0 else None
+    plain = None
+    if dropout == 0.0:
+        plain = checked_attention_with_lse(module, query, key, value, mask, scale, prefix_value, causal)
     if plain is None:
-        out = _attention_with_prefix_channel(query, key, value, mask, scale, prefix_logit, prefix_value, dropout)
+        out = _attention_with_prefix_channel(
+            query, key, value, mask, scale, prefix_logit, prefix_value, dropout, causal
+        )
     else:
         out = merge_prefix(*plain, prefix_logit, prefix_value)
     return out.transpose(1, 2).contiguous(), None

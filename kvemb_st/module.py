@@ -19,6 +19,7 @@ from transformers.utils import logging
 
 from kvemb_st.backbone import load_backbone
 from kvemb_st.config import CONFIG_FILE_NAME, ConfigError, KVEmbeddingConfig, is_hub_id
+from kvemb_st.folder import CheckedConfigMixin
 from kvemb_st.inputs import validate_texts
 from kvemb_st.methods import HiddenStates, get_method
 from kvemb_st.pooling import Readout
@@ -37,7 +38,7 @@ class Side(NamedTuple):
     readout: Readout
 
 
-class KVEmbedding(InputModule):
+class KVEmbedding(CheckedConfigMixin, InputModule):
     """Training-free sentence embeddings from a frozen decoder-only LLM (KV-Embedding, arXiv 2601.01046).
 
     Args:

@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules.module import Module
 
 from kvemb_st.calibration import calibration_hash
+from kvemb_st.folder import REMEDY, CheckedConfigMixin, damaged, load_float32_tensors
 
 POSTPROCESSING_MODES = ("center", "remove_pcs", "whiten")
 STATISTICS_FILE = "statistics.safetensors"
@@ -52,7 +53,7 @@ def check_postprocessing_args(mode: str, components: int | None, eigenvalue_floo
         raise ValueError(f"eigenvalue_floor is a fraction of the largest eigenvalue in (0, 1), got {floor!r}")
 
 
-class PostProcessing(Module):
+class PostProcessing(CheckedConfigMixin, Module):
     """Affine map fitted on calibration embeddings, then L2 normalisation (a sentence-transformers module).
 
     ``center``: ``x - mean``; ``remove_pcs``: also minus the projection on the top-``components`` principal
@@ -171,25 +172,23 @@ class PostProcessing(Module):
             "local_files_only": local_files_only,
         }
         where = os.path.join(model_name_or_path, subfolder)
+        config_path = os.path.join(where, cls.config_file_name)
         config = cls.load_config(model_name_or_path, **hub_kwargs)
         unknown = sorted(set(config) - set(cls.config_keys))
         if not config or unknown or "mode" not in config or "in_features" not in config:
             raise ValueError(
-                f"{where}/{cls.config_file_name} is not a kvemb_st PostProcessing config (keys: {sorted(config)}); "
+                f"{config_path} is not a kvemb_st PostProcessing config (keys: {sorted(config)}); "
                 f"expected {cls.config_keys}. A folder written by a newer kvemb-st needs that version."
             )
         path = cls.load_file_path(model_name_or_path, STATISTICS_FILE, **hub_kwargs)
         if path is None:
-            raise ValueError(f"{where} has no {STATISTICS_FILE}: the post-processing statistics are missing")
-        module = cls(**config)
-        tensors = load_file(path)
-        expected = module.statistics_shapes()
-        found = {name: tuple(t.shape) for name, t in tensors.items()}
-        if found != expected or any(t.dtype != torch.float32 for t in tensors.values()):
-            raise ValueError(
-                f"{where}/{STATISTICS_FILE} holds {found} ({sorted({str(t.dtype) for t in tensors.values()})}); "
-                f"mode {config['mode']!r} needs float32 {expected}"
-            )
+            raise ValueError(f"{where} has no {STATISTICS_FILE}: the post-processing statistics are missing; {REMEDY}")
+        try:
+            module = cls(**config)
+        except (ValueError, TypeError) as err:
+            raise damaged(config_path, str(err)) from None
+        needs = f"mode {config['mode']!r} with in_features={config['in_features']}, components={config.get('components')}"
+        tensors = load_float32_tensors(path, module.statistics_shapes(), f"{config_path} ({needs})")
         return cls(**config, **tensors)
 
 

@@ -58,7 +58,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
 
-from kvemb_st import KVEmbedding, KVEmbeddingConfig
+from kvemb_st import KVEmbedding, KVEmbeddingConfig, kernel_check
 from kvemb_st.assets import load_sts_b, smollm2_folder
 from kvemb_st.prompting import Template
 
@@ -510,6 +510,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for length, batch in args.grid:
         row = measure_point(args, models, length, batch, out_dir)
         result["rows"].append(row)
+        result["attention_paths"] = kernel_check.summary()
         write(result, args.out)
         print(f"{length}x{batch}: " + ", ".join(
             f"{v} forward {row['forward_ratio'][v]['median']:.3f}x encode {row['encode_ratio'][v]['median']:.3f}x"
@@ -518,6 +519,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.tokenize:
         result["tokenization"] = measure_tokenization(args, models)
         write(result, args.out)
+    print("attention path of the re-routed layers:\n" + result["attention_paths"], flush=True)
     return result
 
 
@@ -601,6 +603,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"**{cost['ratio']:.2f}**"]
             for case, cost in ((c, tokenization[c]) for c in ("fit", "cut"))
         ])  # fmt: skip
+    if result.get("attention_paths"):
+        lines += ["", "Re-routed attention path (kernel, self-check):", "", *(f"- {p}" for p in result["attention_paths"].splitlines())]
     lines += ["", f"Command: `{result['command']}`", ""]
     return "\n".join(lines)
 
@@ -634,6 +638,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-self-check", action="store_true",
+                        help=f"skip the attention self-check (sets {kernel_check.ENV}=0, also for the memory workers)")
     parser.add_argument("--no-rss", dest="rss", action="store_false", help="CPU: skip the peak-RSS worker processes")
     parser.add_argument("--tokenize", type=parse_tokenize, default="32x600@512", metavar="NxT@M",
                         help="tokenization column: N texts of ~T templated tokens at max_seq_length M")  # fmt: skip
@@ -667,6 +673,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.no_self_check:
+        os.environ[kernel_check.ENV] = "0"
     if args.worker:
         worker(args)
         return

@@ -86,3 +86,13 @@ DEVICES = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
 def device(request) -> str:
     """Every device of this machine: attention math runs on CPU in CI and on CUDA too where a GPU is present."""
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _fresh_kernel_verdicts():
+    """Every test starts without self-check verdicts: a test that swaps kernels must not decide for the next."""
+    from kvemb_st import kernel_check
+
+    kernel_check.reset()
+    yield
+    kernel_check.reset()

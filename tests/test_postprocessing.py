@@ -155,7 +155,7 @@ def test_loading_a_damaged_statistics_file_fails_clearly(data, tmp_path):
     module.save(str(tmp_path))
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "components": 5}))
-    with pytest.raises(ValueError, match=r"needs float32 \{'mean': \(24,\), 'projection': \(24, 5\)\}"):
+    with pytest.raises(ValueError, match=r"tensor 'projection' has shape \(24, 4\), but .*config\.json \(mode 'whiten' with in_features=24, components=5\) needs \(24, 5\)"):
         PostProcessing.load(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({**config, "activation": "os.system"}))
     with pytest.raises(ValueError, match="not a kvemb_st PostProcessing config"):
