@@ -410,6 +410,31 @@ BASELINES = ("mean", "prompteol", "echo", "token_prepending", "kv")  # kv: the d
 BASELINE_WHITENINGS = ("none", "sentences", "sentences+sts_paragraphs")
 
 
+CONCAT_WEIGHTS = (0.25, 0.5, 0.75)
+
+
+def concat_rows(scorer: Scorer, setting: str, doc: Readout, whiten: str, split: str) -> list[dict[str, Any]]:
+    """The issue's other way to combine the two readouts: whiten the mean and the last-token vector each, then
+    concatenate them scaled by sqrt(1 - w) and sqrt(w), so a cosine is ``(1-w) cos_mean + w cos_last``;
+    documents and queries through the document side (as in stage 1), at the chosen layers and span."""
+    parts = {}
+    for pooling in ("mean", "last"):
+        readout = Readout(pooling, layers=doc.layers, span=doc.span)
+        parts[pooling] = (readout, scorer.transform(setting, readout, whiten))
+    rows = []
+    for weight in CONCAT_WEIGHTS:
+        scale = {"mean": np.sqrt(1 - weight), "last": np.sqrt(weight)}
+
+        def joined(text_set: str) -> np.ndarray:
+            return np.concatenate([scale[p] * w(scorer.vectors(setting, text_set, r)) for p, (r, w) in parts.items()], 1)
+
+        docs = joined("newsgroups")
+        rows.append({"backbone": scorer.root.name, "split": split, "method": f"{setting} concat(mean, last:{weight})",
+                     "whiten": f"{whiten} (each)", **scorer.documents(joined("lee"), docs),
+                     **scorer.retrieval(joined(scorer.subjects_set), docs)})  # fmt: skip
+    return rows
+
+
 def run_report(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The chosen default (both sides) and every probed baseline, each with its own readout and the same
     whitening choices, on dev and on test (newsgroups test half, retrieval test queries; Lee has no split)."""
@@ -430,6 +455,7 @@ def run_report(args: argparse.Namespace) -> list[dict[str, Any]]:
             row = score_sides(scorer, (setting, doc, w_doc), (*query, w_query), (w or default_w) if sts else None)
             rows.append({"backbone": backbone, "split": split, "method": "default build (document side)",
                          "whiten": post, **row})  # fmt: skip
+            rows += concat_rows(scorer, setting, doc, whiten, split)
             for name in BASELINES:
                 if not scorer.has(name):
                     continue
