@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+
+import kvemb_st
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +76,37 @@ def test_chunks_pack_whole_sentences_under_the_budget(load_script):
     got = chunks(text, lambda chunk: len(chunk.split()) <= 5)
     assert got == ["One two three.", "Four five six seven. Eight.", "Nine ten eleven twelve thirteen fourteen."]
     assert " ".join(got) == text and chunks("no boundary at all", lambda c: False) == ["no boundary at all"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_selective_pooling_attention_equals_the_models_own_attention_weights(load_script, tiny_models, arch):
+    """The final token's recomputed attention (head mean) is the eager attention of the last layer, and the
+    pooled vectors only read the text's own tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    selective = load_script("selective_pooling")
+    model = kvemb_st.from_base(str(tiny_models[arch]), method="prompteol", sides={"document": {"pooling": "mean"}})
+    module = model[0]
+    texts = ["a short one", "a somewhat longer text with more words in it to pad the other row"]
+    features = module.preprocess(texts, task="document", text_mask=True)
+    eager = AutoModelForCausalLM.from_pretrained(str(tiny_models[arch]), attn_implementation="eager")
+    layer = eager.model.layers[-1].self_attn
+    captured = {}
+    layer.register_forward_pre_hook(lambda m, a, k: captured.update(k), with_kwargs=True)
+    with torch.no_grad():
+        out = eager(input_ids=features["input_ids"], attention_mask=features["attention_mask"], output_attentions=True)
+    mask = features["attention_mask"]
+    last = mask.sum(1) - 1
+    rows = torch.arange(len(texts))
+    expected = out.attentions[-1][rows, :, last].mean(1)
+    cos, sin = captured["position_embeddings"]
+    with torch.no_grad():
+        got = selective.final_token_attention(layer, captured["hidden_states"], cos, sin, last, mask)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+    vectors = selective.selective_vectors(model, texts)
+    changed = selective.selective_vectors(model, [texts[0], texts[1] + " extra words"])
+    assert set(vectors) == {"top0.1", "top0.25", "top0.5", "weighted"}
+    np.testing.assert_allclose(vectors["top0.5"][0], changed["top0.5"][0], atol=1e-5)  # rows do not mix
+    assert all(np.isfinite(v).all() and v.shape == (2, module.get_embedding_dimension()) for v in vectors.values())
