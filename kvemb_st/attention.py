@@ -374,8 +374,8 @@ def kv_reroute_attention(
     the whole text, which is the point of the method -- so it stays visible to queries whose window no longer
     reaches the final token (where it sits) or even the start of the text. Its position under ``start`` and
     ``relative0`` uses the layer's own rotary table (Gemma 3: local RoPE on sliding layers, global on full
-    ones). Attention-logit soft-capping (``attn_logit_softcapping``) is not applied: transformers' SDPA path,
-    which the plain layers take, does not apply it either.
+    ones). No attention-logit soft-capping is applied: Gemma 3 configs set none, and transformers' Gemma 3
+    attention passes none to the attention function, so the plain layers do not apply it either.
     """
     if kv_routing is None or getattr(module, "layer_idx", None) not in kv_routing.layers:
         return sdpa_attention_forward(

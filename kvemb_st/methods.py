@@ -126,7 +126,8 @@ def rotary_tables(backbone: PreTrainedModel, input_ids: torch.Tensor) -> tuple[A
     rotary = backbone.rotary_emb
     if "layer_type" not in inspect.signature(rotary.forward).parameters:
         return rotary(dtype_probe, positions)
-    tables = {kind: rotary(dtype_probe, positions, layer_type=kind) for kind in sorted(set(backbone.config.layer_types))}
+    kinds = sorted(set(backbone.config.layer_types))
+    tables = {kind: rotary(dtype_probe, positions, layer_type=kind) for kind in kinds}
     return {kind: cos for kind, (cos, _) in tables.items()}, {kind: sin for kind, (_, sin) in tables.items()}
 
 

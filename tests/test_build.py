@@ -104,7 +104,8 @@ def test_cli_build_prints_the_spread_and_warns(tiny_llama, tmp_path, capsys, cap
     argv = ["build", tiny_llama, "-o", str(tmp_path / "m"), "--calibration-limit", "32", "--postprocess", "none"]
     assert main([*argv, "--no-cache", "--quiet", *extra]) == 0
     spread = layer_selection.curve_spread(curve)
-    assert f"ID curve spread: {spread:.2f} ((max - min) / mean past the skipped layers; below 0.2" in capsys.readouterr().out
+    printed = f"ID curve spread: {spread:.2f} ((max - min) / mean past the skipped layers; below 0.2 counts as flat)"
+    assert printed in capsys.readouterr().out
     logged = [r.getMessage() for r in caplog.records if r.name == layer_selection.__name__ and r.levelname == "WARNING"]
     saved = json.loads((tmp_path / "m" / "kvemb_config.json").read_text())["layer_selection"]
     assert saved["spread"] == pytest.approx(spread) and saved["flat_curve"] == any("flat" in w for w in warned)

@@ -87,7 +87,7 @@ def test_the_default_rule_on_the_measured_curves():
 
 
 def test_spread_and_warnings_on_the_measured_curves():
-    """Qwen2.5's curve is flat by the spread rule, SmolLM2's is not; a window reaching the last two layers is flagged."""
+    """Qwen2.5's curve is flat by the spread rule, SmolLM2's is not; a window reaching the last 2 layers is flagged."""
     assert curve_spread(SMOLLM2_CURVE) == pytest.approx(0.39, abs=0.01)  # layers 6-29: (15.2 - 10.2) / 12.9
     assert curve_spread(QWEN25_CURVE) == pytest.approx(0.15, abs=0.01)  # layers 4-23: (12.6 - 10.9) / 11.7
     assert curve_spread(QWEN25_CURVE) < FLAT_SPREAD < curve_spread(SMOLLM2_CURVE)
