@@ -19,8 +19,8 @@ or one that raises, can never give wrong vectors.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import torch
@@ -45,7 +45,9 @@ class KVRouting:
         prefix_bias: Added to the prefix slot's attention logit.
         prefix_rope: ``keep``, ``start`` or ``relative0`` (see :class:`kvemb_st.config.KVEmbeddingConfig`).
         cos, sin: ``(batch, seq, head_dim)`` rotary tables of the base model at every position; only needed
-            for ``start`` and ``relative0``, where the prefix key is moved to another position.
+            for ``start`` and ``relative0``, where the prefix key is moved to another position. A backbone with
+            one rotary table per layer type (Gemma 3: local RoPE on sliding-window layers, global on full
+            ones) gives a mapping from each attention module's ``layer_type`` to its table.
         right_padded: Every row of the attention mask is its real tokens followed by padding (see
             :func:`is_right_padded`). Then no real token sees a pad under a plain causal mask, and re-routed
             layers run an unmasked causal kernel: exact for every real token; pad rows become garbage that
@@ -56,9 +58,32 @@ class KVRouting:
     last_index: torch.Tensor
     prefix_bias: float = 0.0
     prefix_rope: str = "keep"
-    cos: torch.Tensor | None = None
-    sin: torch.Tensor | None = None
+    cos: torch.Tensor | Mapping[str, torch.Tensor] | None = None
+    sin: torch.Tensor | Mapping[str, torch.Tensor] | None = None
     right_padded: bool = False
+
+    def rotary_tables(self, module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` of the layer ``module`` belongs to (its own table where tables differ per layer type)."""
+        if self.cos is None or self.sin is None:
+            raise ValueError(f"prefix_rope={self.prefix_rope!r} needs the rotary tables in KVRouting.cos/sin")
+        if not isinstance(self.cos, Mapping):
+            return self.cos, self.sin
+        layer_type = getattr(module, "layer_type", None)
+        if layer_type not in self.cos:
+            raise ValueError(
+                f"layer {getattr(module, 'layer_idx', '?')} has layer_type {layer_type!r}, but KVRouting holds rotary "
+                f"tables for {sorted(self.cos)} only"
+            )
+        return self.cos[layer_type], self.sin[layer_type]
+
+    def to(self, device: torch.device | str) -> KVRouting:
+        """The same routing with its tensors on ``device``."""
+        move = lambda t: t if t is None else t.to(device)  # noqa: E731
+        tables = {
+            name: {key: move(t) for key, t in value.items()} if isinstance(value, Mapping) else move(value)
+            for name, value in (("cos", self.cos), ("sin", self.sin))
+        }
+        return replace(self, last_index=self.last_index.to(device), **tables)
 
 
 def is_right_padded(attention_mask: torch.Tensor) -> bool:
@@ -83,12 +108,13 @@ def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
 
 
 def prefix_slot(
-    key: torch.Tensor, value: torch.Tensor, routing: KVRouting
+    key: torch.Tensor, value: torch.Tensor, routing: KVRouting, tables: tuple[torch.Tensor, torch.Tensor] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The final token's key and value ``(B, H_kv, D)``, the key placed as ``routing.prefix_rope`` says.
 
     ``keep``: as computed, rotated at the final token's position; ``start``: moved to position 0;
     ``relative0``: position-free (un-rotated), for :func:`prefix_logits` to rotate to each query's position.
+    ``tables`` are the layer's ``(cos, sin)`` (:meth:`KVRouting.rotary_tables`), needed unless ``keep``.
     The key is moved in float32: it is one vector per row and KV head.
     """
     rows = torch.arange(key.shape[0], device=key.device)
@@ -96,9 +122,9 @@ def prefix_slot(
     prefix_key, prefix_value = key[rows, :, last], value[rows, :, last]
     if routing.prefix_rope == "keep":
         return prefix_key, prefix_value
-    if routing.cos is None or routing.sin is None:
-        raise ValueError(f"prefix_rope={routing.prefix_rope!r} needs the rotary tables in KVRouting.cos/sin")
-    cos, sin = routing.cos.to(key.device, torch.float32), routing.sin.to(key.device, torch.float32)
+    if tables is None:
+        raise ValueError(f"prefix_rope={routing.prefix_rope!r} needs the layer's rotary tables")
+    cos, sin = (table.to(key.device, torch.float32) for table in tables)
     prefix_key = unrotate(prefix_key.float(), cos[rows, last][:, None], sin[rows, last][:, None])
     if routing.prefix_rope == "start":
         prefix_key = rotate(prefix_key, cos[:, :1], sin[:, :1])  # as if it sat at position 0
@@ -469,8 +495,18 @@ def kv_reroute_attention(
     """Attention with the final token's K/V prepended as a prefix slot at the selected layers.
 
     Receives what every transformers attention function receives: post-RoPE ``query`` ``(B, H, T, D)``
-    and ``key``/``value`` ``(B, H_kv, T, D)`` before the GQA repeat; an ``is_causal`` keyword wins over
-    ``module.is_causal``, as in transformers' SDPA attention.
+    and ``key``/``value`` ``(B, H_kv, T, D)`` before the GQA repeat, the layer's ``scaling`` (Gemma 3:
+    ``query_pre_attn_scalar ** -0.5``, not ``head_dim ** -0.5``) and, on sliding-window layers,
+    ``sliding_window``; an ``is_causal`` keyword wins over ``module.is_causal``, as in transformers' SDPA
+    attention.
+
+    **Sliding-window layers** (Mistral, Gemma 3's local layers): the window limits the ordinary keys, as in
+    the plain layer, but not the prefix slot. The slot is one extra key that every query sees -- a summary of
+    the whole text, which is the point of the method -- so it stays visible to queries whose window no longer
+    reaches the final token (where it sits) or even the start of the text. Its position under ``start`` and
+    ``relative0`` uses the layer's own rotary table (Gemma 3: local RoPE on sliding layers, global on full
+    ones). No attention-logit soft-capping is applied: Gemma 3 configs set none, and transformers' Gemma 3
+    attention passes none to the attention function, so the plain layers do not apply it either.
     """
     if kv_routing is None or getattr(module, "layer_idx", None) not in kv_routing.layers:
         return sdpa_attention_forward(
@@ -478,9 +514,10 @@ def kv_reroute_attention(
         )
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
-    prefix_key, prefix_value = prefix_slot(key, value, kv_routing)
-    tables = (kv_routing.cos, kv_routing.sin) if kv_routing.prefix_rope == "relative0" else ()
-    prefix_logit = prefix_logits(query, prefix_key, scale, kv_routing.prefix_bias, *tables)
+    tables = None if kv_routing.prefix_rope == "keep" else kv_routing.rotary_tables(module)
+    prefix_key, prefix_value = prefix_slot(key, value, kv_routing, tables)
+    relative = tables if kv_routing.prefix_rope == "relative0" else ()
+    prefix_logit = prefix_logits(query, prefix_key, scale, kv_routing.prefix_bias, *relative)
     mask = None if _causal_suffices(module, kv_routing, key.shape[2], causal, kwargs) else attention_mask
 
     plain = None

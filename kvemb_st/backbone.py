@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig,
 
 from kvemb_st.attention import ATTN_IMPLEMENTATION
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 _FORBIDDEN_MODEL_KWARGS = ("trust_remote_code", "attn_implementation", "revision", "subfolder")
 
 
@@ -32,6 +32,11 @@ def check_architecture(config: PretrainedConfig, base_model: str) -> None:
         raise UnsupportedArchitectureError(
             f"base model '{base_model}' has architecture '{model_type}' ({arch}), which KV-Embedding does not "
             f"support; supported model types: {', '.join(SUPPORTED_ARCHITECTURES)} (decoder-only with RoPE)"
+        )
+    if getattr(config, "use_bidirectional_attention", False):  # e.g. EmbeddingGemma: not a causal decoder
+        raise UnsupportedArchitectureError(
+            f"base model '{base_model}' ({model_type}) uses bidirectional attention; KV-Embedding re-routes the final "
+            "token's key/value to the tokens that causal attention keeps blind, so it needs a causal decoder"
         )
 
 

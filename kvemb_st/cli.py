@@ -27,6 +27,7 @@ from kvemb_st.layer_selection import (
     DEFAULT_MIN_TOLERANCE,
     DEFAULT_SKIP_FRACTION,
     DEFAULT_WINDOW_FRACTION,
+    FLAT_SPREAD,
     SelectionParams,
     format_layer_spec,
 )
@@ -224,6 +225,10 @@ def run_build(args: argparse.Namespace, argv: Sequence[str]) -> int:
     selection = result.selection
     curve = ", ".join(f"{i}:{value:.2f}" for i, value in enumerate(selection.id_curve))
     print(f"ID curve (TwoNN {selection.estimator}, {selection.num_calibration_texts} calibration texts): {curve}")
+    print(
+        f"ID curve spread: {selection.spread:.2f} ((max - min) / mean past the skipped layers; below {FLAT_SPREAD} "
+        "counts as flat)"
+    )
     how = "explicit"
     if selection.mode == AUTO:
         how = f"auto: ID minimum at layer {selection.argmin}, layers {selection.near_minimum} within noise of it"

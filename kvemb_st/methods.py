@@ -20,6 +20,7 @@ inside the single forward pass. The config's ``method`` field selects one:
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -102,9 +103,7 @@ def kv_routing(
     """
     cos = sin = None
     if config.prefix_rope != "keep":
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
-        dtype_probe = torch.empty(0, dtype=backbone.dtype, device=input_ids.device)
-        cos, sin = backbone.rotary_emb(dtype_probe, positions)
+        cos, sin = rotary_tables(backbone, input_ids)
     return KVRouting(
         layers=frozenset(config.layers),
         last_index=last_token_index(attention_mask),
@@ -114,6 +113,22 @@ def kv_routing(
         sin=sin,
         right_padded=is_right_padded(attention_mask),
     )
+
+
+def rotary_tables(backbone: PreTrainedModel, input_ids: torch.Tensor) -> tuple[Any, Any]:
+    """The backbone's ``(cos, sin)`` at every position of ``input_ids``.
+
+    A rotary module that takes a ``layer_type`` (Gemma 3: local RoPE on sliding-window layers, global RoPE
+    on full-attention ones) gives one table per type in ``config.layer_types``, as mappings keyed by type.
+    """
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+    dtype_probe = torch.empty(0, dtype=backbone.dtype, device=input_ids.device)
+    rotary = backbone.rotary_emb
+    if "layer_type" not in inspect.signature(rotary.forward).parameters:
+        return rotary(dtype_probe, positions)
+    kinds = sorted(set(backbone.config.layer_types))
+    tables = {kind: rotary(dtype_probe, positions, layer_type=kind) for kind in kinds}
+    return {kind: cos for kind, (cos, _) in tables.items()}, {kind: sin for kind, (_, sin) in tables.items()}
 
 
 @dataclass(frozen=True)

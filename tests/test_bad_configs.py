@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from transformers import BertConfig, GPT2Config, T5Config
+from transformers import BertConfig, Gemma3TextConfig, GPT2Config, T5Config
 
 import kvemb_st
 from kvemb_st.backbone import UnsupportedArchitectureError
@@ -20,7 +20,14 @@ from kvemb_st.config import ConfigError, KVEmbeddingConfig
 )
 def test_unsupported_architecture_is_named_with_the_supported_list(tmp_path, config, model_type):
     config.save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedArchitectureError, match=rf"'{model_type}'.*supported model types: llama, mistral, qwen2, qwen3"):
+    with pytest.raises(UnsupportedArchitectureError, match=rf"'{model_type}'.*supported model types: llama, mistral, qwen2, qwen3, gemma3_text"):
+        kvemb_st.from_base(str(tmp_path), layers=[0])
+
+
+def test_bidirectional_gemma3_is_refused(tmp_path):
+    """EmbeddingGemma-style configs (``use_bidirectional_attention``) are not causal decoders."""
+    Gemma3TextConfig(num_hidden_layers=2, use_bidirectional_attention=True).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedArchitectureError, match="bidirectional attention.*needs a causal decoder"):
         kvemb_st.from_base(str(tmp_path), layers=[0])
 
 

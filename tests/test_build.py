@@ -14,6 +14,7 @@ from safetensors.numpy import load_file
 from sentence_transformers import SentenceTransformer
 
 import kvemb_st
+from kvemb_st import layer_selection
 from kvemb_st.assets import smollm2_folder
 from kvemb_st.build import build
 from kvemb_st.calibration import calibration_hash, load_calibration
@@ -85,6 +86,34 @@ def test_cli_build_writes_a_weight_free_folder(built, capsys):
     assert post["calibration"]["hash"] == selection["calibration_hash"] and post["calibration"]["count"] == 32
     assert (config["prefix_bias"], config["prefix_rope"], config["pooling"]) == (3.5, "keep", "mean+last")
     assert (config["last_weight"], config["max_seq_length"]) == (0.25, 64)
+
+
+@pytest.mark.parametrize(
+    "curve,extra,warned",
+    [
+        ([5.0, 9.0, 12.0, 14.0], [], []),  # minimum at layer 0, steep: window [0], nothing to check
+        ([14.0, 12.0, 9.0, 5.0], [], ["reaches the last 2 layers"]),  # a late minimum: window [3]
+        ([7.0, 7.3, 7.5, 7.6], ["--min-tolerance", "0"], ["the ID curve is flat (relative spread 0.08"]),
+        ([7.0, 7.3, 7.5, 7.0], [], ["the ID curve is flat", "reaches the last 2 layers"]),
+    ],
+    ids=["clear", "late", "flat", "flat-and-late"],
+)
+def test_cli_build_prints_the_spread_and_warns(tiny_llama, tmp_path, capsys, caplog, monkeypatch, curve, extra, warned):
+    """Synthetic ID curves (the tiny model's forward passes are stood in for) through the real CLI."""
+    monkeypatch.setattr(layer_selection, "compute_id_curve", lambda *args, **kwargs: curve)
+    argv = ["build", tiny_llama, "-o", str(tmp_path / "m"), "--calibration-limit", "32", "--postprocess", "none"]
+    assert main([*argv, "--no-cache", "--quiet", *extra]) == 0
+    spread = layer_selection.curve_spread(curve)
+    printed = f"ID curve spread: {spread:.2f} ((max - min) / mean past the skipped layers; below 0.2 counts as flat)"
+    assert printed in capsys.readouterr().out
+    logged = [r.getMessage() for r in caplog.records if r.name == layer_selection.__name__ and r.levelname == "WARNING"]
+    saved = json.loads((tmp_path / "m" / "kvemb_config.json").read_text())["layer_selection"]
+    assert saved["spread"] == pytest.approx(spread) and saved["flat_curve"] == any("flat" in w for w in warned)
+    if not warned:
+        assert logged == [] and saved["warnings"] == []
+        return
+    assert len(logged) == 1 and all(w in logged[0] for w in warned) and "--layers START-END" in logged[0]
+    assert len(saved["warnings"]) == len(warned) + 1 and "**Note:** the" in (tmp_path / "m" / "README.md").read_text()
 
 
 def test_folder_loads_with_sentence_transformers_and_kvemb_load(built):

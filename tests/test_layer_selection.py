@@ -13,14 +13,17 @@ from kvemb_st.calibration import DEFAULT_CALIBRATION_FILE, calibration_hash, loa
 from kvemb_st.config import PROMPTEOL_TEMPLATE, parse_layer_spec
 from kvemb_st.intrinsic_dim import twonn
 from kvemb_st.layer_selection import (
+    FLAT_SPREAD,
     SelectionParams,
     compute_id_curve,
+    curve_spread,
     explicit_layers,
     format_layer_spec,
     is_flat,
     near_minimum,
     select_layers,
     select_window,
+    selection_warnings,
 )
 
 # A 30-layer curve shaped like SmolLM2's: low at the very start (skipped), a hump, a minimum at 23.
@@ -83,6 +86,21 @@ def test_the_default_rule_on_the_measured_curves():
     assert select_window(QWEN25_CURVE, SelectionParams(anchor="start", min_tolerance=0), 512)[0] == list(range(16, 24))
 
 
+def test_spread_and_warnings_on_the_measured_curves():
+    """Qwen2.5's curve is flat by the spread rule, SmolLM2's is not; a window reaching the last 2 layers is flagged."""
+    assert curve_spread(SMOLLM2_CURVE) == pytest.approx(0.39, abs=0.01)  # layers 6-29: (15.2 - 10.2) / 12.9
+    assert curve_spread(QWEN25_CURVE) == pytest.approx(0.15, abs=0.01)  # layers 4-23: (12.6 - 10.9) / 11.7
+    assert curve_spread(QWEN25_CURVE) < FLAT_SPREAD < curve_spread(SMOLLM2_CURVE)
+    assert selection_warnings(SMOLLM2_CURVE, range(12, 22), 0.2) == []
+    smollm2 = selection_warnings(SMOLLM2_CURVE, range(20, 30), 0.2)  # the default window ends at the last layer
+    assert len(smollm2) == 2 and "reaches the last 2 layers (28-29" in smollm2[0] and "--layers" in smollm2[1]
+    qwen = selection_warnings(QWEN25_CURVE, range(14, 22), 0.2)  # ends at 21 of 23: not at the end
+    assert len(qwen) == 2 and qwen[0].startswith("the ID curve is flat (relative spread 0.14 < 0.2")  # rounded curve
+    both = selection_warnings(QWEN25_CURVE, range(16, 24), 0.2)  # the old rule's window
+    assert "flat" in both[0] and "reaches the last 2 layers (22-23" in both[1]
+    assert selection_warnings(QWEN25_CURVE, range(20, 23), 0.2)[1].startswith("the window 20-22 reaches")  # 22 of 23
+
+
 def test_min_tolerance_is_in_standard_errors_of_the_estimate():
     params = SelectionParams(skip_fraction=0.2, window=1)  # layers 0-1 are skipped
     curve = [5.0, 5.0, 10.0, 10.99, 11.01, 12.5, 10.7, 13.0, 13.0, 13.0]  # lowest 10.0; SE with 100 texts: 1.0
@@ -121,6 +139,7 @@ def test_flat_curve_is_centred_on_the_eligible_layers_and_is_flagged():
     assert select_window(flat, SelectionParams(window=3), 512) == ([5, 6, 7], 2)  # layers 2-9 all minimal: mean 5.5
     assert select_window(flat, SelectionParams(window=3, anchor="start")) == ([6, 7, 8], 2)
     assert is_flat(flat) and is_flat([12.0, 12.05, 11.98] * 3) and not is_flat(CURVE30)
+    assert is_flat([1.0, 12.0, 13.0, 12.5, 12.2]) and not is_flat([1.0, 12.0, 13.0, 12.5, 12.2], skip_fraction=0.0)
 
 
 def test_ties_are_all_the_minimum_and_argmin_is_the_earliest():
