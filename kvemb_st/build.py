@@ -28,7 +28,7 @@ from transformers.utils import logging
 
 from kvemb_st.api import from_base
 from kvemb_st.calibration import DEFAULT_CALIBRATION_FILE, load_calibration, named_sets
-from kvemb_st.config import is_hub_id
+from kvemb_st.config import COMPRESSION_TEMPLATE, is_hub_id
 from kvemb_st.layer_selection import AUTO, LayerSelection, SelectionParams, select_layers
 from kvemb_st.model_card import render_model_card
 from kvemb_st.postprocessing import (
@@ -49,10 +49,15 @@ PLACEHOLDER_LAYERS = [0]
 NO_POSTPROCESSING = "none"
 DEFAULT_POSTPROCESS = "whiten"  # full dimension, fitted on the calibration texts; see scripts/choose_defaults.py
 _NOT_RECORDED = ("token", "eval_results", "command", "progress")  # secrets and noise stay out of the card
-# The document side of a default build and the texts it adds to the whitening: chosen on dev data of both
-# backbones by a rule written before the runs (results/doc_levers/RULE.md, README "Documents").
-DEFAULT_SIDES: dict[str, dict[str, Any]] = {}
-DEFAULT_DOCUMENT_CALIBRATION = "sts-b-train-paragraphs"
+# The document side of a default build, read by queries too (one space for retrieval), and its own whitening
+# fitted on the calibration sentences embedded by that side: chosen on dev data of both backbones by a rule
+# written before the runs (results/doc_levers/RULE.md, README "Documents"). `encode` keeps the top-level side.
+DOCUMENT_READOUT: dict[str, Any] = {
+    "template": COMPRESSION_TEMPLATE, "pooling": "mean+last", "last_weight": 0.5, "pool_span": "text",
+}  # fmt: skip
+DEFAULT_SIDES: dict[str, dict[str, Any]] = {"query": DOCUMENT_READOUT, "document": DOCUMENT_READOUT}
+DEFAULT_DOCUMENT_CALIBRATION = "sts-b-train"
+DEFAULT_DOCUMENT_STATISTICS = True  # the sides get their own whitening (False: they join the one fit)
 
 
 @dataclass
@@ -74,6 +79,7 @@ def build(
     postprocess: str = DEFAULT_POSTPROCESS,
     postprocess_calibration: str | os.PathLike[str] | Sequence[str] | None = None,
     document_calibration: str | os.PathLike[str] | Sequence[str] | None = DEFAULT_DOCUMENT_CALIBRATION,
+    document_statistics: bool = DEFAULT_DOCUMENT_STATISTICS,
     components: int | None = None,
     eigenvalue_floor: float = DEFAULT_EIGENVALUE_FLOOR,
     selection: SelectionParams | None = None,
@@ -106,8 +112,9 @@ def build(
             :func:`~kvemb_st.postprocessing.fit_postprocessing`.
         postprocess_calibration: The texts it is fitted on (``None``: the calibration texts), e.g.
             ``"sts-b-train+general"`` to add general news paragraphs.
-        document_calibration: Texts embedded by ``encode_document`` that join the same fit when the model
-            has a document side (``None``: none); one transform for all sides keeps one space.
+        document_calibration: Texts embedded by ``encode_document`` when the model has a document side
+            (``None``: none): fitted on their own for the query and document sides (``document_statistics``),
+            or joining the one fit of every side.
         selection: Where the automatic window goes; see :class:`~kvemb_st.layer_selection.SelectionParams`.
         cache_dir, use_cache: ID-curve cache (default ``<kvemb cache>/id_curves``).
         base_model_id: Hub id of the base model for the card's metadata when ``base_model`` is a path.
@@ -163,6 +170,7 @@ def build(
             calibration_name=_calibration_name(postprocess_calibration), eigenvalue_floor=eigenvalue_floor,
             document_texts=load_calibration(document_calibration, calibration_limit) if with_documents else (),
             document_name=_calibration_name(document_calibration) if with_documents else None,
+            document_statistics=document_statistics and with_documents,
         )  # fmt: skip
 
     output.mkdir(parents=True, exist_ok=True)

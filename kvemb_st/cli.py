@@ -16,7 +16,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kvemb_st.build import DEFAULT_DOCUMENT_CALIBRATION, DEFAULT_POSTPROCESS, DEFAULT_SIDES, NO_POSTPROCESSING, build
+from kvemb_st.build import (
+    DEFAULT_DOCUMENT_CALIBRATION,
+    DEFAULT_DOCUMENT_STATISTICS,
+    DEFAULT_POSTPROCESS,
+    DEFAULT_SIDES,
+    NO_POSTPROCESSING,
+    build,
+)
 from kvemb_st.config import POOLING_MODES, ROPE_MODES, KVEmbeddingConfig
 from kvemb_st.pooling import SPANS
 from kvemb_st.intrinsic_dim import ESTIMATORS
@@ -80,6 +87,9 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> None:
         options = dict(KNOB_OPTIONS[name])
         options["help"] = f"document side: {options['help']}"
         document.add_argument(f"--document-{name.replace('_', '-')}", dest=f"document_{name}", **options)
+    document.add_argument("--query-side", choices=("document", "default"), default="document",
+                          help="encode_query reads like encode_document (document, the default: one space for "
+                          "retrieval) or like plain encode (default)")
     document.add_argument("--no-document-side", action="store_true",
                           help="documents read out like plain encode (the --document-* flags still apply)")
 
@@ -136,8 +146,14 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> None:
         "--document-calibration",
         metavar="SET",
         default=DEFAULT_DOCUMENT_CALIBRATION,
-        help="texts embedded by encode_document that join the same fit when there is a document side, or 'none' "
-        "(default: %(default)s)",
+        help="texts embedded by encode_document for the document side's whitening, or 'none' (default: %(default)s)",
+    )
+    post.add_argument(
+        "--document-whitening",
+        choices=("own", "shared"),
+        default="own" if DEFAULT_DOCUMENT_STATISTICS else "shared",
+        help="own: the query and document sides get statistics of their own, fitted on --document-calibration; "
+        "shared: those texts join the one fit of every side (default: %(default)s)",
     )
     post.add_argument(
         "--components",
@@ -183,7 +199,7 @@ def document_side(args: argparse.Namespace) -> dict[str, Any]:
 def run_build(args: argparse.Namespace, argv: Sequence[str]) -> int:
     knobs = {name: value for name, value in vars(args).items() if name in KNOB_OPTIONS}
     side = document_side(args)
-    knobs["sides"] = {"document": side} if side else {}
+    knobs["sides"] = {"document": side, **({"query": side} if args.query_side == "document" else {})} if side else {}
     result = build(
         args.base_model,
         args.output,
@@ -194,6 +210,7 @@ def run_build(args: argparse.Namespace, argv: Sequence[str]) -> int:
         postprocess=args.postprocess,
         postprocess_calibration=args.postprocess_calibration,
         document_calibration=None if args.document_calibration == NO_POSTPROCESSING else args.document_calibration,
+        document_statistics=args.document_whitening == "own",
         components=args.components,
         eigenvalue_floor=args.eigenvalue_floor,
         selection=SelectionParams(

@@ -103,11 +103,21 @@ def _postprocessing_text(postprocessing: tuple[PostProcessing, str] | None) -> t
     size_note = "" if module.out_features == module.in_features else f" (reduced from {module.in_features})"
     calibration = module.calibration
     document = calibration.get("document")
-    also = (
-        f", plus {document['count']} texts ({document['name']}, `{document['hash']}`) embedded by `encode_document`,"
-        " so that one transform serves every side and queries and documents stay in one space"
-        if document else ""
-    )
+    if document and module.side_statistics:
+        sides = " and ".join(f"`encode_{side}`" for side in sorted(module.side_statistics))
+        also = (
+            f"; {sides} use statistics of their own (`document_*`), fitted on {document['count']} texts "
+            f"({document['name']}, `{document['hash']}`) embedded by `encode_document`, so queries and documents "
+            "share one space while `encode` keeps the first set (do not compare `encode` vectors with "
+            "`encode_document` ones)"
+        )
+    elif document:
+        also = (
+            f", plus {document['count']} texts ({document['name']}, `{document['hash']}`) embedded by "
+            "`encode_document`, so that one transform serves every side and queries and documents stay in one space"
+        )
+    else:
+        also = ""
     made = (
         f"It was fitted by `kvemb build` on {calibration['count']} calibration texts "
         f"({calibration['name']}, `{calibration['hash']}`){also}, embedded by "

@@ -67,10 +67,14 @@ class PostProcessing(CheckedConfigMixin, Module):
         components: Directions removed (``remove_pcs``) or output dimension (``whiten``; ``None`` = full).
         eigenvalue_floor: ``whiten`` only: the floor used when fitting (a record; the projection holds it).
         calibration: Provenance recorded in the config (``name``, ``hash``, ``count`` of the texts).
+        side_statistics: Side (``query``, ``document``) -> name of a second set of statistics that the side's
+            vectors go through instead (e.g. both -> ``document``: queries and documents share one space of
+            their own, fitted on vectors of their template and readout, while ``encode`` keeps the first set).
         mean, directions, projection: The statistics; zeros of the right shape until loaded or fitted.
+        side_tensors: The named sets, as ``<name>_mean`` and ``<name>_<matrix>``.
     """
 
-    config_keys = ["mode", "in_features", "components", "eigenvalue_floor", "calibration"]
+    config_keys = ["mode", "in_features", "components", "eigenvalue_floor", "calibration", "side_statistics"]
 
     def __init__(
         self,
@@ -79,10 +83,12 @@ class PostProcessing(CheckedConfigMixin, Module):
         components: int | None = None,
         eigenvalue_floor: float | None = None,
         calibration: Mapping[str, Any] | None = None,
+        side_statistics: Mapping[str, str] | None = None,
         *,
         mean: torch.Tensor | None = None,
         directions: torch.Tensor | None = None,
         projection: torch.Tensor | None = None,
+        **side_tensors: torch.Tensor,
     ) -> None:
         super().__init__()
         if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
@@ -94,9 +100,10 @@ class PostProcessing(CheckedConfigMixin, Module):
         self.components = components
         self.eigenvalue_floor = eigenvalue_floor
         self.calibration = dict(calibration) if calibration is not None else None
-        given = {"mean": mean, "directions": directions, "projection": projection}
+        self.side_statistics = _check_side_statistics(side_statistics)
+        given = {"mean": mean, "directions": directions, "projection": projection, **side_tensors}
         for name, shape in self.statistics_shapes().items():
-            value = given.pop(name)
+            value = given.pop(name, None)
             value = torch.zeros(shape) if value is None else torch.as_tensor(value, dtype=torch.float32)
             if tuple(value.shape) != shape:
                 raise ValueError(f"PostProcessing({mode!r}): '{name}' has shape {tuple(value.shape)}, expected {shape}")
@@ -106,12 +113,28 @@ class PostProcessing(CheckedConfigMixin, Module):
             raise ValueError(f"PostProcessing({mode!r}) takes no {', '.join(extra)}")
 
     def statistics_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Name -> shape of each tensor in the statistics file (all float32)."""
-        shapes: dict[str, tuple[int, ...]] = {"mean": (self.in_features,)}
+        """Name -> shape of each tensor in the statistics file (all float32): the first set, then each named one."""
+        one: dict[str, tuple[int, ...]] = {"mean": (self.in_features,)}
         matrix = _MATRIX[self.mode]
         if matrix:
-            shapes[matrix] = (self.in_features, self.components if matrix == "directions" else self.out_features)
+            one[matrix] = (self.in_features, self.components if matrix == "directions" else self.out_features)
+        shapes = dict(one)
+        for group in sorted(set(self.side_statistics.values())):
+            shapes.update({f"{group}_{name}": shape for name, shape in one.items()})
         return shapes
+
+    def with_side_statistics(self, sides: Sequence[str], name: str, other: PostProcessing) -> PostProcessing:
+        """This module plus ``other``'s statistics under ``name``, used by ``sides`` (same mode and sizes)."""
+        if (other.mode, other.in_features, other.components) != (self.mode, self.in_features, self.components):
+            raise ValueError(
+                f"side statistics must match the first set: {other.mode}/{other.in_features}/{other.components} vs "
+                f"{self.mode}/{self.in_features}/{self.components}"
+            )
+        own = {key: getattr(self, key) for key in self.statistics_shapes()}
+        named = {f"{name}_{key}": getattr(other, key) for key in other.statistics_shapes()}
+        calibration = {**(self.calibration or {}), name: other.calibration}
+        return PostProcessing(self.mode, self.in_features, self.components, self.eigenvalue_floor, calibration,
+                              {**self.side_statistics, **dict.fromkeys(sides, name)}, **own, **named)  # fmt: skip
 
     @property
     def out_features(self) -> int:
@@ -121,29 +144,33 @@ class PostProcessing(CheckedConfigMixin, Module):
         return self.out_features
 
     # ------------------------------------------------------------------------------------------ apply
-    def transform_tensor(self, embeddings: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """The transform on a ``(N, in_features)`` tensor, in float32; L2-normalised unless ``normalize=False``."""
+    def transform_tensor(self, embeddings: torch.Tensor, normalize: bool = True, side: str | None = None) -> torch.Tensor:
+        """The transform on a ``(N, in_features)`` tensor, in float32; L2-normalised unless ``normalize=False``;
+        ``side``: the statistics that side uses (the first set unless :attr:`side_statistics` names another)."""
         if embeddings.shape[-1] != self.in_features:
             raise ValueError(
                 f"post-processing expects {self.in_features}-dimensional embeddings, got {embeddings.shape[-1]}: "
                 "it was fitted on another model's vectors"
             )
-        x = embeddings.float() - self.mean.float()  # .float(): still float32 after a model-wide .half()
+        group = self.side_statistics.get(side) if side is not None else None
+        prefix = f"{group}_" if group else ""
+        x = embeddings.float() - getattr(self, prefix + "mean").float()  # .float(): float32 after a model-wide .half()
         if self.mode == "remove_pcs":
-            directions = self.directions.float()
+            directions = getattr(self, prefix + "directions").float()
             x = x - (x @ directions) @ directions.T
         elif self.mode == "whiten":
-            x = x @ self.projection.float()
+            x = x @ getattr(self, prefix + "projection").float()
         return F.normalize(x, dim=-1) if normalize else x
 
-    def transform(self, embeddings: np.ndarray, normalize: bool = True) -> np.ndarray:
+    def transform(self, embeddings: np.ndarray, normalize: bool = True, side: str | None = None) -> np.ndarray:
         """Same as ``forward`` for precomputed vectors ``(N, in_features)`` -> float32 ``(N, out_features)``."""
         with torch.no_grad():
             x = torch.as_tensor(np.asarray(embeddings), device=self.mean.device)
-            return self.transform_tensor(x, normalize).cpu().numpy()
+            return self.transform_tensor(x, normalize, side).cpu().numpy()
 
     def forward(self, features: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, torch.Tensor]:
-        features["sentence_embedding"] = self.transform_tensor(features["sentence_embedding"])
+        """``features["side"]`` (set by the embedding module's ``preprocess``) picks the statistics."""
+        features["sentence_embedding"] = self.transform_tensor(features["sentence_embedding"], side=features.get("side"))
         return features
 
     # ------------------------------------------------------------------------------------- save / load
@@ -190,6 +217,22 @@ class PostProcessing(CheckedConfigMixin, Module):
         needs = f"mode {config['mode']!r} with in_features={config['in_features']}, components={config.get('components')}"
         tensors = load_float32_tensors(path, module.statistics_shapes(), f"{config_path} ({needs})")
         return cls(**config, **tensors)
+
+
+SIDES_WITH_STATISTICS = ("query", "document")
+
+
+def _check_side_statistics(side_statistics: Mapping[str, str] | None) -> dict[str, str]:
+    if side_statistics is None:
+        return {}
+    if not isinstance(side_statistics, Mapping):
+        raise ValueError(f"PostProcessing side_statistics must map sides to names, got {side_statistics!r}")
+    for side, name in side_statistics.items():
+        if side not in SIDES_WITH_STATISTICS:
+            raise ValueError(f"PostProcessing side_statistics: unknown side {side!r}; expected one of {SIDES_WITH_STATISTICS}")
+        if not isinstance(name, str) or not name.isidentifier() or name in _MATRIX.values() or name == "mean":
+            raise ValueError(f"PostProcessing side_statistics[{side!r}]: {name!r} is not a valid statistics name")
+    return dict(side_statistics)
 
 
 def _check_components(mode: str, components: int | None, dimension: int) -> None:
@@ -280,6 +323,7 @@ def add_postprocessing(
     eigenvalue_floor: float = DEFAULT_EIGENVALUE_FLOOR,
     document_texts: Sequence[str] = (),
     document_name: str | None = None,
+    document_statistics: bool = False,
 ) -> SentenceTransformer:
     """Embed ``texts`` with ``model`` (its default prompt), fit ``mode`` and append the module; return ``model``.
 
@@ -287,6 +331,9 @@ def add_postprocessing(
     treatment. ``document_texts`` are embedded with ``encode_document`` and join the fit: one transform for
     every side keeps queries and documents in one space, and a document side whose vectors differ from the
     default side's (another template or readout) is then whitened by statistics that saw such vectors.
+    With ``document_statistics`` they get a fit of their own instead, used by every side of the model
+    (``query`` and ``document``: they stay one space) while ``encode`` keeps the first fit; chosen when the two
+    sides read out so differently that one fit serves neither (README "Documents").
     ``calibration_name`` / ``document_name`` name the sets in the saved config and card.
     """
     check_postprocessing_args(mode, components, eigenvalue_floor)
@@ -297,11 +344,20 @@ def add_postprocessing(
         )
     texts, document_texts = list(texts), list(document_texts)
     options = dict(batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
+    sides = list(getattr(model[0], "config", None) and model[0].config.sides or ())
+    if document_statistics and not (document_texts and sides):
+        raise ValueError("document_statistics needs document_texts and a model with sides (query/document) to use them")
     embeddings = model.encode(texts, **options)
     record = calibration_record(texts, calibration_name)
-    if document_texts:
-        embeddings = np.concatenate([embeddings, model.encode_document(document_texts, **options)])
-        record = {**record, "document": calibration_record(document_texts, document_name)}
-    module = fit_postprocessing(embeddings, mode, components, record, eigenvalue_floor)
+    documents = model.encode_document(document_texts, **options) if document_texts else None
+    document_record = calibration_record(document_texts, document_name) if document_texts else None
+    if document_statistics:
+        module = fit_postprocessing(embeddings, mode, components, record, eigenvalue_floor).with_side_statistics(
+            sides, "document", fit_postprocessing(documents, mode, components, document_record, eigenvalue_floor))
+    else:
+        if documents is not None:
+            embeddings = np.concatenate([embeddings, documents])
+            record = {**record, "document": document_record}
+        module = fit_postprocessing(embeddings, mode, components, record, eigenvalue_floor)
     model.append(module.to(model.device))
     return model

@@ -357,10 +357,11 @@ def document_readout(scorer: Scorer, key: tuple) -> tuple[str, Readout, str]:
 
 def shared_whitenings(scorer: Scorer, setting: str, doc: Readout, whiten: str) -> dict[str, Callable]:
     """Stage 2's shared post-processings: one whitening on the default side's calibration sentences plus the
-    document side's whitening texts (all of them, or its paragraphs only)."""
+    document side's whitening texts, or plus the document side's calibration paragraphs only (RULE.md: the
+    shipped paragraphs embedded by the document side, whatever stage 1's whitening was)."""
     default_sentences = scorer.vectors("kv", "cal_sentences", DEFAULT_QUERY)
     doc_parts = [] if whiten == "none" else whiten.split("+")
-    posts = {"one whitening": doc_parts, "one whitening, document paragraphs": [p for p in doc_parts if p != "sentences"]}
+    posts = {"one whitening": doc_parts, "one whitening, document paragraphs": ["sts_paragraphs"]}
     return {name: fit_postprocessing(np.concatenate(
         [default_sentences, *(scorer.vectors(setting, f"cal_{p}", doc) for p in parts)]), "whiten").transform
         for name, parts in posts.items() if name == "one whitening" or parts != doc_parts}  # fmt: skip

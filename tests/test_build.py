@@ -16,7 +16,7 @@ from sentence_transformers import SentenceTransformer
 import kvemb_st
 from kvemb_st import layer_selection
 from kvemb_st.assets import smollm2_folder
-from kvemb_st.build import build
+from kvemb_st.build import DOCUMENT_READOUT, build
 from kvemb_st.calibration import calibration_hash, load_calibration
 from kvemb_st.cli import main
 from kvemb_st.layer_selection import SelectionParams, format_layer_spec, mean_position
@@ -189,7 +189,8 @@ def test_build_with_postprocessing_saves_its_statistics_and_describes_them(built
     assert {p.name for p in folder.iterdir()} == EXPECTED_FILES | {"1_PostProcessing"}
     assert {p.name for p in (folder / "1_PostProcessing").iterdir()} == {"config.json", "statistics.safetensors"}
     stats = load_file(folder / "1_PostProcessing" / "statistics.safetensors")
-    assert {name: tuple(value.shape) for name, value in stats.items()} == {"mean": (64,), "projection": (64, 12)}
+    assert {name: tuple(value.shape) for name, value in stats.items()} == {
+        "mean": (64,), "projection": (64, 12), "document_mean": (64,), "document_projection": (64, 12)}  # fmt: skip
     config = json.loads((folder / "1_PostProcessing" / "config.json").read_text())
     calibration = config["calibration"]
     assert (config["mode"], config["in_features"], config["components"]) == ("whiten", 64, 12)
@@ -198,7 +199,8 @@ def test_build_with_postprocessing_saves_its_statistics_and_describes_them(built
     assert calibration["hash"] == selection["calibration_hash"]
     _, body = read_card(folder)
     assert "| Embedding dimension | 12 |" in body and "| Post-processing | whiten (see below) |" in body
-    assert "`1_PostProcessing/statistics.safetensors` holds float32 tensors `mean` (64,), `projection` (64, 12)" in body
+    assert "`1_PostProcessing/statistics.safetensors` holds float32 tensors `mean` (64,), `projection` (64, 12), " \
+        "`document_mean` (64,), `document_projection` (64, 12)" in body
     assert f"on 32 calibration texts ({calibration['name']}, `{calibration['hash']}`)" in body
     assert "**12 dimensions** (reduced from 64)" in body and "no weights of the base model" in body
     for loaded in (SentenceTransformer(str(folder), trust_remote_code=True), kvemb_st.load(str(folder))):
@@ -288,11 +290,12 @@ def test_document_side_flags_and_the_shared_whitening_over_both_sides(tiny_llama
     argv = ["build", tiny_llama, "-o", str(tmp_path / "m"), "--layers", "1-2", "--calibration-limit", "16",
             "--cache-dir", str(tmp_path), "--quiet", "--document-template", 'Passage: "{text}" in one word:"',
             "--document-pooling", "mean", "--document-pool-layers", "1", "--document-pool-span", "text",
-            "--document-calibration", "sts-b-train-paragraphs"]  # fmt: skip
+            "--document-calibration", "sts-b-train-paragraphs", "--document-whitening", "shared",
+            "--query-side", "default"]  # fmt: skip
     assert main(argv) == 0
     config = json.loads((tmp_path / "m" / "kvemb_config.json").read_text())
     assert config["sides"] == {"document": {"template": 'Passage: "{text}" in one word:"', "pooling": "mean",
-                                            "pool_layers": [1], "pool_span": "text"}}  # fmt: skip
+                                            "last_weight": 0.5, "pool_layers": [1], "pool_span": "text"}}  # fmt: skip
     loaded = kvemb_st.load(str(tmp_path / "m"))
     record = loaded[1].calibration
     sentences, paragraphs = load_calibration(None, 16), load_calibration("sts-b-train-paragraphs", 16)
@@ -310,3 +313,26 @@ def test_document_side_flags_and_the_shared_whitening_over_both_sides(tiny_llama
     plain = kvemb_st.load(str(tmp_path / "n"))
     assert json.loads((tmp_path / "n" / "kvemb_config.json").read_text())["sides"] == {}
     assert "document" not in plain[1].calibration
+
+
+def test_default_build_reads_queries_like_documents_with_their_own_whitening(tiny_llama, tmp_path):
+    """The default sides: encode_query and encode_document read out the document side and go through statistics
+    fitted on the calibration sentences embedded by that side; encode keeps the top-level side and its own fit."""
+    argv = ["build", tiny_llama, "-o", str(tmp_path / "m"), "--layers", "1-2", "--calibration-limit", "16",
+            "--cache-dir", str(tmp_path), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    config = json.loads((tmp_path / "m" / "kvemb_config.json").read_text())
+    assert config["sides"] == {"query": DOCUMENT_READOUT, "document": DOCUMENT_READOUT}
+    sentences = load_calibration(None, 16)
+    bare = kvemb_st.from_base(tiny_llama, "1-2", sides=config["sides"])
+    default = fit_postprocessing(bare.encode(sentences), "whiten").transform(bare.encode(TEXTS))
+    documents = fit_postprocessing(bare.encode_document(sentences), "whiten").transform(bare.encode_document(TEXTS))
+    assert not np.allclose(default, documents, atol=1e-3)  # the sides really differ
+    for loaded in (kvemb_st.load(str(tmp_path / "m")), SentenceTransformer(str(tmp_path / "m"), trust_remote_code=True)):
+        assert loaded[1].side_statistics == {"query": "document", "document": "document"}
+        np.testing.assert_allclose(loaded.encode(TEXTS), default, atol=2e-5)
+        np.testing.assert_allclose(loaded.encode_document(TEXTS), documents, atol=2e-5)
+        np.testing.assert_allclose(loaded.encode_query(TEXTS), documents, atol=2e-5)
+        np.testing.assert_allclose(loaded.encode(TEXTS, prompt_name="document"), documents, atol=2e-5)
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "`encode_document` and `encode_query` use statistics of their own" in card
