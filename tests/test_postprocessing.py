@@ -166,6 +166,42 @@ def test_loading_a_damaged_statistics_file_fails_clearly(data, tmp_path):
         PostProcessing.load(str(tmp_path))
 
 
+def test_side_statistics_pick_the_set_by_side_and_round_trip(data, tmp_path):
+    first, second = fit_postprocessing(data[0], "whiten", 4), fit_postprocessing(data[1], "whiten", 4)
+    both = first.with_side_statistics(["query", "document"], "document", second)
+    vectors = torch.as_tensor(data[1][:5], dtype=torch.float32)
+    torch.testing.assert_close(both.transform_tensor(vectors), first.transform_tensor(vectors))
+    for side in ("query", "document"):
+        torch.testing.assert_close(both.transform_tensor(vectors, side=side), second.transform_tensor(vectors))
+        features = both({"sentence_embedding": vectors.clone(), "side": side})
+        torch.testing.assert_close(features["sentence_embedding"], second.transform_tensor(vectors))
+    both.save(str(tmp_path))
+    loaded = PostProcessing.load(str(tmp_path))
+    assert loaded.side_statistics == {"query": "document", "document": "document"}
+    torch.testing.assert_close(loaded.transform_tensor(vectors, side="query"), second.transform_tensor(vectors))
+    with pytest.raises(ValueError, match="side statistics must match"):
+        first.with_side_statistics(["document"], "document", fit_postprocessing(data[1], "whiten", 3))
+
+
+@pytest.mark.parametrize(
+    ("side_statistics", "message"),
+    [({"passage": "document"}, "unknown side 'passage'"), ({"query": "projection"}, "not a valid statistics name"),
+     (["query"], "must map sides to names")],
+)  # fmt: skip
+def test_bad_side_statistics_fail_clearly(side_statistics, message):
+    with pytest.raises(ValueError, match=message):
+        PostProcessing("center", 4, side_statistics=side_statistics)
+
+
+def test_a_statistics_file_without_the_side_set_fails_clearly(data, tmp_path):
+    first = fit_postprocessing(data[0], "whiten", 4)
+    first.save(str(tmp_path))
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "side_statistics": {"document": "document"}}))
+    with pytest.raises(ValueError, match=r"missing tensor\(s\) \['document_mean', 'document_projection'\]"):
+        PostProcessing.load(str(tmp_path))
+
+
 # ------------------------------------------------------------------------- pipelines: every method
 @pytest.fixture(scope="module")
 def methods(tiny_llama) -> dict[str, SentenceTransformer]:
