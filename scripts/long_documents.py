@@ -11,23 +11,20 @@ transform for every side, fitted at the full budget) is applied to all three. Sc
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
-import kvemb_st
 from kvemb_st.calibration import load_calibration
 from kvemb_st.evaluation import write_json
 from kvemb_st.general_calibration import split_sentences
 from kvemb_st.postprocessing import fit_postprocessing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from doc_levers import BACKBONES, Scorer  # noqa: E402  (the same data and scoring as the lever harness)
+from doc_levers import BACKBONES, Scorer, side_model, side_script_parser  # noqa: E402  (the same data and scoring as the lever harness)
 
 
 def chunks(text: str, fits) -> list[str]:
@@ -43,21 +40,13 @@ def chunks(text: str, fits) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("backbone", choices=sorted(BACKBONES))
-    parser.add_argument("--sides", required=True, help="JSON of the model's sides, e.g. the default build's")
+    parser = side_script_parser(__doc__, "JSON of the model's sides, e.g. the default build's")
     parser.add_argument("--layers", default=None, help="re-routed layers (default: the backbone's build window)")
     parser.add_argument("--budget", type=int, default=128)
     parser.add_argument("--full", type=int, default=512)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "kvemb_st" / "probe")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "results" / "doc_levers")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     backbone = BACKBONES[args.backbone]
-    model = kvemb_st.from_base(str(backbone.folder()), args.layers or backbone.layers, sides=json.loads(args.sides),
-                               max_seq_length=args.full)  # fmt: skip
+    model = side_model(args, args.layers, max_seq_length=args.full)
     scorer = Scorer(args.cache, args.backbone)
     documents = {"lee": scorer.lee_texts, "newsgroups": scorer.news_texts}
     options = dict(batch_size=8, convert_to_numpy=True, show_progress_bar=False)

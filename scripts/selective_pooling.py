@@ -13,8 +13,6 @@ whitened on the calibration sentences + paragraphs like the stage-1 winner. Dev 
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,12 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import kvemb_st
 from kvemb_st.evaluation import markdown_table, write_json
 from kvemb_st.postprocessing import fit_postprocessing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from doc_levers import BACKBONES, Scorer, text_sets  # noqa: E402  (the same data and scoring as the harness)
+from doc_levers import BACKBONES, Scorer, side_model, side_script_parser, text_sets  # noqa: E402  (the same data and scoring as the harness)
 
 FRACTIONS = (0.1, 0.25, 0.5)
 SETS = ("cal_sentences", "cal_sts_paragraphs", "lee", "newsgroups", "subjects")
@@ -85,17 +82,9 @@ def selective_vectors(model, texts: Sequence[str], batch_size: int = 16) -> dict
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("backbone", choices=sorted(BACKBONES))
-    parser.add_argument("--sides", required=True, help="JSON of the model's sides (the document side is read)")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "kvemb_st" / "probe")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "results" / "doc_levers")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = side_script_parser(__doc__, "JSON of the model's sides (the document side is read)").parse_args(argv)
     backbone = BACKBONES[args.backbone]
-    model = kvemb_st.from_base(str(backbone.folder()), backbone.layers, sides=json.loads(args.sides))
+    model = side_model(args)
     sets = text_sets(backbone)
     cache = args.cache / args.backbone / "selective"
     vectors = {}
