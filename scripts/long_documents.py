@@ -2,8 +2,9 @@
 
 Each Lee document and newsgroups post is embedded by the document side (i) whole (``--full`` tokens), (ii) cut
 to ``--budget`` tokens as the model does, and (iii) split at sentence boundaries into chunks of at most
-``--budget`` templated tokens, each embedded, the unit vectors averaged. The same whitening as the model's (one
-transform for every side, fitted at the full budget) is applied to all three. Scores: Lee Pearson over all
+``--budget`` templated tokens, each embedded, the unit vectors averaged. The document side's own whitening, as the
+default build fits it (the calibration sentences through ``encode_document``, at the full budget), is applied to all
+three; queries go through ``encode_query``. Scores: Lee Pearson over all
 1,225 pairs, newsgroups-dev 5-NN and subject -> body retrieval-dev nDCG@10, plus how many texts were long.
 
     python scripts/long_documents.py smollm2 --budget 128
@@ -50,9 +51,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     scorer = Scorer(args.cache, args.backbone)
     documents = {"lee": scorer.lee_texts, "newsgroups": scorer.news_texts}
     options = dict(batch_size=8, convert_to_numpy=True, show_progress_bar=False)
-    calibration = np.concatenate([model.encode(load_calibration(), **options),
-                                  model.encode_document(load_calibration("sts-b-train-paragraphs"), **options)])
-    whiten = fit_postprocessing(calibration, "whiten").transform
+    whiten = fit_postprocessing(model.encode_document(load_calibration(), **options), "whiten").transform
     queries = whiten(model.encode_query(scorer.subjects, **options))
     module = model[0]
     template = module.config.side_settings("document")["template"]
