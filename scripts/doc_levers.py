@@ -163,6 +163,7 @@ class Scorer:
         self.news_dev = [i for i, t in enumerate(news.texts) if t in half]  # the split's half, dev unless told
         self.news_labels = np.array(news.labels)
         retrieval = load_newsgroup_retrieval(split)
+        self.subjects = list(retrieval.queries.values())  # the split's queries; cached as ``subjects_set``
         self.subjects_set = "subjects" if split == "dev" else f"subjects_{split}"
         ids = list(retrieval.corpus)
         position = {text: i for i, text in enumerate(self.news_texts)}
