@@ -344,7 +344,8 @@ def add_postprocessing(
         )
     texts, document_texts = list(texts), list(document_texts)
     options = dict(batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
-    sides = list(getattr(model[0], "config", None) and model[0].config.sides or ())
+    config = getattr(model[0], "config", None)  # a KVEmbedding module's; other first modules have no sides
+    sides = list(config.sides) if config is not None and hasattr(config, "sides") else []
     if document_statistics and not (document_texts and sides):
         raise ValueError("document_statistics needs document_texts and a model with sides (query/document) to use them")
     embeddings = model.encode(texts, **options)
