@@ -381,6 +381,11 @@ def score_sides(scorer: Scorer, doc: tuple[str, Readout, Callable], query: tuple
     return row
 
 
+def query_readouts(setting: str, doc: Readout) -> dict[str, tuple[str, Readout]]:
+    """Stage 2's ways to read queries: (forward setting, readout) by name (QUERY_ORDER)."""
+    return {"default side": ("kv", DEFAULT_QUERY), "document readout": ("kv", doc), "document side": (setting, doc)}
+
+
 def run_choose(args: argparse.Namespace) -> dict[str, Any]:
     """Both stages of the rule over the backbones' stage-1 results; stage 2 scores its candidates here."""
     results = [read_rows(args.out / f"{name}_stage1.json.gz") for name in args.backbones.split(",")]
@@ -393,9 +398,7 @@ def run_choose(args: argparse.Namespace) -> dict[str, Any]:
         default_w = scorer.transform("kv", DEFAULT_QUERY, "sentences")
         doc_w = scorer.transform(setting, doc, whiten)
         shared = shared_whitenings(scorer, setting, doc, whiten)
-        queries = {"default side": ("kv", DEFAULT_QUERY), "document readout": ("kv", doc),
-                   "document side": (setting, doc)}  # fmt: skip
-        for query_name, (query_setting, query) in queries.items():
+        for query_name, (query_setting, query) in query_readouts(setting, doc).items():
             for post in [*shared, "one per side"]:
                 w_query = shared.get(post, default_w if query_name == "default side" else doc_w)
                 row = score_sides(scorer, (setting, doc, shared.get(post, doc_w)), (query_setting, query, w_query),
@@ -451,8 +454,7 @@ def run_report(args: argparse.Namespace) -> list[dict[str, Any]]:
             default_w = scorer.transform("kv", DEFAULT_QUERY, "sentences")
             w = shared_whitenings(scorer, setting, doc, whiten).get(post)
             w_doc = w or scorer.transform(setting, doc, whiten)
-            query = {"default side": ("kv", DEFAULT_QUERY), "document readout": ("kv", doc),
-                     "document side": (setting, doc)}[query_name]  # fmt: skip
+            query = query_readouts(setting, doc)[query_name]
             w_query = w or (default_w if query_name == "default side" else w_doc)
             row = score_sides(scorer, (setting, doc, w_doc), (*query, w_query), (w or default_w) if sts else None)
             rows.append({"backbone": backbone, "split": split, "method": "default build (document side)",
