@@ -30,7 +30,7 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 
 import kvemb_st
-from kvemb_st.assets import qwen25_folder, smollm2_folder
+from kvemb_st.assets import gemma3_folder, qwen25_folder, smollm2_folder
 from kvemb_st.calibration import load_calibration
 from kvemb_st.config import COMPRESSION_TEMPLATE, KVEmbeddingConfig
 from kvemb_st.doc_tasks import knn_accuracy, load_lee, load_newsgroup_retrieval, load_newsgroups
@@ -47,13 +47,14 @@ PASSAGE_TEMPLATE = 'This passage : "{text}" means in one word:"'
 class Backbone:
     folder: Callable[[], Path]
     layers: str  # the window the default build picks
-    early: str  # a window a third of the depth earlier
+    early: str | None  # a window a third of the depth earlier (None: the build window starts at layer 0-1)
     sts_limit: int | None
 
 
 BACKBONES = {
     "smollm2": Backbone(smollm2_folder, "20-29", "10-19", None),
     "qwen25": Backbone(qwen25_folder, "14-21", "6-13", 400),
+    "gemma3": Backbone(gemma3_folder, "1-6", None, 400),
 }
 
 
@@ -67,7 +68,7 @@ def settings(backbone: Backbone) -> dict[str, dict[str, Any]]:
         "kv_raw": {**kv, "template": "{text}"},
         "kv_bias0": {**kv, "prefix_bias": 0.0},
         "kv_bias5": {**kv, "prefix_bias": 5.0},
-        "kv_early": {**kv, "layers": backbone.early},
+        **({"kv_early": {**kv, "layers": backbone.early}} if backbone.early else {}),
         "mean": dict(method="mean"),
         "prompteol": dict(method="prompteol"),
         "echo": dict(method="echo"),
