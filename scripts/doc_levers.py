@@ -485,16 +485,17 @@ def run_windows(args: argparse.Namespace) -> list[dict[str, Any]]:
     default readout whitened on the calibration sentences, on STS-B dev and Lee."""
     scorer = Scorer(args.cache, args.backbone)
     rows = []
-    for path in sorted(scorer.root.glob("kv@*")):
+    for path in sorted([*scorer.root.glob("kv@*"), *scorer.root.glob("kv@*/b*")]):  # kv@S-E/bB nests in kv@S-E
+        name = path.relative_to(scorer.root).as_posix()
         if not (path / "sts.npz").exists() or not (path / "lee.npz").exists():
             continue
-        kwargs = setting_kwargs(scorer.backbone, path.name)
-        apply = scorer.transform(path.name, DEFAULT_QUERY, "sentences")
-        lee = apply(scorer.vectors(path.name, "lee", DEFAULT_QUERY))
+        kwargs = setting_kwargs(scorer.backbone, name)
+        apply = scorer.transform(name, DEFAULT_QUERY, "sentences")
+        lee = apply(scorer.vectors(name, "lee", DEFAULT_QUERY))
         cos = np.einsum("ij,ij->i", lee[scorer.lee_index[0]], lee[scorer.lee_index[1]])
         start, end = map(int, kwargs["layers"].split("-"))
-        rows.append({"setting": path.name, "start": start, "end": end, "prefix_bias": kwargs.get("prefix_bias", 3.0),
-                     "sts_dev": scorer.sts(path.name, DEFAULT_QUERY, apply),
+        rows.append({"setting": name, "start": start, "end": end, "prefix_bias": kwargs.get("prefix_bias", 3.0),
+                     "sts_dev": scorer.sts(name, DEFAULT_QUERY, apply),
                      "lee_pearson": float(pearsonr(cos, scorer.lee_gold)[0])})  # fmt: skip
     rows.sort(key=lambda r: (r["prefix_bias"], r["end"] - r["start"], r["start"]))
     write_json(args.out / f"windows_{args.backbone}.json", {"backbone": args.backbone, "rows": rows})

@@ -110,3 +110,23 @@ def test_selective_pooling_attention_equals_the_models_own_attention_weights(loa
     assert set(vectors) == {"top0.1", "top0.25", "top0.5", "weighted"}
     np.testing.assert_allclose(vectors["top0.5"][0], changed["top0.5"][0], atol=1e-5)  # rows do not mix
     assert all(np.isfinite(v).all() and v.shape == (2, module.get_embedding_dimension()) for v in vectors.values())
+
+
+def test_windows_stage_reads_nested_bias_settings_and_scores_sts_with_the_default_readout(levers, tmp_path):
+    """``kv@S-E/bB`` caches nest inside ``kv@S-E``; both are found, parsed and scored (fake vectors, real data)."""
+    from kvemb_st.layer_probe import KINDS, ProbeVectors
+
+    scorer = levers.Scorer(tmp_path, "gemma3")
+    texts = {"cal_sentences": [f"calibration {i}" for i in range(40)], "lee": scorer.lee_texts,
+             "sts": sorted({s for a, b, _ in scorer.sts_pairs for s in (a, b)})}  # fmt: skip
+    rng = np.random.default_rng(0)
+    for setting in ("kv@1-6", "kv@1-6/b5", "kv@4-9"):
+        for name, items in texts.items():
+            arrays = {kind: rng.standard_normal((len(items), 3, 8)).astype(np.float32) for kind in KINDS}
+            ProbeVectors(items, arrays).save(tmp_path / "gemma3" / setting / f"{name}.npz")
+    args = levers.argparse.Namespace(cache=tmp_path, backbone="gemma3", out=tmp_path)
+    rows = levers.run_windows(args)
+    assert [(r["setting"], r["start"], r["end"], r["prefix_bias"]) for r in rows] == [
+        ("kv@1-6", 1, 6, 3.0), ("kv@4-9", 4, 9, 3.0), ("kv@1-6/b5", 1, 6, 5.0)]  # fmt: skip
+    assert all(abs(r["sts_dev"]) < 0.2 and abs(r["lee_pearson"]) < 0.3 for r in rows)  # random vectors: no signal
+    assert "kv@1-6/b5" in (tmp_path / "windows_gemma3.md").read_text()
