@@ -31,6 +31,7 @@ from kvemb_st.layer_selection import (
     ANCHORS,
     AUTO,
     DEFAULT_ANCHOR,
+    DEFAULT_END_MARGIN,
     DEFAULT_MIN_TOLERANCE,
     DEFAULT_SKIP_FRACTION,
     DEFAULT_WINDOW_FRACTION,
@@ -122,6 +123,12 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> None:
         default=DEFAULT_MIN_TOLERANCE,
         help="layers within this many standard errors of the lowest ID count as the minimum; the window is "
         "anchored at their mean position, 0 = the single lowest layer (default: %(default)s)",
+    )
+    select.add_argument(
+        "--end-margin",
+        type=int,
+        default=DEFAULT_END_MARGIN,
+        help="the window ends at least this many layers before the last one, 0 = it may end there (default: %(default)s)",
     )
     select.add_argument("--estimator", choices=ESTIMATORS, default="mle", help="TwoNN estimator (default: %(default)s)")
     select.add_argument("--batch-size", type=int, default=32, help="calibration batch size (default: %(default)s)")
@@ -219,6 +226,7 @@ def run_build(args: argparse.Namespace, argv: Sequence[str]) -> int:
             window_fraction=args.window_fraction,
             anchor=args.anchor,
             min_tolerance=args.min_tolerance,
+            end_margin=args.end_margin,
         ),
         estimator=args.estimator,
         batch_size=args.batch_size,

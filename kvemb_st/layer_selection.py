@@ -49,6 +49,9 @@ DEFAULT_MIN_TOLERANCE = 1.0  # standard errors; see SelectionParams.min_toleranc
 # SmolLM2-135M 0.39 (a clear dip), Qwen2.5-0.5B 0.15 (the flat curve whose minimum was noise).
 FLAT_SPREAD = 0.2
 END_LAYERS = 2  # a window reaching the last two layers, which specialise in next-token prediction, is flagged
+# ...and by default never placed there: on three backbones this cap was the rule that landed within 0.005 STS-B dev
+# of the best swept window (results/windows/decision.md); it moves SmolLM2's window from 20-29 to 18-27.
+DEFAULT_END_MARGIN = END_LAYERS
 CACHE_FORMAT = 1
 
 
@@ -66,6 +69,8 @@ class SelectionParams:
             count as the minimum, and the window is anchored at their mean position. The standard error is
             that of the TwoNN maximum-likelihood estimate, ``d / sqrt(N)`` for ``N`` calibration texts. ``0``
             anchors at the single lowest layer.
+        end_margin: The window is shifted back so that it ends at least this many layers before the last one
+            (``0``: it may end at the last layer), as far as the model's depth allows.
     """
 
     skip_fraction: float = DEFAULT_SKIP_FRACTION
@@ -73,6 +78,7 @@ class SelectionParams:
     window_fraction: float = DEFAULT_WINDOW_FRACTION
     anchor: str = DEFAULT_ANCHOR
     min_tolerance: float = DEFAULT_MIN_TOLERANCE
+    end_margin: int = DEFAULT_END_MARGIN
 
     def __post_init__(self) -> None:
         if isinstance(self.skip_fraction, bool) or not (
@@ -93,6 +99,8 @@ class SelectionParams:
             isinstance(self.min_tolerance, (int, float)) and 0.0 <= self.min_tolerance < math.inf
         ):
             raise ValueError(f"min_tolerance must be a finite number of standard errors >= 0, got {self.min_tolerance!r}")
+        if isinstance(self.end_margin, bool) or not isinstance(self.end_margin, int) or self.end_margin < 0:
+            raise ValueError(f"end_margin must be a number of layers >= 0, got {self.end_margin!r}")
 
     def width(self, num_layers: int) -> int:
         if self.window is not None:
@@ -248,10 +256,11 @@ def select_window(
 
 
 def place_window(anchor: int, num_layers: int, params: SelectionParams) -> list[int]:
-    """The window of ``params.width`` layers centred on (or starting at) ``anchor``, shifted to fit the model."""
+    """The window of ``params.width`` layers centred on (or starting at) ``anchor``, shifted to fit the model and to
+    end ``params.end_margin`` layers before its last one (on a model too shallow for that, it starts at layer 0)."""
     width = params.width(num_layers)
     start = anchor if params.anchor == "start" else anchor - (width - 1) // 2
-    start = max(0, min(start, num_layers - width))
+    start = max(0, min(start, num_layers - width - params.end_margin))
     return list(range(start, start + width))
 
 

@@ -35,6 +35,10 @@ def hub_base_model(config: KVEmbeddingConfig, base_model_id: str | None = None) 
     return config.base_model if is_hub_id(config.base_model) and not os.path.exists(config.base_model) else None
 
 
+def _end_margin_text(margin: int) -> str:
+    return f" and to end at least {margin} layer{'s' if margin > 1 else ''} before the last" if margin else ""
+
+
 def _layer_selection_text(config: KVEmbeddingConfig, has_plot: bool) -> str:
     selection = config.layer_selection or {}
     layers = format_layer_spec(config.layers) if config.layers else "none"
@@ -58,8 +62,8 @@ def _layer_selection_text(config: KVEmbeddingConfig, has_plot: bool) -> str:
             f"final-token hidden state was measured after every layer on {selection['num_calibration_texts']} "
             f"calibration texts wrapped in the template (`{selection['calibration_hash']}`). Skipping the first "
             f"{params['skip_fraction']:.0%} of the layers, {minimum}; a window of "
-            f"{width} layers {anchor} {'that layer' if len(near) > 1 else 'it'} (shifted to fit inside the model) "
-            f"gives layers **{layers}**."
+            f"{width} layers {anchor} {'that layer' if len(near) > 1 else 'it'} (shifted to fit inside the model"
+            f"{_end_margin_text(params.get('end_margin', 0))}) gives layers **{layers}**."
         )
         if selection.get("warnings"):
             lines.append(f"\n**Note:** {'; '.join(selection['warnings'])}.")

@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from kvemb_st.evaluation import markdown_table, write_json
-from kvemb_st.layer_selection import SelectionParams, mean_position, near_minimum, place_window, select_window
+from kvemb_st.layer_selection import (
+    END_LAYERS,
+    SelectionParams,
+    mean_position,
+    near_minimum,
+    place_window,
+    select_window,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CURVES = {
@@ -30,27 +37,25 @@ DEPTH_FRACTION = 0.7  # rule D's centre, relative depth; written in RULE.md befo
 Rule = Callable[[Sequence[float], int], list[int]]
 
 
-def _anchor(curve: Sequence[float], points: int) -> int:
-    return mean_position(near_minimum(curve, SelectionParams(), points)[1])
+UNCAPPED = SelectionParams(end_margin=0)  # rules A, B and D as written: the window may end at the last layer
 
 
 def centred(curve: Sequence[float], points: int) -> list[int]:
-    return select_window(curve, SelectionParams(), points)[0]
+    return select_window(curve, UNCAPPED, points)[0]
 
 
 def ending_at_anchor(curve: Sequence[float], points: int) -> list[int]:
-    width = SelectionParams().width(len(curve))
-    return place_window(_anchor(curve, points) - (width - 1), len(curve), SelectionParams(anchor="start"))
+    width = UNCAPPED.width(len(curve))
+    anchor = mean_position(near_minimum(curve, UNCAPPED, points)[1])
+    return place_window(anchor - (width - 1), len(curve), SelectionParams(anchor="start", end_margin=0))
 
 
-def centred_end_capped(curve: Sequence[float], points: int, margin: int = 2) -> list[int]:
-    window = centred(curve, points)
-    shift = max(0, window[-1] - (len(curve) - 1 - margin))
-    return [layer - shift for layer in window]
+def centred_end_capped(curve: Sequence[float], points: int) -> list[int]:
+    return select_window(curve, SelectionParams(end_margin=END_LAYERS), points)[0]
 
 
 def fixed_depth(curve: Sequence[float], points: int) -> list[int]:
-    return place_window(int(DEPTH_FRACTION * (len(curve) - 1) + 0.5), len(curve), SelectionParams())
+    return place_window(int(DEPTH_FRACTION * (len(curve) - 1) + 0.5), len(curve), UNCAPPED)
 
 
 RULES: dict[str, tuple[str, Rule]] = {

@@ -74,13 +74,16 @@ def test_cli_build_writes_a_weight_free_folder(built, capsys):
     assert len(selection["id_curve"]) == 4 and selection["num_calibration_texts"] == 32
     assert selection["calibration_hash"].startswith("sha256:") and selection["window"] == [config["layers"][0]] * 2
     near, curve = selection["near_minimum"], selection["id_curve"]
-    assert selection["argmin"] in near and config["layers"] == [mean_position(near)] == [selection["anchor_layer"]]
+    assert selection["argmin"] in near and mean_position(near) == selection["anchor_layer"]
+    assert config["layers"] == [min(selection["anchor_layer"], 1)]  # 4 layers: ends 2 layers before the last
+    assert selection["params"]["end_margin"] == 2
     assert all(curve[i] <= curve[selection["argmin"]] * (1 + 1 / 32**0.5) + 1e-9 for i in near)  # one SE of 32 texts
     card = (folder / "README.md").read_text()
     expected = f"the minimum is at layer {selection['argmin']}"
     if len(near) > 1:
         expected += f"; layers {format_layer_spec(near)} are within 1 standard error(s) of it"
     assert expected in card, card
+    assert "shifted to fit inside the model and to end at least 2 layers before the last" in card
     post = json.loads((folder / "1_PostProcessing" / "config.json").read_text())
     assert (post["mode"], post["components"]) == ("whiten", None)  # the default: whitened on the same 32 texts
     assert post["calibration"]["hash"] == selection["calibration_hash"] and post["calibration"]["count"] == 32
@@ -92,11 +95,12 @@ def test_cli_build_writes_a_weight_free_folder(built, capsys):
     "curve,extra,warned",
     [
         ([5.0, 9.0, 12.0, 14.0], [], []),  # minimum at layer 0, steep: window [0], nothing to check
-        ([14.0, 12.0, 9.0, 5.0], [], ["reaches the last 2 layers"]),  # a late minimum: window [3]
+        ([14.0, 12.0, 9.0, 5.0], [], []),  # a late minimum: the window is kept off the last two layers, [1]
+        ([14.0, 12.0, 9.0, 5.0], ["--end-margin", "0"], ["reaches the last 2 layers"]),  # allowed there: [3]
         ([7.0, 7.3, 7.5, 7.6], ["--min-tolerance", "0"], ["the ID curve is flat (relative spread 0.08"]),
-        ([7.0, 7.3, 7.5, 7.0], [], ["the ID curve is flat", "reaches the last 2 layers"]),
+        ([7.0, 7.3, 7.5, 7.0], ["--end-margin", "0"], ["the ID curve is flat", "reaches the last 2 layers"]),
     ],
-    ids=["clear", "late", "flat", "flat-and-late"],
+    ids=["clear", "late-capped", "late", "flat", "flat-and-late"],
 )
 def test_cli_build_prints_the_spread_and_warns(tiny_llama, tmp_path, capsys, caplog, monkeypatch, curve, extra, warned):
     """Synthetic ID curves (the tiny model's forward passes are stood in for) through the real CLI."""
@@ -109,6 +113,7 @@ def test_cli_build_prints_the_spread_and_warns(tiny_llama, tmp_path, capsys, cap
     logged = [r.getMessage() for r in caplog.records if r.name == layer_selection.__name__ and r.levelname == "WARNING"]
     saved = json.loads((tmp_path / "m" / "kvemb_config.json").read_text())["layer_selection"]
     assert saved["spread"] == pytest.approx(spread) and saved["flat_curve"] == any("flat" in w for w in warned)
+    assert saved["window"][1] <= (3 if "--end-margin" in extra else 1)  # by default 2 layers short of layer 3
     if not warned:
         assert logged == [] and saved["warnings"] == []
         return

@@ -21,6 +21,7 @@ from kvemb_st.layer_selection import (
     format_layer_spec,
     is_flat,
     near_minimum,
+    place_window,
     select_layers,
     select_window,
     selection_warnings,
@@ -64,9 +65,20 @@ CURVE30 = [
 # ---------------------------------------------------------------------------------------- windows
 def test_window_starts_at_the_minimum_and_is_shifted_to_fit():
     assert select_window(CURVE30, SelectionParams(window=5, anchor="start")) == ([23, 24, 25, 26, 27], 23)
-    # 10 layers from 23 would run past layer 29: the window ends at the last layer instead.
-    assert select_window(CURVE30, SelectionParams(window=10, anchor="start")) == (list(range(20, 30)), 23)
-    assert select_window(CURVE30, SelectionParams(anchor="start")) == (list(range(20, 30)), 23)  # a third of 30
+    # 10 layers from 23 would run past layer 29: without an end margin the window ends at the last layer instead...
+    uncapped = SelectionParams(window=10, anchor="start", end_margin=0)
+    assert select_window(CURVE30, uncapped) == (list(range(20, 30)), 23)
+    assert select_window(CURVE30, SelectionParams(anchor="start", end_margin=0)) == (list(range(20, 30)), 23)
+    # ...and by default two layers before it (the last two layers are never re-routed unless asked for)
+    assert select_window(CURVE30, SelectionParams(window=10, anchor="start")) == (list(range(18, 28)), 23)
+
+
+def test_end_margin_moves_only_windows_that_reach_the_end_and_yields_on_shallow_models():
+    early = SelectionParams(window=4, anchor="start", end_margin=3)
+    assert place_window(2, 12, early) == [2, 3, 4, 5]  # far from the end: untouched
+    assert place_window(7, 12, early) == [5, 6, 7, 8]  # would end at 10: ends at 8 = 11 - 3
+    assert place_window(0, 5, early) == [0, 1, 2, 3]  # 4 layers + a margin of 3 do not fit 5: start at 0
+    assert place_window(9, 12, SelectionParams(window=4, anchor="start", end_margin=0)) == [8, 9, 10, 11]
 
 
 # The measured curves (512 calibration texts, results/id_curve_smollm2.json and results/qwen25/id_curve.json).
@@ -79,11 +91,13 @@ QWEN25_CURVE = [10.3, 10.3, 10.5, 11.3, 12.6, 12.1, 12.0, 12.2, 11.8, 11.3, 11.5
 def test_the_default_rule_on_the_measured_curves():
     """SmolLM2's deep, clear minimum keeps its window; Qwen's noise-level minimum no longer drags it to the end."""
     assert near_minimum(SMOLLM2_CURVE, SelectionParams(), 512) == (23, [23, 24, 25, 27, 28])  # SE = 10.2/sqrt(512)
-    assert select_window(SMOLLM2_CURVE, SelectionParams(), 512) == (list(range(20, 30)), 23)
+    assert select_window(SMOLLM2_CURVE, SelectionParams(), 512) == (list(range(18, 28)), 23)  # anchor 25, capped
+    assert select_window(SMOLLM2_CURVE, SelectionParams(end_margin=0), 512) == (list(range(20, 30)), 23)  # the old rule
     assert near_minimum(QWEN25_CURVE, SelectionParams(), 512) == (19, [9, 15, 19, 20, 21])  # mean 16.8 -> 17
     assert select_window(QWEN25_CURVE, SelectionParams(), 512) == (list(range(14, 22)), 19)
     # the old rule (the single lowest layer, window starting there) put Qwen's window at the last layer
-    assert select_window(QWEN25_CURVE, SelectionParams(anchor="start", min_tolerance=0), 512)[0] == list(range(16, 24))
+    old_rule = SelectionParams(anchor="start", min_tolerance=0, end_margin=0)
+    assert select_window(QWEN25_CURVE, old_rule, 512)[0] == list(range(16, 24))
 
 
 def test_spread_and_warnings_on_the_measured_curves():
@@ -125,8 +139,9 @@ def test_skipped_layers_never_hold_the_minimum():
 
 def test_minimum_at_the_last_layer():
     curve = [5.0, 4.0, 3.5, 3.0, 2.9, 2.8, 2.5, 2.0]
-    assert select_window(curve, SelectionParams(window=3)) == ([5, 6, 7], 7)
-    assert select_window(curve, SelectionParams(window=3, anchor="center")) == ([5, 6, 7], 7)
+    assert select_window(curve, SelectionParams(window=3, end_margin=0)) == ([5, 6, 7], 7)
+    assert select_window(curve, SelectionParams(window=3, anchor="start", end_margin=0)) == ([5, 6, 7], 7)
+    assert select_window(curve, SelectionParams(window=3)) == ([3, 4, 5], 7)  # kept off the last two layers
 
 
 def test_minimum_at_the_first_eligible_layer():
@@ -137,7 +152,8 @@ def test_minimum_at_the_first_eligible_layer():
 def test_flat_curve_is_centred_on_the_eligible_layers_and_is_flagged():
     flat = [12.0] * 10
     assert select_window(flat, SelectionParams(window=3), 512) == ([5, 6, 7], 2)  # layers 2-9 all minimal: mean 5.5
-    assert select_window(flat, SelectionParams(window=3, anchor="start")) == ([6, 7, 8], 2)
+    assert select_window(flat, SelectionParams(window=3, anchor="start", end_margin=0)) == ([6, 7, 8], 2)
+    assert select_window(flat, SelectionParams(window=3, anchor="start")) == ([5, 6, 7], 2)  # ends at 9 - 2
     assert is_flat(flat) and is_flat([12.0, 12.05, 11.98] * 3) and not is_flat(CURVE30)
     assert is_flat([1.0, 12.0, 13.0, 12.5, 12.2]) and not is_flat([1.0, 12.0, 13.0, 12.5, 12.2], skip_fraction=0.0)
 
@@ -154,8 +170,10 @@ def test_tiny_models_get_a_valid_window(num_layers, anchor):
     for argmin in range(num_layers):
         curve = [5.0] * num_layers
         curve[argmin] = 1.0
-        layers, found = select_window(curve, SelectionParams(anchor=anchor))
+        layers, found = select_window(curve, SelectionParams(anchor=anchor, end_margin=0))
         assert layers == [found] and 0 <= found < num_layers  # a third of <= 4 layers is one layer
+        capped, _ = select_window(curve, SelectionParams(anchor=anchor))
+        assert capped == [min(found, max(0, num_layers - 3))]  # as far from the last two layers as the depth allows
         wide, _ = select_window(curve, SelectionParams(window=num_layers, anchor=anchor))
         assert wide == list(range(num_layers))
 
@@ -182,6 +200,9 @@ def test_non_finite_curve_is_an_error():
         (dict(min_tolerance=-1.0), "min_tolerance"),
         (dict(min_tolerance=True), "min_tolerance"),
         (dict(min_tolerance=float("inf")), "min_tolerance"),
+        (dict(end_margin=-1), "end_margin"),
+        (dict(end_margin=1.5), "end_margin"),
+        (dict(end_margin=True), "end_margin"),
     ],
 )
 def test_bad_selection_params(kwargs, match):
@@ -264,7 +285,7 @@ def test_curve_is_cached_per_calibration_set(tiny, tiny_llama, tmp_path, monkeyp
         base_model=tiny_llama, base_revision=None, template=PROMPTEOL_TEMPLATE, cache_dir=tmp_path, progress=False
     )
     first = select_layers(model, tokenizer, texts=texts, **common)
-    assert first.mode == "auto" and len(first.id_curve) == 4 and first.layers == [first.argmin]
+    assert first.mode == "auto" and len(first.id_curve) == 4 and first.layers == [min(first.anchor_layer, 1)]
     assert first.calibration_hash == calibration_hash(texts) and first.num_calibration_texts == 20
 
     def no_recompute(*args, **kwargs):
@@ -288,7 +309,8 @@ def test_flat_curve_of_a_tiny_model_is_recorded(tiny, tiny_llama, tmp_path, monk
         texts=load_calibration(limit=16), cache_dir=tmp_path, use_cache=False,
     )  # fmt: skip
     assert selection.flat_curve and selection.near_minimum == [0, 1, 2, 3]  # one SE of 16 texts: 7 / 4
-    assert selection.layers == [2] and selection.window == [2, 2] and selection.anchor_layer == 2  # mean 1.5
+    assert selection.anchor_layer == 2  # mean 1.5, rounded up; the window ends two layers before the last one
+    assert selection.layers == [1] and selection.window == [1, 1]
     assert not list(tmp_path.iterdir())  # use_cache=False writes nothing
 
 
