@@ -46,7 +46,7 @@ PASSAGE_TEMPLATE = 'This passage : "{text}" means in one word:"'
 @dataclass(frozen=True)
 class Backbone:
     folder: Callable[[], Path]
-    layers: str  # the window the default build picks
+    layers: str  # the default build's window when the document levers were measured (SmolLM2: 18-27 since)
     early: str | None  # a window a third of the depth earlier (None: the build window starts at layer 0-1)
     sts_limit: int | None
 

@@ -80,12 +80,17 @@ def sweep_rows(path: Path, bias: float = DEFAULT_BIAS) -> dict[str, dict[str, An
     return {f"{r['start']}-{r['end']}": r for r in rows if r["prefix_bias"] == bias}
 
 
+def id_curve(backbone: str) -> tuple[list[float], int]:
+    """The backbone's checked-in ID curve and the number of calibration texts behind it."""
+    data = json.loads(CURVES[backbone].read_text())
+    return data["id_curve"], data["num_calibration_texts"]
+
+
 def evaluate(backbones: Sequence[str], out: Path) -> dict[str, Any]:
     per_rule: dict[str, list[float]] = {name: [] for name in RULES}
     rows = []
     for backbone in backbones:
-        curve_file = json.loads(CURVES[backbone].read_text())
-        curve, points = curve_file["id_curve"], curve_file["num_calibration_texts"]
+        curve, points = id_curve(backbone)
         swept = sweep_rows(out / f"windows_{backbone}.json")
         best = max(swept.values(), key=lambda r: r["sts_dev"])
         for name, (_, rule) in RULES.items():
@@ -120,15 +125,13 @@ def plot(backbones: Sequence[str], out: Path) -> None:
     FigureCanvasAgg(figure)
     for k, backbone in enumerate(backbones):
         axis = figure.add_subplot(1, len(backbones), k + 1)
-        for row in json.loads((out / f"windows_{backbone}.json").read_text())["rows"]:
-            if row["prefix_bias"] != DEFAULT_BIAS:
-                continue
+        for row in sweep_rows(out / f"windows_{backbone}.json").values():
             xs = [row["start"] - 0.4, row["end"] + 0.4]
             axis.plot(xs, [row["sts_dev"]] * 2, color="tab:blue", lw=2, label="STS-B dev")
             axis.plot(xs, [row["lee_pearson"]] * 2, color="tab:green", lw=2, ls="--", label="Lee")
         handles = dict(zip(*reversed(axis.get_legend_handles_labels())))
         axis.set(title=backbone, xlabel="layer (window span)", ylabel="score")
-        curve = json.loads(CURVES[backbone].read_text())["id_curve"]
+        curve = id_curve(backbone)[0]
         twin = axis.twinx()
         line = twin.plot(range(len(curve)), curve, color="tab:red", marker=".", label="ID (TwoNN)")[0]
         twin.set_ylabel("intrinsic dimension")
