@@ -3,8 +3,10 @@
 Runs the backbone with an explicit-softmax attention (softmax over ``[prefix; causal keys]``, float32) that
 records, at every re-routed layer, the prefix slot's weight averaged over heads and real query tokens, and
 the weight the *first* token (the attention sink of most LLMs) gets at the same layers without re-routing.
+The texts are label-free: the first ``--texts`` calibration sentences (or STS-B dev sentences, ``--source sts-dev``,
+as the first runs in ``results/qwen25/prefix_attention/`` used), so the share can steer a knob without labels.
 
-    python scripts/prefix_attention.py --backbone qwen25 --layers 16-23 --texts 64
+    python scripts/prefix_attention.py --backbone qwen25 --layers 14-21 --biases 1,3,5 --texts 64 --out share.json
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import argparse
 import json
 import random
 from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 from transformers import AttentionInterface, AutoModel
@@ -21,6 +25,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvemb_st.assets import gemma3_folder, load_sts_b, qwen25_folder, smollm2_folder
 from kvemb_st.attention import rotate, unrotate
+from kvemb_st.calibration import load_calibration
 from kvemb_st.config import KVEmbeddingConfig
 from kvemb_st.methods import kv_routing
 from kvemb_st.module import KVEmbedding
@@ -68,33 +73,54 @@ AttentionInterface.register(PROBE, probe_attention)
 AttentionMaskInterface.register(PROBE, sdpa_mask)
 
 
+def measure(model, module: KVEmbedding, texts: list[str], bias: float, batch_size: int = 16) -> dict[str, dict[int, float]]:
+    """Mean recorded weights per layer for one prefix bias (plain first-token shares from the same batches)."""
+    RECORD.clear()
+    config = replace(module.config, prefix_bias=bias)
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            features = module.preprocess(texts[start : start + batch_size])
+            ids, mask = features["input_ids"], features["attention_mask"]
+            model(input_ids=ids, attention_mask=mask, kv_routing=kv_routing(model, config, ids, mask))
+            model(input_ids=ids, attention_mask=mask)  # plain: the first token's share without re-routing
+    return {name: {layer: sum(v) / len(v) for layer, v in sorted(per.items())} for name, per in RECORD.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", default="qwen25", choices=list(BACKBONES))
     parser.add_argument("--layers", required=True)
-    parser.add_argument("--bias", type=float, default=3.0)
+    parser.add_argument("--biases", default="3", help="comma-separated prefix biases, one forward pass each")
     parser.add_argument("--rope", default="relative0")
-    parser.add_argument("--texts", type=int, default=64, help="STS-B dev sentences (seed 0)")
+    parser.add_argument("--texts", type=int, default=64)
+    parser.add_argument("--source", default="calibration", choices=["calibration", "sts-dev"],
+                        help="the first calibration sentences, or STS-B dev sentences (seed 0)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON here too")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     folder = str(BACKBONES[args.backbone]())
-    texts = [a for a, _, _ in random.Random(0).sample(load_sts_b("dev"), args.texts)]
-    config = KVEmbeddingConfig(base_model=folder, layers=args.layers, prefix_bias=args.bias, prefix_rope=args.rope)
-    module = KVEmbedding(config)
+    if args.source == "calibration":
+        texts = load_calibration(limit=args.texts)
+    else:
+        texts = [a for a, _, _ in random.Random(0).sample(load_sts_b("dev"), args.texts)]
+    module = KVEmbedding(KVEmbeddingConfig(base_model=folder, layers=args.layers, prefix_rope=args.rope))
     model = AutoModel.from_pretrained(folder, attn_implementation=PROBE).eval()
-    with torch.inference_mode():
-        for start in range(0, len(texts), 16):
-            features = module.preprocess(texts[start : start + 16])
-            ids, mask = features["input_ids"], features["attention_mask"]
-            model(input_ids=ids, attention_mask=mask, kv_routing=kv_routing(model, config, ids, mask))
-            model(input_ids=ids, attention_mask=mask)  # plain: the first token's share without re-routing
-    table = {name: {layer: sum(v) / len(v) for layer, v in sorted(per.items())} for name, per in RECORD.items()}
-    print(json.dumps({"backbone": args.backbone, "layers": args.layers, "bias": args.bias, "rope": args.rope,
-                      "texts": args.texts, "mean_weight": table}))
-    for layer in sorted(table["prefix slot"]):
-        print(f"layer {layer:2d}: prefix {table['prefix slot'][layer]:.3f}  first token re-routed "
-              f"{table['first token, re-routed'][layer]:.3f}  first token plain {table['first token, no re-routing'][layer]:.3f}")
+    runs = []
+    for bias in (float(b) for b in args.biases.split(",")):
+        table = measure(model, module, texts, bias)
+        share = table["prefix slot"]
+        runs.append({"bias": bias, "window_mean_prefix": sum(share.values()) / len(share), "mean_weight": table})
+        print(f"bias {bias:g}: prefix slot mean over layers {args.layers} = {runs[-1]['window_mean_prefix']:.3f}")
+        for layer in share:
+            print(f"  layer {layer:2d}: prefix {share[layer]:.3f}  first token re-routed "
+                  f"{table['first token, re-routed'][layer]:.3f}  first token plain {table['first token, no re-routing'][layer]:.3f}")
+    result = {"backbone": args.backbone, "layers": args.layers, "rope": args.rope, "texts": args.texts,
+              "source": args.source, "runs": runs}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
