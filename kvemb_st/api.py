@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import re
+
 from sentence_transformers import SentenceTransformer
+from sentence_transformers.base.modules import Router
 from sentence_transformers.util import load_file_path
 from sentence_transformers.util.environment import check_version_requirements
 
@@ -13,11 +16,14 @@ from kvemb_st.folder import damaged, read_json
 from kvemb_st.inputs import validate_texts
 from kvemb_st.module import KVEmbedding
 from kvemb_st.postprocessing import PostProcessing
+from kvemb_st.side import SIDE_NAMES
+from kvemb_st.side_router import ROUTER_TYPE, route_of
 
 MODULE_TYPE = f"{KVEmbedding.__module__}.{KVEmbedding.__name__}"
 POSTPROCESSING_TYPE = f"{PostProcessing.__module__}.{PostProcessing.__name__}"
-# The only pipelines kvemb_st.load builds: nothing else is ever imported or instantiated from a folder.
-ALLOWED_PIPELINES = ((MODULE_TYPE,), (MODULE_TYPE, POSTPROCESSING_TYPE))
+# The only pipelines kvemb_st.load builds: nothing else is ever imported or instantiated from a folder (a Router's
+# routes may hold only PostProcessing modules).
+ALLOWED_PIPELINES = ((MODULE_TYPE,), (MODULE_TYPE, POSTPROCESSING_TYPE), (MODULE_TYPE, ROUTER_TYPE))
 
 
 class KVSentenceTransformer(SentenceTransformer):
@@ -102,7 +108,8 @@ def load(
     Safe because nothing from the repo is imported: ``modules.json`` must list exactly one of
     :data:`ALLOWED_PIPELINES` -- our own, already-installed :class:`KVEmbedding`, optionally followed by
     :class:`~kvemb_st.postprocessing.PostProcessing` (whose folder holds a JSON config and float32 statistics
-    in safetensors) -- and anything else is refused.
+    in safetensors) or by a ``Router`` of them, one per side (:mod:`kvemb_st.side_router`) -- and anything else
+    is refused.
     """
     hub_kwargs = {"token": token, "cache_folder": cache_folder, "revision": revision, "local_files_only": local_files_only}
     modules = _read_json(model_name_or_path, "modules.json", hub_kwargs, list)
@@ -123,7 +130,8 @@ def load(
     st_config = _read_json(model_name_or_path, "config_sentence_transformers.json", hub_kwargs) or {}
     check_version_requirements(st_config.get("requirements"), source=model_name_or_path)
     # the small statistics first, so that a broken folder fails before the base model is loaded
-    after = [PostProcessing.load(model_name_or_path, subfolder=m.get("path", ""), **hub_kwargs) for m in modules[1:]]
+    load_after = {POSTPROCESSING_TYPE: PostProcessing.load, ROUTER_TYPE: _load_router}
+    after = [load_after[m["type"]](model_name_or_path, subfolder=m.get("path", ""), **hub_kwargs) for m in modules[1:]]
     module = KVEmbedding.load(
         model_name_or_path,
         subfolder=modules[0].get("path", ""),
@@ -138,3 +146,34 @@ def load(
         similarity_fn_name=st_config.get("similarity_fn_name") or "cosine",
         device=_st_device(device, module, model_kwargs),
     )
+
+
+def _load_router(model_name_or_path: str, subfolder: str = "", **hub_kwargs: Any) -> Router:
+    """A Router whose routes are one :class:`PostProcessing` each, one route for every side: its
+    ``router_config.json`` is checked before anything is instantiated, and no other class is ever imported."""
+    where = f"{model_name_or_path}/{subfolder}/{Router.config_file_name}".replace("//", "/")
+    config = _read_json(model_name_or_path, Router.config_file_name, {**hub_kwargs, "subfolder": subfolder})
+    if config is None:
+        raise damaged(where, "is missing: the post-processing routes are unknown")
+    types, structure, parameters = (config.get(key) for key in ("types", "structure", "parameters"))
+    if set(config) != {"types", "structure", "parameters"} or not all(isinstance(v, dict) for v in (types, structure, parameters)):
+        raise damaged(where, f"must hold the objects 'types', 'structure' and 'parameters', got keys {sorted(config)}")
+    others = sorted({str(kind) for kind in types.values()} - {POSTPROCESSING_TYPE})
+    if others:
+        raise ValueError(
+            f"{where} routes to modules {others}; kvemb_st.load only loads routes of {POSTPROCESSING_TYPE}. Use "
+            "SentenceTransformer(..., trust_remote_code=True) for other models."
+        )
+    bad = [name for name in types if not re.fullmatch(r"\w[\w.-]*", name) or ".." in name]
+    bad += [f"route {route!r}" for route, ids in structure.items() if not (isinstance(ids, list) and len(ids) == 1 and ids[0] in types)]
+    bad += [f"parameter {key!r}" for key in sorted(set(parameters) - set(Router.config_keys))]
+    if bad:
+        raise damaged(where, f"bad entries {bad}: each route holds one module of 'types', named by a plain folder name")
+    router = Router.load(model_name_or_path, subfolder=subfolder, module_classes={POSTPROCESSING_TYPE: PostProcessing},
+                         **hub_kwargs)  # fmt: skip
+    for side in (None, *SIDE_NAMES):
+        try:
+            route_of(router, side)
+        except (ValueError, KeyError) as err:
+            raise damaged(where, f"no route for {f'side {side!r}' if side else 'plain encode'} ({err})") from None
+    return router

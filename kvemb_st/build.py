@@ -24,6 +24,7 @@ from typing import Any
 
 from huggingface_hub import HfApi
 from sentence_transformers import SentenceTransformer
+from sentence_transformers.base.modules import Router
 from transformers.utils import logging
 
 from kvemb_st.api import from_base
@@ -213,11 +214,12 @@ def _calibration_name(calibration: str | os.PathLike[str] | Sequence[str] | None
     return None
 
 
-def _saved_postprocessing(model: SentenceTransformer, output: Path) -> tuple[PostProcessing, str] | None:
-    """The model's post-processing module and the folder ``save`` wrote it to (read back from modules.json)."""
+def _saved_postprocessing(model: SentenceTransformer, output: Path) -> tuple[PostProcessing | Router, str] | None:
+    """The model's post-processing module (or its Router of them, one per side) and the folder ``save`` wrote it to
+    (read back from modules.json)."""
     entries = json.loads((output / "modules.json").read_text(encoding="utf-8"))
     for entry, module in zip(entries, model):
-        if isinstance(module, PostProcessing):
+        if isinstance(module, (PostProcessing, Router)):
             return module, entry["path"]
     return None
 

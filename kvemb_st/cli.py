@@ -24,8 +24,7 @@ from kvemb_st.build import (
     NO_POSTPROCESSING,
     build,
 )
-from kvemb_st.config import POOLING_MODES, ROPE_MODES, KVEmbeddingConfig
-from kvemb_st.pooling import SPANS
+from kvemb_st.config import ROPE_MODES, KVEmbeddingConfig
 from kvemb_st.intrinsic_dim import ESTIMATORS
 from kvemb_st.layer_selection import (
     ANCHORS,
@@ -40,20 +39,18 @@ from kvemb_st.layer_selection import (
     format_layer_spec,
 )
 from kvemb_st.postprocessing import DEFAULT_EIGENVALUE_FLOOR, POSTPROCESSING_MODES
+from kvemb_st.side import SIDE_KEYS, flag_options
 from kvemb_st.version import __version__
 
 DTYPES = ("float32", "bfloat16", "float16")
 _CONFIG_DEFAULTS = KVEmbeddingConfig(base_model="<base>", layers=[0]).to_dict()  # the defaults of method 'kv'
 _SECRET_OPTIONS = ("--token",)
-SIDE_FLAGS = ("pooling", "last_weight", "pool_layers", "pool_span")  # --document-<name>, beside --document-template
+# --document-<knob> for every side knob but the template, whose --document-template sets the document side only
+SIDE_FLAGS = tuple(key for key in SIDE_KEYS if key != "template")
 KNOB_OPTIONS: dict[str, dict[str, Any]] = {  # KVEmbeddingConfig field -> argparse options of its --flag
     "prefix_bias": dict(type=float, help="added to the prefix slot's attention logit"),
     "prefix_rope": dict(choices=ROPE_MODES, help="position of the prefix key"),
-    "pooling": dict(choices=POOLING_MODES, help="pooling of the hidden states"),
-    "last_weight": dict(type=float, help="weight of the last token in mean+last pooling"),
-    "pool_layers": dict(help="layers whose outputs are averaged and pooled, e.g. '14' or '12-16' (default: the final output)"),
-    "pool_span": dict(choices=SPANS, help="tokens the mean runs over ('text': the text's own)"),
-    "template": dict(help="prompt with one {text} placeholder"),
+    **{key: flag_options(key) for key in SIDE_KEYS},
     "max_seq_length": dict(type=int, help="maximum tokens of the templated input"),
 }
 

@@ -10,16 +10,17 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from collections.abc import Callable
 from typing import Any
 
-from kvemb_st.pooling import POOLING_MODES, Readout, check_pooling
+from kvemb_st.pooling import DEFAULT_LAST_WEIGHT, Readout
+from kvemb_st.side import SIDE_KEYS, SIDE_NAMES, TEXT_PLACEHOLDER, Side, SideError
 from kvemb_st.version import __version__
 
 CONFIG_FILE_NAME = "kvemb_config.json"
 ROPE_MODES = ("keep", "start", "relative0")
 PROMPTEOL_TEMPLATE = 'This sentence : "{text}" means in one word:"'
 COMPRESSION_TEMPLATE = "Context: {text}\nCompress the context in one word:"
-TEXT_PLACEHOLDER = "{text}"
 NAMED_TEMPLATES = {"prompteol": PROMPTEOL_TEMPLATE, "compression": COMPRESSION_TEMPLATE}
 ECHO_TEMPLATE = "Rewrite the sentence: {text}, rewritten sentence: {text}"
 PLACEHOLDER = "<PST>"  # Token Prepending's placeholder token
@@ -125,9 +126,9 @@ class KVEmbeddingConfig:
         template: Prompt with one ``{text}`` placeholder (two for ``echo``); the text is truncated, never the
             template. ``None`` = the method's default.
         sides: Settings that differ for ``encode_query`` / ``encode_document`` (and ``encode`` with
-            ``prompt_name="query"``/``"document"``): ``{"document": {"pool_layers": [14], ...}}`` with any of
-            :data:`SIDE_KEYS`; what a side leaves out is the top-level value. Both sides share the forward
-            knobs and the post-processing, so their vectors stay in one space.
+            ``prompt_name="query"``/``"document"``): ``{"document": {"pool_layers": [14], ...}}`` with any knob
+            of :class:`~kvemb_st.side.Side`; what a side leaves out is the top-level value (:meth:`side`). Both
+            sides share the forward knobs, so their vectors stay in one space.
         max_seq_length: Maximum number of tokens of the templated input.
         layer_selection: Metadata of automatic layer selection (ID curve, calibration hash, window);
             informational, written by ``kvemb build``.
@@ -142,7 +143,7 @@ class KVEmbeddingConfig:
     prefix_bias: float = 3.0
     prefix_rope: str = "relative0"
     pooling: str | None = None
-    last_weight: float = 0.75
+    last_weight: float = DEFAULT_LAST_WEIGHT
     pool_layers: list[int] | None = None
     pool_span: str | None = None
     template: str | None = None
@@ -178,37 +179,39 @@ class KVEmbeddingConfig:
         self.prefix_bias = float(self.prefix_bias)
         if self.prefix_rope not in ROPE_MODES:
             raise ConfigError(f"{_where(source, 'prefix_rope')} must be one of {ROPE_MODES}, got {self.prefix_rope!r}")
-        own = {key: getattr(self, key) for key in SIDE_KEYS}
-        for key, value in _check_side(own, method, lambda key: _where(source, key)).items():
+        top = _make_side({key: getattr(self, key) for key in SIDE_KEYS}, method, lambda key: _where(source, key))
+        for key, value in top.to_dict().items():
             setattr(self, key, value)
         if not isinstance(self.sides, dict):
             raise ConfigError(f"{_where(source, 'sides')} must be an object such as {{\"document\": {{...}}}}")
-        for side, overrides in self.sides.items():
-            where = lambda key, side=side: _where(source, f"sides.{side}.{key}" if key else f"sides.{side}")  # noqa: E731
-            if side not in SIDE_NAMES:
-                raise ConfigError(f"{_where(source, 'sides')}: unknown side {side!r}; expected one of {SIDE_NAMES}")
+        sides = {}
+        for name, overrides in self.sides.items():
+            where = lambda key, name=name: _where(source, f"sides.{name}.{key}" if key else f"sides.{name}")  # noqa: E731
+            if name not in SIDE_NAMES:
+                raise ConfigError(f"{_where(source, 'sides')}: unknown side {name!r}; expected one of {SIDE_NAMES}")
             if not isinstance(overrides, dict) or not overrides:
                 raise ConfigError(f"{where('')} must be a non-empty object with keys among {SIDE_KEYS}, got {overrides!r}")
             unknown = sorted(set(overrides) - set(SIDE_KEYS))
             if unknown:
                 raise ConfigError(f"{where('')}: unknown key(s) {unknown}; a side sets only {list(SIDE_KEYS)}")
-            self.sides[side] = _check_side({**own, **overrides}, method, where, only=overrides)
+            side = _make_side({**top.to_dict(), **overrides}, method, where).to_dict()
+            sides[name] = {key: side[key] for key in overrides}
+        self.sides = sides
         self._check_method_knobs(method, source)
         if isinstance(self.max_seq_length, bool) or not isinstance(self.max_seq_length, int) or self.max_seq_length < 8:
             raise ConfigError(f"{_where(source, 'max_seq_length')} must be an integer >= 8, got {self.max_seq_length!r}")
         if self.layer_selection is not None and not isinstance(self.layer_selection, dict):
             raise ConfigError(f"{_where(source, 'layer_selection')} must be an object or null")
 
-    def side_settings(self, side: str | None = None) -> dict[str, Any]:
-        """The :data:`SIDE_KEYS` values of ``side`` (``None``: the top-level ones, used by plain ``encode``)."""
-        own = {key: getattr(self, key) for key in SIDE_KEYS}
-        return {**own, **self.sides.get(side, {})} if side else own
+    def side(self, name: str | None = None) -> Side:
+        """Side ``name`` (``None``: the top level, which plain ``encode`` uses); a side not set reads like the top level."""
+        if name is not None and name not in SIDE_NAMES:
+            raise ValueError(f"unknown side {name!r}; expected one of {SIDE_NAMES} or None (the top level)")
+        top = Side(**{key: getattr(self, key) for key in SIDE_KEYS})
+        return top.with_overrides(self.sides[name]) if name in self.sides else top
 
     def readout(self, side: str | None = None) -> Readout:
-        settings = self.side_settings(side)
-        layers = settings["pool_layers"]
-        return Readout(settings["pooling"], settings["last_weight"], None if layers is None else tuple(layers),
-                       settings["pool_span"])  # fmt: skip
+        return self.side(side).readout
 
     def _check_method_knobs(self, method: MethodDefaults, source: str | None) -> None:
         """Knobs that do not belong to the selected method are an error, never silently ignored."""
@@ -274,11 +277,6 @@ class KVEmbeddingConfig:
         return config
 
 
-SIDE_NAMES = ("query", "document")
-SIDE_KEYS = ("template", "pooling", "last_weight", "pool_layers", "pool_span")
-"""What may differ between the sides of one model: how a text is wrapped and how its states are read out."""
-
-
 def _layer_list(spec: Any, where: str) -> list[int]:
     try:
         layers = parse_layer_spec(spec)
@@ -289,29 +287,22 @@ def _layer_list(spec: Any, where: str) -> list[int]:
     return layers
 
 
-def _check_side(
-    settings: dict[str, Any], method: MethodDefaults, where: Any, only: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """Validate one side's :data:`SIDE_KEYS` (``where(key)`` names the key); return the values to store
-    (normalised; only the keys of ``only`` when it is given, i.e. a side's overrides)."""
-    validate_template(settings["template"], where("template"), copies=method.copies)
+def _make_side(settings: dict[str, Any], method: MethodDefaults, where: Callable[[str], str]) -> Side:
+    """The :class:`Side` of ``settings``, checked against the method; errors name the key through ``where(key)``."""
+    template = settings["template"]
+    validate_template(template, where("template"), copies=method.copies)
     if method is METHOD_DEFAULTS["token_prepending"]:
-        template = settings["template"]
         if template.split(TEXT_PLACEHOLDER)[0].count(PLACEHOLDER) != 1 or template.count(PLACEHOLDER) != 1:
             raise ConfigError(
                 f"{where('template')} of method 'token_prepending' must hold the placeholder '{PLACEHOLDER}' exactly "
                 f"once, before '{{text}}', e.g. {TOKEN_PREPENDING_TEMPLATE!r}; got {template!r}"
             )
+    if settings["pool_layers"] is not None:  # a spec such as "12-16" or a list
+        settings = {**settings, "pool_layers": _layer_list(settings["pool_layers"], where("pool_layers"))}
     try:
-        check_pooling(settings["pooling"], settings["last_weight"], settings["pool_span"], where)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    if settings["pool_layers"] is not None:
-        settings["pool_layers"] = _layer_list(settings["pool_layers"], where("pool_layers"))
-        if not settings["pool_layers"]:
-            raise ConfigError(f"{where('pool_layers')} must be null (the final output) or a non-empty list of layers")
-    settings["last_weight"] = float(settings["last_weight"])
-    return {key: settings[key] for key in (only if only is not None else settings)}
+        return Side(**settings)
+    except SideError as err:
+        raise ConfigError(f"{where(err.key)}: {err.problem}") from None
 
 
 def validate_template(template: Any, where: str, copies: int = 1) -> None:

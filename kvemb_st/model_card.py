@@ -17,11 +17,14 @@ from pathlib import Path
 from string import Template
 
 from huggingface_hub import ModelCardData
+from sentence_transformers.base.modules import Router
 
 from kvemb_st.config import KVEmbeddingConfig, is_hub_id
 from kvemb_st.layer_selection import format_layer_spec
 from kvemb_st.pooling import Readout
 from kvemb_st.postprocessing import STATISTICS_FILE, PostProcessing
+from kvemb_st.side import READOUT_KEYS, SIDE_NAMES, Side
+from kvemb_st.side_router import DEFAULT_ROUTE, route_of
 from kvemb_st.version import __version__
 
 TEMPLATE = files("kvemb_st.model_cards") / "kvemb_model_card.md"
@@ -95,11 +98,31 @@ _MODE_TEXT = {  # mode -> (what it does, the output formula, what the matrix hol
 }
 
 
-def _postprocessing_text(postprocessing: tuple[PostProcessing, str] | None) -> tuple[str, str]:
-    """(table cell, section text) describing the post-processing module and its statistics file."""
+def _side_sets_text(router: Router) -> str:
+    """How the sides with statistics of their own use them (each named set is the route of that name)."""
+    parts = []
+    for name, route in router.sub_modules.items():
+        sides = [side for side in SIDE_NAMES if route_of(router, side) is route[0]]
+        if name == DEFAULT_ROUTE or not sides:
+            continue
+        record = route[0].calibration or {}
+        embedded = f" embedded by `encode_{name}`" if name in SIDE_NAMES else ""
+        parts.append(
+            f"{' and '.join(f'`encode_{side}`' for side in sorted(sides))} use statistics of their own (route "
+            f"`{name}`), fitted on {record.get('count')} texts ({record.get('name')}, `{record.get('hash')}`){embedded}"
+        )
+    return (
+        "; " + "; ".join(parts) + ", so queries and documents share one space while `encode` keeps the first set "
+        "(do not compare `encode` vectors with `encode_document` ones)"
+    )
+
+
+def _postprocessing_text(postprocessing: tuple[PostProcessing | Router, str] | None) -> tuple[str, str]:
+    """(table cell, section text) describing the post-processing module(s) and their statistics files."""
     if postprocessing is None:
         return "none", "None: the pooled vector is L2-normalised and used as it is."
-    module, folder = postprocessing
+    saved, folder = postprocessing
+    module = route_of(saved, None) if isinstance(saved, Router) else saved
     fields = module.get_config_dict() | {"out_features": module.out_features}
     what, formula, matrix = (text.format(**fields) if text else None for text in _MODE_TEXT[module.mode])
     tensors = ", ".join(f"`{name}` {shape}" for name, shape in module.statistics_shapes().items())
@@ -107,14 +130,11 @@ def _postprocessing_text(postprocessing: tuple[PostProcessing, str] | None) -> t
     size_note = "" if module.out_features == module.in_features else f" (reduced from {module.in_features})"
     calibration = module.calibration
     document = calibration.get("document")
-    if document and module.side_statistics:
-        sides = " and ".join(f"`encode_{side}`" for side in sorted(module.side_statistics))
-        also = (
-            f"; {sides} use statistics of their own (`document_*`), fitted on {document['count']} texts "
-            f"({document['name']}, `{document['hash']}`) embedded by `encode_document`, so queries and documents "
-            "share one space while `encode` keeps the first set (do not compare `encode` vectors with "
-            "`encode_document` ones)"
-        )
+    statistics, config = f"`{folder}/{STATISTICS_FILE}`", f"`{folder}/{module.config_file_name}`"
+    if isinstance(saved, Router):
+        also = _side_sets_text(saved)
+        statistics = f"Each route's `{folder}/<route>/{STATISTICS_FILE}` (`{folder}/{saved.config_file_name}` maps sides to routes)"
+        config = f"Its `{module.config_file_name}`"
     elif document:
         also = (
             f", plus {document['count']} texts ({document['name']}, `{document['hash']}`) embedded by "
@@ -130,8 +150,8 @@ def _postprocessing_text(postprocessing: tuple[PostProcessing, str] | None) -> t
     text = (
         f"The pooled, L2-normalised vector `x` is {what}, then L2-normalised again: `{formula}`, "
         f"**{module.out_features} dimensions**{size_note}.\n\n"
-        f"`{folder}/{STATISTICS_FILE}` holds float32 tensors {tensors}: {held}. It holds no weights of the "
-        f"base model. `{folder}/{module.config_file_name}` records the mode, sizes and calibration set. {made}"
+        f"{statistics} holds float32 tensors {tensors}: {held}. It holds no weights of the "
+        f"base model. {config} records the mode, sizes and calibration set. {made}"
     )
     return f"{module.mode} (see below)", text
 
@@ -160,11 +180,17 @@ def describe_readout(readout: Readout) -> str:
 def _sides_rows(config: KVEmbeddingConfig) -> str:
     """Table rows for the sides that differ from plain ``encode`` (none: an empty string)."""
     rows = []
-    for side in config.sides:
-        settings = config.side_settings(side)
-        template = settings["template"].replace("\n", "\\n")
-        rows.append(f"| `encode_{side}` side | template `{template}`; {describe_readout(config.readout(side))} |")
+    for name in config.sides:
+        side = config.side(name)
+        template = side.template.replace("\n", "\\n")
+        rows.append(f"| `encode_{name}` side | template `{template}`; {_describe_side(side)} |")
     return "".join(f"\n{row}" for row in rows)
+
+
+def _describe_side(side: Side) -> str:
+    """The readout, then any other knob of the side but its template (``name `value```)."""
+    others = [f"{key} `{value}`" for key, value in side.to_dict().items() if key not in ("template", *READOUT_KEYS)]
+    return "; ".join([describe_readout(side.readout), *others])
 
 
 def render_model_card(
@@ -178,7 +204,7 @@ def render_model_card(
     base_model_id: str | None = None,
     eval_results: Mapping[str, int | float | str] | None = None,
     has_plot: bool = True,
-    postprocessing: tuple[PostProcessing, str] | None = None,
+    postprocessing: tuple[PostProcessing | Router, str] | None = None,
 ) -> str:
     """Fill the card template for a built model whose config (with ``layer_selection``) is ``config``.
 
@@ -201,7 +227,7 @@ def render_model_card(
     )
     name = hub_id or Path(config.base_model).name
     postprocessing_cell, postprocessing_section = _postprocessing_text(postprocessing)
-    pooling = describe_readout(config.readout())
+    pooling = _describe_side(config.side())
     return Template(TEMPLATE.read_text(encoding="utf-8")).substitute(
         metadata=metadata,
         title=f"KV-Embedding on {name}",

@@ -24,6 +24,7 @@ from kvemb_st.inputs import validate_texts
 from kvemb_st.methods import HiddenStates, get_method
 from kvemb_st.pooling import Readout
 from kvemb_st.prompting import Template, TemplateTokenizer, resolve_template
+from kvemb_st.side import SIDE_NAMES, side_tag, tagged_side
 from kvemb_st.version import __version__
 
 logger = logging.get_logger(__name__)
@@ -31,8 +32,8 @@ logger = logging.get_logger(__name__)
 REQUIREMENT = {"kvemb-st": f">={__version__}"}
 
 
-class Side(NamedTuple):
-    """How one side (plain ``encode``, ``query``, ``document``) wraps a text and reads out its vector."""
+class _Prepared(NamedTuple):
+    """A side made ready for encoding: its template parsed (and checked against the tokenizer), its readout."""
 
     template: Template
     readout: Readout
@@ -50,6 +51,7 @@ class KVEmbedding(CheckedConfigMixin, InputModule):
 
     config_file_name = CONFIG_FILE_NAME
     save_in_root = True
+    forward_kwargs = {"task"}  # the side: "query" / "document" (encode_query / encode_document), None for encode
 
     def __init__(
         self,
@@ -80,13 +82,14 @@ class KVEmbedding(CheckedConfigMixin, InputModule):
         self.auto_model = backbone
         self.tokenizer = tokenizer
         self.method = get_method(config.method)
-        self._sides: dict[str | None, Side] = {}
-        for side in (None, *config.sides):
-            template = Template.parse(config.side_settings(side)["template"], self.method.copies)
+        self._sides: dict[str | None, _Prepared] = {}
+        for name in (None, *config.sides):
+            side = config.side(name)
+            template = Template.parse(side.template, self.method.copies)
             self.method.prepare_template(template, tokenizer)  # fail at load time, not at the first encode
-            readout = config.readout(side)
-            readout.check_fits(backbone.config.num_hidden_layers, f"{config_source or 'config'}: {side or 'default'} side")
-            self._sides[side] = Side(template, readout)
+            where = f"{config_source or 'config'}: {name or 'default'} side"
+            side.readout.check_fits(backbone.config.num_hidden_layers, where)
+            self._sides[name] = _Prepared(template, side.readout)
         self._template_tokenizer = TemplateTokenizer(tokenizer, config.max_seq_length)
         self._warned_truncation = False
 
@@ -110,18 +113,49 @@ class KVEmbedding(CheckedConfigMixin, InputModule):
     # ------------------------------------------------------------------------------------ sides
     @property
     def prompts(self) -> dict[str, str]:
-        """The sentence-transformers prompts of the sides: each side's template, by which ST names the side.
+        """The sentence-transformers prompts of the sides: each side's tag (:func:`~kvemb_st.side.side_tag`), so that
+        ``encode(prompt_name=side)`` reaches the side by the prompt's name, whatever its template and readout."""
+        return {name: side_tag(name) for name in self.config.sides}
 
-        ST hands a module the prompt's text, not its name; :meth:`preprocess` maps it back to the side.
+    def on_model_ready(self, model: Any) -> None:
+        """Check the model's ST prompts against the sides once the model is built (and its saved prompts merged).
+
+        A side's prompt left empty, or holding the side's template (a folder saved by kvemb-st 0.1), becomes the
+        side's tag. Any other prompt named like a side, or one that tags another side, is refused: ``encode(prompt_name=...)``
+        and ``encode_query``/``encode_document`` would then read out different sides.
         """
-        return {side: self.config.side_settings(side)["template"] for side in self.config.sides}
+        prompts = model.prompts
+        for name, text in prompts.items():
+            tagged = tagged_side(text)
+            if name in self.config.sides and text in ("", self.config.side(name).template):
+                prompts[name] = side_tag(name)  # not set (ST's default ""), or a folder of kvemb-st 0.1
+            elif name in self.config.sides and tagged != name:
+                raise ValueError(
+                    f"ST prompt {name!r} is {text!r}, but {name!r} is a side of this model, reached by the prompt "
+                    f"{side_tag(name)!r}; drop the prompt, pass an instruction with prompt=... (it goes before the "
+                    "text inside the side's template), or give it another name"
+                )
+            elif tagged is not None and name in SIDE_NAMES and tagged != name:
+                raise ValueError(
+                    f"ST prompt {name!r} is the tag of side {tagged!r}: encode_{name} and encode(prompt_name={name!r}) "
+                    "would read out different sides; drop the prompt or give it another name"
+                )
 
-    def side_of(self, prompt: str | None, task: str | None) -> str | None:
-        """The side a call uses: ``task`` (``encode_query``/``encode_document`` set it), else the side whose
-        template ``prompt`` is (``encode(prompt_name="document")``), else the top-level settings (``None``)."""
-        if task is not None and task in self._sides:
-            return task
-        return next((side for side, text in self.prompts.items() if prompt and prompt == text), None)
+    def side_of(self, prompt: str | None, task: str | None) -> tuple[str | None, str | None]:
+        """The side a call uses and the prompt left to insert into its template.
+
+        The side is ``task`` (``encode_query``/``encode_document`` set it) or the side a tag prompt names
+        (``encode(prompt_name="document")``); ``None`` is plain ``encode``. A ``query``/``document`` task without a
+        side of its own reads out like plain ``encode``.
+        """
+        tagged = tagged_side(prompt)
+        if tagged is not None:
+            if task is not None and task != tagged:
+                raise ValueError(f"task {task!r} and the prompt of side {tagged!r} disagree on the side; pass one of them")
+            task, prompt = tagged, None
+        if task is not None and task not in SIDE_NAMES:
+            raise ValueError(f"unknown task {task!r}: a KV-Embedding model knows the sides {SIDE_NAMES} (or none)")
+        return task, prompt
 
     # ------------------------------------------------------------------------------------ input / forward
     def preprocess(
@@ -134,15 +168,16 @@ class KVEmbedding(CheckedConfigMixin, InputModule):
     ) -> dict[str, torch.Tensor | Any]:
         """Wrap each text in its side's template (plus an ST prompt, see :func:`resolve_template`) and tokenize.
 
-        ``text_mask`` adds the mask of the text's own tokens also where the side's readout does not need it.
+        The side goes into ``features["task"]``, where :meth:`forward` and a following ``Router`` find it when
+        ``encode`` named the side only by its prompt. ``text_mask`` adds the mask of the text's own tokens also where
+        the side's readout does not need it.
         """
         texts = validate_texts(inputs)
-        side = self.side_of(prompt, task)
-        own = self._sides[side]
-        extra = None if side is not None and prompt == self.prompts[side] else prompt  # the side's own template
-        template = self.method.prepare_template(resolve_template(own.template, extra), self.tokenizer)
+        task, prompt = self.side_of(prompt, task)
+        own = self._sides.get(task, self._sides[None])
+        template = self.method.prepare_template(resolve_template(own.template, prompt), self.tokenizer)
         features, truncated = self._template_tokenizer.encode(texts, template, text_mask=text_mask or own.readout.span == "text")
-        features["side"] = side
+        features["task"] = task
         if truncated and not self._warned_truncation:
             self._warned_truncation = True
             logger.warning(
@@ -152,8 +187,10 @@ class KVEmbedding(CheckedConfigMixin, InputModule):
             )
         return features
 
-    def forward(self, features: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, torch.Tensor]:
-        readout = self._sides[features.get("side")].readout
+    def forward(self, features: dict[str, torch.Tensor], task: str | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """``task`` (from ``encode``) or ``features["task"]`` (from :meth:`preprocess`) picks the side's readout."""
+        task = features.get("task") if task is None else task
+        readout = self._sides.get(task, self._sides[None]).readout
         hidden = self.run(features, readout.hidden_state_indices())
         embedding = readout.pool(hidden.final, features["attention_mask"], features.get("text_mask"), hidden.layers)
         features.update(

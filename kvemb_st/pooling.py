@@ -64,27 +64,44 @@ def pool(
     raise ValueError(f"unknown pooling mode {mode!r}; expected 'mean', 'last' or 'mean+last'")
 
 
-def check_pooling(
-    mode: object, last_weight: object, span: object = "all", where: str | Callable[[str], str] = "pooling"
-) -> None:
-    """The one validation of the pooling knobs, for configs and command-line readout specs alike.
-
-    ``where`` prefixes the message: a string, or a function of the key (``pooling``, ``last_weight``,
-    ``pool_span``) so that a config error names the key that is wrong.
-    """
-    name = where if callable(where) else (lambda key: where)
+def check_mode(mode: object) -> str:
     if mode not in POOLING_MODES:
-        raise ValueError(f"{name('pooling')}: unknown pooling {mode!r}; expected one of {', '.join(POOLING_MODES)}")
+        raise ValueError(f"unknown pooling {mode!r}; expected one of {', '.join(POOLING_MODES)}")
+    return mode  # type: ignore[return-value]
+
+
+def check_last_weight(last_weight: object) -> float:
     if (
         isinstance(last_weight, bool)
         or not isinstance(last_weight, (int, float))
         or not (math.isfinite(last_weight) and 0.0 <= last_weight <= 1.0)
     ):
-        raise ValueError(f"{name('last_weight')}: the last-token weight must be a number in [0, 1], got {last_weight!r}")
+        raise ValueError(f"the last-token weight must be a number in [0, 1], got {last_weight!r}")
+    return float(last_weight)
+
+
+def check_span(span: object) -> str:
     if span not in SPANS:
-        raise ValueError(
-            f"{name('pool_span')}: the mean's tokens must be one of {SPANS} ('text': the text's own tokens), got {span!r}"
-        )
+        raise ValueError(f"the mean's tokens must be one of {SPANS} ('text': the text's own tokens), got {span!r}")
+    return span  # type: ignore[return-value]
+
+
+def check_pooling(
+    mode: object, last_weight: object, span: object = "all", where: str | Callable[[str], str] = "pooling"
+) -> None:
+    """The one validation of the pooling knobs (:func:`check_mode`, :func:`check_last_weight`, :func:`check_span`),
+    for readouts and command-line readout specs alike.
+
+    ``where`` prefixes the message: a string, or a function of the key (``pooling``, ``last_weight``,
+    ``pool_span``) so that an error names the key that is wrong.
+    """
+    name = where if callable(where) else (lambda key: where)
+    for key, check, value in (("pooling", check_mode, mode), ("last_weight", check_last_weight, last_weight),
+                              ("pool_span", check_span, span)):  # fmt: skip
+        try:
+            check(value)
+        except ValueError as err:
+            raise ValueError(f"{name(key)}: {err}") from None
 
 
 @dataclass(frozen=True)

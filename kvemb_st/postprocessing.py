@@ -22,10 +22,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from sentence_transformers import SentenceTransformer
+from sentence_transformers.base.modules import Router
 from sentence_transformers.base.modules.module import Module
 
 from kvemb_st.calibration import calibration_hash
 from kvemb_st.folder import REMEDY, CheckedConfigMixin, damaged, load_float32_tensors
+from kvemb_st.side_router import side_router
 
 POSTPROCESSING_MODES = ("center", "remove_pcs", "whiten")
 STATISTICS_FILE = "statistics.safetensors"
@@ -67,14 +69,12 @@ class PostProcessing(CheckedConfigMixin, Module):
         components: Directions removed (``remove_pcs``) or output dimension (``whiten``; ``None`` = full).
         eigenvalue_floor: ``whiten`` only: the floor used when fitting (a record; the projection holds it).
         calibration: Provenance recorded in the config (``name``, ``hash``, ``count`` of the texts).
-        side_statistics: Side (``query``, ``document``) -> name of a second set of statistics that the side's
-            vectors go through instead (e.g. both -> ``document``: queries and documents share one space of
-            their own, fitted on vectors of their template and readout, while ``encode`` keeps the first set).
         mean, directions, projection: The statistics; zeros of the right shape until loaded or fitted.
-        side_tensors: The named sets, as ``<name>_mean`` and ``<name>_<matrix>``.
+
+    Sides with statistics of their own get one module each, in a ``Router`` (:mod:`kvemb_st.side_router`).
     """
 
-    config_keys = ["mode", "in_features", "components", "eigenvalue_floor", "calibration", "side_statistics"]
+    config_keys = ["mode", "in_features", "components", "eigenvalue_floor", "calibration"]
 
     def __init__(
         self,
@@ -83,12 +83,10 @@ class PostProcessing(CheckedConfigMixin, Module):
         components: int | None = None,
         eigenvalue_floor: float | None = None,
         calibration: Mapping[str, Any] | None = None,
-        side_statistics: Mapping[str, str] | None = None,
         *,
         mean: torch.Tensor | None = None,
         directions: torch.Tensor | None = None,
         projection: torch.Tensor | None = None,
-        **side_tensors: torch.Tensor,
     ) -> None:
         super().__init__()
         if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
@@ -100,8 +98,7 @@ class PostProcessing(CheckedConfigMixin, Module):
         self.components = components
         self.eigenvalue_floor = eigenvalue_floor
         self.calibration = dict(calibration) if calibration is not None else None
-        self.side_statistics = _check_side_statistics(side_statistics)
-        given = {"mean": mean, "directions": directions, "projection": projection, **side_tensors}
+        given = {"mean": mean, "directions": directions, "projection": projection}
         for name, shape in self.statistics_shapes().items():
             value = given.pop(name, None)
             value = torch.zeros(shape) if value is None else torch.as_tensor(value, dtype=torch.float32)
@@ -113,28 +110,12 @@ class PostProcessing(CheckedConfigMixin, Module):
             raise ValueError(f"PostProcessing({mode!r}) takes no {', '.join(extra)}")
 
     def statistics_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Name -> shape of each tensor in the statistics file (all float32): the first set, then each named one."""
-        one: dict[str, tuple[int, ...]] = {"mean": (self.in_features,)}
+        """Name -> shape of each tensor in the statistics file (all float32)."""
+        shapes: dict[str, tuple[int, ...]] = {"mean": (self.in_features,)}
         matrix = _MATRIX[self.mode]
         if matrix:
-            one[matrix] = (self.in_features, self.components if matrix == "directions" else self.out_features)
-        shapes = dict(one)
-        for group in sorted(set(self.side_statistics.values())):
-            shapes.update({f"{group}_{name}": shape for name, shape in one.items()})
+            shapes[matrix] = (self.in_features, self.components if matrix == "directions" else self.out_features)
         return shapes
-
-    def with_side_statistics(self, sides: Sequence[str], name: str, other: PostProcessing) -> PostProcessing:
-        """This module plus ``other``'s statistics under ``name``, used by ``sides`` (same mode and sizes)."""
-        if (other.mode, other.in_features, other.components) != (self.mode, self.in_features, self.components):
-            raise ValueError(
-                f"side statistics must match the first set: {other.mode}/{other.in_features}/{other.components} vs "
-                f"{self.mode}/{self.in_features}/{self.components}"
-            )
-        own = {key: getattr(self, key) for key in self.statistics_shapes()}
-        named = {f"{name}_{key}": getattr(other, key) for key in other.statistics_shapes()}
-        calibration = {**(self.calibration or {}), name: other.calibration}
-        return PostProcessing(self.mode, self.in_features, self.components, self.eigenvalue_floor, calibration,
-                              {**self.side_statistics, **dict.fromkeys(sides, name)}, **own, **named)  # fmt: skip
 
     @property
     def out_features(self) -> int:
@@ -144,33 +125,29 @@ class PostProcessing(CheckedConfigMixin, Module):
         return self.out_features
 
     # ------------------------------------------------------------------------------------------ apply
-    def transform_tensor(self, embeddings: torch.Tensor, normalize: bool = True, side: str | None = None) -> torch.Tensor:
-        """The transform on a ``(N, in_features)`` tensor, in float32; L2-normalised unless ``normalize=False``;
-        ``side``: the statistics that side uses (the first set unless :attr:`side_statistics` names another)."""
+    def transform_tensor(self, embeddings: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """The transform on a ``(N, in_features)`` tensor, in float32; L2-normalised unless ``normalize=False``."""
         if embeddings.shape[-1] != self.in_features:
             raise ValueError(
                 f"post-processing expects {self.in_features}-dimensional embeddings, got {embeddings.shape[-1]}: "
                 "it was fitted on another model's vectors"
             )
-        group = self.side_statistics.get(side) if side is not None else None
-        prefix = f"{group}_" if group else ""
-        x = embeddings.float() - getattr(self, prefix + "mean").float()  # .float(): float32 after a model-wide .half()
+        x = embeddings.float() - self.mean.float()  # .float(): float32 after a model-wide .half()
         if self.mode == "remove_pcs":
-            directions = getattr(self, prefix + "directions").float()
+            directions = self.directions.float()
             x = x - (x @ directions) @ directions.T
         elif self.mode == "whiten":
-            x = x @ getattr(self, prefix + "projection").float()
+            x = x @ self.projection.float()
         return F.normalize(x, dim=-1) if normalize else x
 
-    def transform(self, embeddings: np.ndarray, normalize: bool = True, side: str | None = None) -> np.ndarray:
+    def transform(self, embeddings: np.ndarray, normalize: bool = True) -> np.ndarray:
         """Same as ``forward`` for precomputed vectors ``(N, in_features)`` -> float32 ``(N, out_features)``."""
         with torch.no_grad():
             x = torch.as_tensor(np.asarray(embeddings), device=self.mean.device)
-            return self.transform_tensor(x, normalize, side).cpu().numpy()
+            return self.transform_tensor(x, normalize).cpu().numpy()
 
     def forward(self, features: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, torch.Tensor]:
-        """``features["side"]`` (set by the embedding module's ``preprocess``) picks the statistics."""
-        features["sentence_embedding"] = self.transform_tensor(features["sentence_embedding"], side=features.get("side"))
+        features["sentence_embedding"] = self.transform_tensor(features["sentence_embedding"])
         return features
 
     # ------------------------------------------------------------------------------------- save / load
@@ -190,17 +167,15 @@ class PostProcessing(CheckedConfigMixin, Module):
         revision: str | None = None,
         local_files_only: bool = False,
         **kwargs: Any,
-    ) -> PostProcessing:
-        hub_kwargs = {
-            "subfolder": subfolder,
-            "token": token,
-            "cache_folder": cache_folder,
-            "revision": revision,
-            "local_files_only": local_files_only,
-        }
+    ) -> PostProcessing | Router:
+        """The module of a saved folder; a folder of kvemb-st 0.1 whose config holds ``side_statistics`` (named
+        statistics sets in one file) loads as the :func:`~kvemb_st.side_router.side_router` it stands for."""
+        hub_kwargs = dict(subfolder=subfolder, token=token, cache_folder=cache_folder, revision=revision,
+                          local_files_only=local_files_only)  # fmt: skip
         where = os.path.join(model_name_or_path, subfolder)
         config_path = os.path.join(where, cls.config_file_name)
         config = cls.load_config(model_name_or_path, **hub_kwargs)
+        legacy_sides = config.pop("side_statistics", None)
         unknown = sorted(set(config) - set(cls.config_keys))
         if not config or unknown or "mode" not in config or "in_features" not in config:
             raise ValueError(
@@ -215,24 +190,31 @@ class PostProcessing(CheckedConfigMixin, Module):
         except (ValueError, TypeError) as err:
             raise damaged(config_path, str(err)) from None
         needs = f"mode {config['mode']!r} with in_features={config['in_features']}, components={config.get('components')}"
+        if legacy_sides:
+            return _legacy_side_statistics(module, legacy_sides, path, config_path, needs)
         tensors = load_float32_tensors(path, module.statistics_shapes(), f"{config_path} ({needs})")
         return cls(**config, **tensors)
 
 
-SIDES_WITH_STATISTICS = ("query", "document")
+def _legacy_side_statistics(first: PostProcessing, sides: Any, path: str, config_path: str, needs: str) -> Router:
+    """kvemb-st 0.1 kept the side statistics sets in the same file as the first, as ``<name>_mean`` etc., and named
+    each side's set in ``side_statistics`` (e.g. ``{"query": "document", "document": "document"}``)."""
+    if not isinstance(sides, Mapping) or not all(isinstance(name, str) and name.isidentifier() for name in sides.values()):
+        raise damaged(config_path, f"'side_statistics' must map sides to statistics names, got {sides!r}")
+    names, own = sorted(set(sides.values())), first.statistics_shapes()
+    shapes = {**own, **{f"{name}_{key}": shape for name in names for key, shape in own.items()}}
+    tensors = load_float32_tensors(path, shapes, f"{config_path} ({needs}, side statistics {names})")
+    calibration = first.calibration or {}
 
+    def statistics(prefix: str, record: Mapping[str, Any] | None) -> PostProcessing:
+        return PostProcessing(first.mode, first.in_features, first.components, first.eigenvalue_floor, record,
+                              **{key: tensors[prefix + key] for key in own})  # fmt: skip
 
-def _check_side_statistics(side_statistics: Mapping[str, str] | None) -> dict[str, str]:
-    if side_statistics is None:
-        return {}
-    if not isinstance(side_statistics, Mapping):
-        raise ValueError(f"PostProcessing side_statistics must map sides to names, got {side_statistics!r}")
-    for side, name in side_statistics.items():
-        if side not in SIDES_WITH_STATISTICS:
-            raise ValueError(f"PostProcessing side_statistics: unknown side {side!r}; expected one of {SIDES_WITH_STATISTICS}")
-        if not isinstance(name, str) or not name.isidentifier() or name in _MATRIX.values() or name == "mean":
-            raise ValueError(f"PostProcessing side_statistics[{side!r}]: {name!r} is not a valid statistics name")
-    return dict(side_statistics)
+    default = statistics("", {key: value for key, value in calibration.items() if key not in names})
+    try:
+        return side_router(default, {name: statistics(f"{name}_", calibration.get(name)) for name in names}, sides)
+    except ValueError as err:
+        raise damaged(config_path, f"'side_statistics' {sides!r}: {err}") from None
 
 
 def _check_components(mode: str, components: int | None, dimension: int) -> None:
@@ -332,12 +314,13 @@ def add_postprocessing(
     every side keeps queries and documents in one space, and a document side whose vectors differ from the
     default side's (another template or readout) is then whitened by statistics that saw such vectors.
     With ``document_statistics`` they get a fit of their own instead, used by every side of the model
-    (``query`` and ``document``: they stay one space) while ``encode`` keeps the first fit; chosen when the two
-    sides read out so differently that one fit serves neither (README "Documents").
+    (``query`` and ``document``: they stay one space) while ``encode`` keeps the first fit, the two modules routed
+    by side (:func:`~kvemb_st.side_router.side_router`); chosen when the two sides read out so differently that
+    one fit serves neither (README "Documents").
     ``calibration_name`` / ``document_name`` name the sets in the saved config and card.
     """
     check_postprocessing_args(mode, components, eigenvalue_floor)
-    if any(isinstance(module, PostProcessing) for module in model):
+    if any(isinstance(module, (PostProcessing, Router)) for module in model):
         raise ValueError(
             "this model already has a PostProcessing module; fit on a model without one (its statistics would "
             "otherwise be computed on already post-processed vectors)"
@@ -353,8 +336,11 @@ def add_postprocessing(
     documents = model.encode_document(document_texts, **options) if document_texts else None
     document_record = calibration_record(document_texts, document_name) if document_texts else None
     if document_statistics:
-        module = fit_postprocessing(embeddings, mode, components, record, eigenvalue_floor).with_side_statistics(
-            sides, "document", fit_postprocessing(documents, mode, components, document_record, eigenvalue_floor))
+        module: PostProcessing | Router = side_router(
+            fit_postprocessing(embeddings, mode, components, record, eigenvalue_floor),
+            {"document": fit_postprocessing(documents, mode, components, document_record, eigenvalue_floor)},
+            dict.fromkeys(sides, "document"),
+        )
     else:
         if documents is not None:
             embeddings = np.concatenate([embeddings, documents])

@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     whiten = fit_postprocessing(model.encode_document(load_calibration(), **options), "whiten").transform
     queries = whiten(model.encode_query(scorer.subjects, **options))
     module = model[0]
-    template = module.config.side_settings("document")["template"]
+    template = module.config.side("document").template
 
     def fits(chunk: str) -> bool:
         return len(module.tokenizer(template.replace("{text}", chunk))["input_ids"]) <= args.budget

@@ -21,6 +21,7 @@ from kvemb_st.calibration import calibration_hash, load_calibration
 from kvemb_st.cli import main
 from kvemb_st.layer_selection import SelectionParams, format_layer_spec, mean_position
 from kvemb_st.postprocessing import fit_postprocessing
+from kvemb_st.side_router import route_of
 
 EXPECTED_FILES = {"modules.json", "config_sentence_transformers.json", "kvemb_config.json", "id_curve.png", "README.md"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".onnx")
@@ -334,7 +335,8 @@ def test_default_build_reads_queries_like_documents_with_their_own_whitening(tin
     documents = fit_postprocessing(bare.encode_document(sentences), "whiten").transform(bare.encode_document(TEXTS))
     assert not np.allclose(default, documents, atol=1e-3)  # the sides really differ
     for loaded in (kvemb_st.load(str(tmp_path / "m")), SentenceTransformer(str(tmp_path / "m"), trust_remote_code=True)):
-        assert loaded[1].side_statistics == {"query": "document", "document": "document"}
+        router = loaded[1]  # one PostProcessing per statistics set, routed by side (ST's task)
+        assert route_of(router, "query") is route_of(router, "document") is not route_of(router, None)
         np.testing.assert_allclose(loaded.encode(TEXTS), default, atol=2e-5)
         np.testing.assert_allclose(loaded.encode_document(TEXTS), documents, atol=2e-5)
         np.testing.assert_allclose(loaded.encode_query(TEXTS), documents, atol=2e-5)
