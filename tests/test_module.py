@@ -42,8 +42,9 @@ def test_save_writes_config_only_and_reloads_identically(tiny_kv, tmp_path):
     st_config = json.loads((tmp_path / "config_sentence_transformers.json").read_text())
     assert st_config["requirements"] == {"kvemb-st": f">={kvemb_st.__version__}"}
     assert st_config["similarity_fn_name"] == "cosine"
-    assert st_config["prompts"]["query"].startswith("Query:")
+    assert st_config["prompts"] == {"query": "<kvemb-side:query>", "document": "<kvemb-side:document>"}  # name tags
     config = json.loads((tmp_path / "kvemb_config.json").read_text())
+    assert config["sides"]["query"] == {"template": 'Query: "{text}" means in one word:"'}
     assert config["layers"] == [1, 2] and config["prefix_bias"] == 1.0 and config["kvemb_st_version"]
 
     expected = tiny_kv.encode(TEXTS)

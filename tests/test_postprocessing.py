@@ -14,7 +14,9 @@ import pytest
 import torch
 from huggingface_hub import HfApi
 from safetensors.numpy import load_file
+from safetensors.numpy import save_file as save_numpy
 from sentence_transformers import SentenceTransformer
+from sentence_transformers.base.modules import Router
 
 import kvemb_st
 from kvemb_st.calibration import calibration_hash
@@ -25,6 +27,7 @@ from kvemb_st.postprocessing import (
     add_postprocessing,
     fit_postprocessing,
 )
+from kvemb_st.side_router import route_of
 
 TEXTS = [f"Sentence number {i} talks about {topic}." for i, topic in enumerate(["cats", "stocks", "rain", "tea"] * 10)]
 QUERIES = ["A man is playing a guitar.", "Someone plays an instrument.", "The stock market fell sharply."]
@@ -166,31 +169,39 @@ def test_loading_a_damaged_statistics_file_fails_clearly(data, tmp_path):
         PostProcessing.load(str(tmp_path))
 
 
-def test_side_statistics_pick_the_set_by_side_and_round_trip(data, tmp_path):
+def _legacy_side_statistics_folder(first: PostProcessing, second: PostProcessing, folder: Path, sides) -> None:
+    """A PostProcessing folder as kvemb-st 0.1 wrote it: the second set in the same file, as ``document_*``."""
+    first.save(str(folder))
+    tensors = {**load_file(folder / STATISTICS_FILE), **{f"document_{k}": v.numpy() for k, v in
+                                                         {"mean": second.mean, "projection": second.projection}.items()}}
+    save_numpy(tensors, folder / STATISTICS_FILE)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "side_statistics": sides}))
+
+
+def test_legacy_side_statistics_load_as_a_router_of_one_module_per_set(data, tmp_path):
     first, second = fit_postprocessing(data[0], "whiten", 4), fit_postprocessing(data[1], "whiten", 4)
-    both = first.with_side_statistics(["query", "document"], "document", second)
+    _legacy_side_statistics_folder(first, second, tmp_path, {"query": "document", "document": "document"})
+    router = PostProcessing.load(str(tmp_path))
+    assert isinstance(router, Router)
     vectors = torch.as_tensor(data[1][:5], dtype=torch.float32)
-    torch.testing.assert_close(both.transform_tensor(vectors), first.transform_tensor(vectors))
-    for side in ("query", "document"):
-        torch.testing.assert_close(both.transform_tensor(vectors, side=side), second.transform_tensor(vectors))
-        features = both({"sentence_embedding": vectors.clone(), "side": side})
-        torch.testing.assert_close(features["sentence_embedding"], second.transform_tensor(vectors))
-    both.save(str(tmp_path))
-    loaded = PostProcessing.load(str(tmp_path))
-    assert loaded.side_statistics == {"query": "document", "document": "document"}
-    torch.testing.assert_close(loaded.transform_tensor(vectors, side="query"), second.transform_tensor(vectors))
-    with pytest.raises(ValueError, match="side statistics must match"):
-        first.with_side_statistics(["document"], "document", fit_postprocessing(data[1], "whiten", 3))
+    for side, expected in ((None, first), ("query", second), ("document", second)):
+        torch.testing.assert_close(route_of(router, side).transform_tensor(vectors), expected.transform_tensor(vectors))
+        out = router({"sentence_embedding": vectors.clone(), "task": side})["sentence_embedding"]
+        torch.testing.assert_close(out, expected.transform_tensor(vectors))
 
 
 @pytest.mark.parametrize(
     ("side_statistics", "message"),
-    [({"passage": "document"}, "unknown side 'passage'"), ({"query": "projection"}, "not a valid statistics name"),
-     (["query"], "must map sides to names")],
+    [({"passage": "document"}, "unknown side 'passage'"), ({"query": "no such set"}, "must map sides to statistics names"),
+     (["query"], "must map sides to statistics names")],
 )  # fmt: skip
-def test_bad_side_statistics_fail_clearly(side_statistics, message):
-    with pytest.raises(ValueError, match=message):
-        PostProcessing("center", 4, side_statistics=side_statistics)
+def test_bad_legacy_side_statistics_fail_clearly(data, tmp_path, side_statistics, message):
+    first, second = fit_postprocessing(data[0], "whiten", 4), fit_postprocessing(data[1], "whiten", 4)
+    _legacy_side_statistics_folder(first, second, tmp_path, side_statistics)
+    with pytest.raises(ValueError, match=message) as err:
+        PostProcessing.load(str(tmp_path))
+    assert "config.json" in str(err.value)
 
 
 def test_a_statistics_file_without_the_side_set_fails_clearly(data, tmp_path):
@@ -213,7 +224,7 @@ def methods(tiny_llama) -> dict[str, SentenceTransformer]:
 
 
 def _without_postprocessing(model: SentenceTransformer) -> None:
-    while isinstance(model[-1], PostProcessing):
+    while isinstance(model[-1], (PostProcessing, Router)):
         del model[-1]
 
 

@@ -1,9 +1,13 @@
-"""Per-side settings: ``encode_document`` / ``encode_query`` read out their own way, checked against a plain
-hand-written readout, and the settings survive both loaders."""
+"""Sides as sentence-transformers tasks: ``encode_query`` / ``encode_document`` and ``encode(prompt_name=...)`` reach
+each side's own template and readout -- checked against readouts written plainly here, on a plain forward of the
+tiny model -- the side's ST prompt is a name tag that never reaches the text, the settings survive both loaders,
+and configurations that would make two sides indistinguishable are refused."""
 
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -12,68 +16,173 @@ from sentence_transformers import SentenceTransformer
 from transformers import AutoModel, AutoTokenizer
 
 import kvemb_st
-from kvemb_st.config import ConfigError
+from kvemb_st.cli import KNOB_OPTIONS, SIDE_FLAGS
+from kvemb_st.config import PROMPTEOL_TEMPLATE, ConfigError, KVEmbeddingConfig
+from kvemb_st.side import SIDE_KEYS, Side, SideError, side_tag
 
 TEXTS = ["A man is playing a guitar.", "Someone plays an instrument in the park today.", "Markets fell."]
 DOC_TEMPLATE = 'This passage : "{text}" means in one word:"'
-SIDES = {"document": {"template": DOC_TEMPLATE, "pool_layers": [1], "pool_span": "text", "pooling": "mean"}}
+# Same template (prompteol's) on every side, three readouts: plain encode the last token, queries the mean of the
+# final output, documents a mean+last mix at layer 1; only the readout can tell them apart.
+SAME_TEMPLATE = {"query": {"pooling": "mean"},
+                 "document": {"pooling": "mean+last", "last_weight": 0.25, "pool_layers": [1]}}  # fmt: skip
+
+
+class Plain:
+    """A plain forward of the tiny base, one text at a time, without padding or any kvemb code."""
+
+    def __init__(self, folder: str) -> None:
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.backbone = AutoModel.from_pretrained(folder).eval()
+
+    def states(self, text: str, template: str, layer: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(T, H)`` output of decoder layer ``layer`` (``None``: the final, normed output) and the tokens' spans."""
+        encoded = self.tokenizer(template.replace("{text}", text), return_offsets_mapping=True, return_tensors="pt")
+        offsets = encoded.pop("offset_mapping")[0]
+        with torch.no_grad():
+            out = self.backbone(**encoded, output_hidden_states=True)
+        return (out.last_hidden_state if layer is None else out.hidden_states[layer + 1])[0].double(), offsets
+
+    def vector(self, text: str, template: str, readout: str, layer: int | None = None, weight: float = 0.0) -> np.ndarray:
+        hidden, _ = self.states(text, template, layer)
+        mean, last = hidden.mean(0), hidden[-1]
+        vector = {"mean": mean, "last": last,
+                  "mean+last": (1 - weight) * mean / mean.norm() + weight * last / last.norm()}[readout]  # fmt: skip
+        return (vector / vector.norm()).float().numpy()
 
 
 @pytest.fixture(scope="module")
-def model(tiny_llama):
-    return kvemb_st.from_base(tiny_llama, method="mean", sides=SIDES)
+def plain(tiny_llama) -> Plain:
+    return Plain(tiny_llama)
 
 
-def hand_readout(folder: str, text: str, template: str, layer: int) -> np.ndarray:
-    """Mean over the text's own characters' tokens of layer ``layer``'s output, one text alone, no padding."""
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    backbone = AutoModel.from_pretrained(folder).eval()
+@pytest.fixture(scope="module")
+def same_template(tiny_llama):
+    return kvemb_st.from_base(tiny_llama, method="prompteol", sides=SAME_TEMPLATE)
+
+
+def expected_same_template(plain: Plain) -> dict[str | None, np.ndarray]:
+    return {
+        None: np.stack([plain.vector(t, PROMPTEOL_TEMPLATE, "last") for t in TEXTS]),
+        "query": np.stack([plain.vector(t, PROMPTEOL_TEMPLATE, "mean") for t in TEXTS]),
+        "document": np.stack([plain.vector(t, PROMPTEOL_TEMPLATE, "mean+last", layer=1, weight=0.25) for t in TEXTS]),
+    }
+
+
+def every_call(model) -> dict[str, tuple[str | None, np.ndarray]]:
+    """Each way to reach a side -> (the side, the vectors): by task, by the prompt's name, and by its text (mteb)."""
+    return {
+        "encode": (None, model.encode(TEXTS)),
+        "encode_query": ("query", model.encode_query(TEXTS)),
+        "encode_document": ("document", model.encode_document(TEXTS)),
+        "prompt_name=query": ("query", model.encode(TEXTS, prompt_name="query")),
+        "prompt_name=document": ("document", model.encode(TEXTS, prompt_name="document")),
+        "encode_query(prompt=tag)": ("query", model.encode_query(TEXTS, prompt=model.prompts["query"])),
+        "encode(task=document)": ("document", model.encode(TEXTS, task="document")),
+    }
+
+
+def test_same_template_different_readouts_are_told_apart_by_task_and_by_prompt_name(same_template, plain):
+    expected = expected_same_template(plain)
+    for call, (side, got) in every_call(same_template).items():
+        np.testing.assert_allclose(got, expected[side], atol=2e-5, err_msg=call)
+    for a, b in ((None, "query"), (None, "document"), ("query", "document")):
+        assert not np.allclose(expected[a], expected[b], atol=1e-3)  # the readouts really differ
+
+
+def test_same_template_sides_survive_both_loaders(same_template, plain, tmp_path):
+    same_template.save(str(tmp_path))
+    prompts = json.loads((tmp_path / "config_sentence_transformers.json").read_text())["prompts"]
+    assert prompts == {"query": side_tag("query"), "document": side_tag("document")}
+    expected = expected_same_template(plain)
+    for loaded in (SentenceTransformer(str(tmp_path), trust_remote_code=True), kvemb_st.load(str(tmp_path))):
+        for call, (side, got) in every_call(loaded).items():
+            np.testing.assert_allclose(got, expected[side], atol=2e-5, err_msg=call)
+
+
+def test_the_tag_never_reaches_the_text_and_other_prompts_keep_their_meaning(same_template):
+    module = same_template[0]
+    plain_ids = module.preprocess(["x"])["input_ids"][0]
+    for prompt in (side_tag("query"), side_tag("document")):
+        assert torch.equal(module.preprocess(["x"], prompt=prompt)["input_ids"][0], plain_ids)
+    decode = lambda **kw: module.tokenizer.decode(module.preprocess(["x"], **kw)["input_ids"][0])  # noqa: E731
+    assert decode(prompt="Topic: ", task="query") == 'This sentence : "Topic: x" means in one word:"'
+    assert decode(prompt="Say {text} now") == "Say x now"  # a prompt with {text} is a whole template
+    assert module.preprocess(["x"], prompt=side_tag("document"))["task"] == "document"  # for a following Router
+
+
+# ----------------------------------------------------------------------------- a side's own template and span
+@pytest.fixture(scope="module")
+def text_span(tiny_llama):
+    sides = {"document": {"template": DOC_TEMPLATE, "pool_layers": [1], "pool_span": "text", "pooling": "mean"}}
+    return kvemb_st.from_base(tiny_llama, method="mean", sides=sides)
+
+
+def text_span_vector(plain: Plain, text: str, template: str) -> np.ndarray:
+    """Mean over the tokens holding the text's characters, at layer 1."""
+    hidden, offsets = plain.states(text, template, layer=1)
     prefix = template.split("{text}")[0]
-    formatted = template.replace("{text}", text)
-    encoded = tokenizer(formatted, return_offsets_mapping=True, return_tensors="pt")
-    offsets = encoded.pop("offset_mapping")[0]
     inside = (offsets[:, 0] < len(prefix) + len(text)) & (offsets[:, 1] > len(prefix))
-    with torch.no_grad():
-        states = backbone(**encoded, output_hidden_states=True).hidden_states[layer + 1][0]
-    vector = states[inside].double().mean(0)
+    vector = hidden[inside].mean(0)
     return (vector / vector.norm()).float().numpy()
 
 
-def test_document_side_is_the_hand_written_readout(model, tiny_llama):
-    got = model.encode_document(TEXTS)
-    for text, vector in zip(TEXTS, got):
-        np.testing.assert_allclose(vector, hand_readout(tiny_llama, text, DOC_TEMPLATE, 1), atol=2e-5)
-    # the same layer with the template's tokens counted, or the final layer, or the default side: all different
-    wrong = [kvemb_st.from_base(tiny_llama, method="mean", sides={"document": {**SIDES["document"], **change}})
-             for change in ({"pool_span": "all"}, {"pool_layers": [2]})]  # fmt: skip
-    for other in [*wrong, kvemb_st.from_base(tiny_llama, method="mean")]:
-        assert not np.allclose(other.encode_document(TEXTS), got, atol=1e-3)
-
-
-def test_a_side_is_chosen_by_task_or_by_its_prompt_and_plain_encode_keeps_the_top_level(model, tiny_llama):
-    document = model.encode_document(TEXTS)
-    np.testing.assert_array_equal(model.encode(TEXTS, prompt_name="document"), document)
-    plain = kvemb_st.from_base(tiny_llama, method="mean")
-    np.testing.assert_array_equal(model.encode(TEXTS), plain.encode(TEXTS))
-    np.testing.assert_array_equal(model.encode_query(TEXTS), plain.encode(TEXTS))  # no query side: the top level
-    assert model[0].prompts == {"document": DOC_TEMPLATE} and model.prompts["document"] == DOC_TEMPLATE
+def test_document_side_template_and_text_span_is_the_hand_written_readout(text_span, plain):
+    got = text_span.encode_document(TEXTS)
+    np.testing.assert_allclose(got, np.stack([text_span_vector(plain, t, DOC_TEMPLATE) for t in TEXTS]), atol=2e-5)
+    np.testing.assert_array_equal(text_span.encode(TEXTS, prompt_name="document"), got)
     # an extra prompt goes inside the side's template, before the text, and is not part of the text's span
-    prefixed = model.encode_document(TEXTS, prompt="Topic: ")
-    assert not np.allclose(prefixed, document, atol=1e-3)
-    with_prompt = DOC_TEMPLATE.replace("{text}", "Topic: {text}")
-    np.testing.assert_allclose(prefixed[0], hand_readout(tiny_llama, TEXTS[0], with_prompt, 1), atol=2e-5)
+    prefixed = text_span.encode_document(TEXTS, prompt="Topic: ")
+    assert not np.allclose(prefixed, got, atol=1e-3)
+    np.testing.assert_allclose(prefixed[0], text_span_vector(plain, TEXTS[0], DOC_TEMPLATE.replace("{text}", "Topic: {text}")),
+                               atol=2e-5)  # fmt: skip
+    # no query side: encode_query reads out like plain encode
+    np.testing.assert_array_equal(text_span.encode_query(TEXTS), text_span.encode(TEXTS))
 
 
-def test_sides_round_trip_through_both_loaders(model, tmp_path):
-    model.save(str(tmp_path))
-    saved = json.loads((tmp_path / "kvemb_config.json").read_text())
-    assert saved["sides"] == {"document": {"template": DOC_TEMPLATE, "pool_layers": [1], "pool_span": "text",
-                                           "pooling": "mean"}}  # fmt: skip
-    assert json.loads((tmp_path / "config_sentence_transformers.json").read_text())["prompts"]["document"] == DOC_TEMPLATE
-    for loaded in (SentenceTransformer(str(tmp_path), trust_remote_code=True), kvemb_st.load(str(tmp_path))):
-        np.testing.assert_array_equal(loaded.encode_document(TEXTS), model.encode_document(TEXTS))
-        np.testing.assert_array_equal(loaded.encode(TEXTS, prompt_name="document"), model.encode_document(TEXTS))
-        np.testing.assert_array_equal(loaded.encode(TEXTS), model.encode(TEXTS))
+# ---------------------------------------------------------------------------------------- refused setups
+@pytest.fixture(scope="module")
+def saved(same_template, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sides")
+    same_template.save(str(folder))
+    return str(folder)
+
+
+@pytest.mark.parametrize(
+    ("prompts", "message"),
+    [
+        ({"document": "Represent this passage: "}, r"ST prompt 'document' is .* a side of this model"),
+        ({"document": ""}, None),  # ST's "no prompt": the side's tag
+        ({"query": side_tag("document")}, r"ST prompt 'query' is .* a side of this model"),
+        ({"passage": side_tag("document")}, None),  # another name for the document side
+        ({"passage": "<kvemb-side:passage>"}, "looks like a side tag but is none"),
+    ],
+)
+def test_st_prompts_that_hide_a_side_are_refused(saved, prompts, message):
+    if message is None:
+        model = SentenceTransformer(saved, trust_remote_code=True, prompts=prompts)
+        np.testing.assert_array_equal(model.encode(TEXTS, prompt_name=next(iter(prompts))), model.encode_document(TEXTS))
+        return
+    with pytest.raises(ValueError, match=message):
+        SentenceTransformer(saved, trust_remote_code=True, prompts=prompts)
+
+
+def test_a_prompt_tagging_a_side_without_one_is_refused(text_span):
+    with pytest.raises(ValueError, match="ST prompt 'query' is the tag of side 'document'"):
+        SentenceTransformer(modules=[text_span[0]], prompts={"query": side_tag("document")})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"prompt_name": "document", "task": "query"}, "task 'query' and the prompt of side 'document' disagree"),
+        ({"task": "passage"}, "unknown task 'passage'"),
+        ({"prompt": "<kvemb-side:document"}, "looks like a side tag but is none"),
+    ],
+)
+def test_calls_that_name_two_sides_or_none_are_refused(same_template, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        same_template.encode(TEXTS, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -83,17 +192,33 @@ def test_sides_round_trip_through_both_loaders(model, tmp_path):
         ({"document": {"pool_layer": 1}}, "sides.document': unknown key"),
         ({"document": {}}, "non-empty object"),
         ({"document": {"pool_layers": [9]}}, "sides.document.pool_layers.*out of range"),
+        ({"document": {"pool_layers": []}}, "sides.document.pool_layers'.*non-empty list"),
         ({"document": {"pool_span": "words"}}, "sides.document.pool_span"),
         ({"document": {"last_weight": -1}}, "sides.document.last_weight"),
+        ({"document": {"pooling": "max"}}, "sides.document.pooling"),
         ({"document": {"template": "no placeholder"}}, "sides.document.template"),
+        ({"document": {"template": "<kvemb-side:query> {text}"}}, "sides.document.template'.*may not hold"),
         ({"query": {"layers": [1]}}, "unknown key"),
     ],
 )
-def test_bad_sides_in_a_saved_config_name_the_file_and_the_key(model, tmp_path, sides, message):
-    model.save(str(tmp_path))
-    path = tmp_path / "kvemb_config.json"
-    config = json.loads(path.read_text())
-    path.write_text(json.dumps({**config, "sides": sides}))
+def test_bad_sides_in_a_saved_config_name_the_file_and_the_key(saved, tmp_path, sides, message):
+    folder = tmp_path / "model"
+    shutil.copytree(saved, folder)
+    config = json.loads((folder / "kvemb_config.json").read_text())
+    (folder / "kvemb_config.json").write_text(json.dumps({**config, "sides": sides}))
     with pytest.raises(ConfigError, match=message) as err:
-        kvemb_st.load(str(tmp_path))
+        kvemb_st.load(str(folder))
     assert "kvemb_config.json" in str(err.value)
+
+
+# ------------------------------------------------------------------------------- one definition of a side
+def test_every_side_knob_is_a_config_key_a_flag_and_validated_by_side():
+    config_keys = {f.name for f in fields(KVEmbeddingConfig)}
+    assert set(SIDE_KEYS) <= config_keys  # the top-level knobs of plain encode
+    assert set(SIDE_KEYS) <= set(KNOB_OPTIONS) and set(SIDE_FLAGS) == set(SIDE_KEYS) - {"template"}
+    with pytest.raises(SideError, match="'pool_span'"):
+        Side(template="{text}", pooling="mean", pool_span="words")
+    side = Side(template="{text}", pooling="mean", pool_span="all", pool_layers=[3, 1])
+    assert side.pool_layers == (1, 3) and side.to_dict()["pool_layers"] == [1, 3]
+    with pytest.raises(AttributeError):
+        side.pooling = "last"  # frozen
