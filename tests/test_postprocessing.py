@@ -172,15 +172,15 @@ def test_loading_a_damaged_statistics_file_fails_clearly(data, tmp_path):
 def _legacy_side_statistics_folder(first: PostProcessing, second: PostProcessing, folder: Path, sides) -> None:
     """A PostProcessing folder as kvemb-st 0.1 wrote it: the second set in the same file, as ``document_*``."""
     first.save(str(folder))
-    tensors = {**load_file(folder / STATISTICS_FILE), **{f"document_{k}": v.numpy() for k, v in
-                                                         {"mean": second.mean, "projection": second.projection}.items()}}
-    save_numpy(tensors, folder / STATISTICS_FILE)
+    own = {f"document_{name}": getattr(second, name).numpy() for name in second.statistics_shapes()}
+    save_numpy({**load_file(folder / STATISTICS_FILE), **own}, folder / STATISTICS_FILE)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "side_statistics": sides}))
 
 
-def test_legacy_side_statistics_load_as_a_router_of_one_module_per_set(data, tmp_path):
-    first, second = fit_postprocessing(data[0], "whiten", 4), fit_postprocessing(data[1], "whiten", 4)
+@pytest.mark.parametrize("mode, components", MODES)
+def test_legacy_side_statistics_load_as_a_router_of_one_module_per_set(data, tmp_path, mode, components):
+    first, second = fit_postprocessing(data[0], mode, components), fit_postprocessing(data[1], mode, components)
     _legacy_side_statistics_folder(first, second, tmp_path, {"query": "document", "document": "document"})
     router = PostProcessing.load(str(tmp_path))
     assert isinstance(router, Router)
