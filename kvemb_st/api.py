@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+import os
 import re
+from typing import Any
 
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules import Router
@@ -151,12 +151,12 @@ def load(
 def _load_router(model_name_or_path: str, subfolder: str = "", **hub_kwargs: Any) -> Router:
     """A Router whose routes are one :class:`PostProcessing` each, one route for every side: its
     ``router_config.json`` is checked before anything is instantiated, and no other class is ever imported."""
-    where = f"{model_name_or_path}/{subfolder}/{Router.config_file_name}".replace("//", "/")
+    where = os.path.join(model_name_or_path, subfolder, Router.config_file_name)
     config = _read_json(model_name_or_path, Router.config_file_name, {**hub_kwargs, "subfolder": subfolder})
     if config is None:
         raise damaged(where, "is missing: the post-processing routes are unknown")
     types, structure, parameters = (config.get(key) for key in ("types", "structure", "parameters"))
-    if set(config) != {"types", "structure", "parameters"} or not all(isinstance(v, dict) for v in (types, structure, parameters)):
+    if set(config) != {"types", "structure", "parameters"} or not all(isinstance(v, dict) for v in config.values()):
         raise damaged(where, f"must hold the objects 'types', 'structure' and 'parameters', got keys {sorted(config)}")
     others = sorted({str(kind) for kind in types.values()} - {POSTPROCESSING_TYPE})
     if others:
@@ -165,12 +165,13 @@ def _load_router(model_name_or_path: str, subfolder: str = "", **hub_kwargs: Any
             "SentenceTransformer(..., trust_remote_code=True) for other models."
         )
     bad = [name for name in types if not re.fullmatch(r"\w[\w.-]*", name) or ".." in name]
-    bad += [f"route {route!r}" for route, ids in structure.items() if not (isinstance(ids, list) and len(ids) == 1 and ids[0] in types)]
+    bad += [f"route {route!r}" for route, ids in structure.items()
+            if not (isinstance(ids, list) and len(ids) == 1 and ids[0] in types)]  # fmt: skip
     bad += [f"parameter {key!r}" for key in sorted(set(parameters) - set(Router.config_keys))]
     if bad:
         raise damaged(where, f"bad entries {bad}: each route holds one module of 'types', named by a plain folder name")
     router = Router.load(model_name_or_path, subfolder=subfolder, module_classes={POSTPROCESSING_TYPE: PostProcessing},
-                         **hub_kwargs)  # fmt: skip
+                         **hub_kwargs).eval()  # fmt: skip
     for side in (None, *SIDE_NAMES):
         try:
             route_of(router, side)

@@ -133,7 +133,8 @@ def _postprocessing_text(postprocessing: tuple[PostProcessing | Router, str] | N
     statistics, config = f"`{folder}/{STATISTICS_FILE}`", f"`{folder}/{module.config_file_name}`"
     if isinstance(saved, Router):
         also = _side_sets_text(saved)
-        statistics = f"Each route's `{folder}/<route>/{STATISTICS_FILE}` (`{folder}/{saved.config_file_name}` maps sides to routes)"
+        routes = f"`{folder}/{saved.config_file_name}` maps sides to routes"
+        statistics = f"Each route's `{folder}/<route>/{STATISTICS_FILE}` ({routes})"
         config = f"Its `{module.config_file_name}`"
     elif document:
         also = (

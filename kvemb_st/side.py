@@ -2,7 +2,9 @@
 
 A side's knobs are declared here once, as the fields of :class:`Side`, each with its check and its help text;
 the config's top-level knobs and per-side overrides, the ``kvemb build`` flags and the model card derive from
-them. A knob is one line: ``name: type = knob(help, check, default, **argparse_options)``.
+them. A knob is one line here, ``name: type = knob(help, check, default, **argparse_options)``, plus the field of
+the same name and default in :class:`~kvemb_st.config.KVEmbeddingConfig` that holds plain ``encode``'s value (a
+test checks that every knob has one): the saved format keeps the top-level knobs flat.
 
 sentence-transformers names the side of a call by its ``task`` (``encode_query`` / ``encode_document`` set it).
 ``encode(prompt_name="document")`` hands a module only the prompt's *text*, so each side's ST prompt is a tag,

@@ -25,6 +25,9 @@ from kvemb_st.side_router import route_of
 
 EXPECTED_FILES = {"modules.json", "config_sentence_transformers.json", "kvemb_config.json", "id_curve.png", "README.md"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".onnx")
+# a default build's post-processing: ST's Router, one statistics module per route (plain encode / the sides)
+ROUTES = ("default_0_PostProcessing", "document_0_PostProcessing")
+DEFAULT_STATISTICS = f"1_Router/{ROUTES[0]}"
 SENTENCES = ["A man is playing a guitar.", "Someone plays an instrument.", "The stock market fell sharply."]
 
 
@@ -67,7 +70,7 @@ def built(tiny_llama, tmp_path_factory):
 def test_cli_build_writes_a_weight_free_folder(built, capsys):
     status, folder, _, _ = built
     assert status == 0
-    assert {p.name for p in folder.iterdir()} == EXPECTED_FILES | {"1_PostProcessing"}  # default: whitening
+    assert {p.name for p in folder.iterdir()} == EXPECTED_FILES | {"1_Router"}  # default: whitening, per side
     assert (folder / "id_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = json.loads((folder / "kvemb_config.json").read_text())
     selection = config["layer_selection"]
@@ -85,7 +88,7 @@ def test_cli_build_writes_a_weight_free_folder(built, capsys):
         expected += f"; layers {format_layer_spec(near)} are within 1 standard error(s) of it"
     assert expected in card, card
     assert "shifted to fit inside the model and to end at least 2 layers before the last" in card
-    post = json.loads((folder / "1_PostProcessing" / "config.json").read_text())
+    post = json.loads((folder / DEFAULT_STATISTICS / "config.json").read_text())
     assert (post["mode"], post["components"]) == ("whiten", None)  # the default: whitened on the same 32 texts
     assert post["calibration"]["hash"] == selection["calibration_hash"] and post["calibration"]["count"] == 32
     assert (config["prefix_bias"], config["prefix_rope"], config["pooling"]) == (3.5, "keep", "mean+last")
@@ -131,7 +134,7 @@ def test_folder_loads_with_sentence_transformers_and_kvemb_load(built):
         == safe[0].config.layers
         == json.loads((folder / "kvemb_config.json").read_text())["layers"]
     )
-    assert remote.prompts["query"] == 'Query : "{text}" means in one word:"'
+    assert remote.prompts["query"] == "<kvemb-side:query>"  # the side's name tag; the template is in the config
     torch.testing.assert_close(
         remote.encode(SENTENCES, convert_to_tensor=True), safe.encode(SENTENCES, convert_to_tensor=True)
     )
@@ -167,7 +170,7 @@ def test_push_uploads_the_folder_and_no_weights(built):
     assert repo["token"] == "hf_SECRET"
     upload = calls[1][1]
     assert upload["repo_id"] == "someone/kvemb-tiny" and upload["repo_type"] == "model"
-    assert set(upload["files"]) == EXPECTED_FILES | {"1_PostProcessing"}
+    assert set(upload["files"]) == EXPECTED_FILES | {"1_Router"}
     assert not [f for f in upload["files"] if f.endswith(WEIGHT_SUFFIXES)]
 
 
@@ -192,12 +195,13 @@ def test_build_with_postprocessing_saves_its_statistics_and_describes_them(built
     assert main(argv) == 0
     assert "post-processing: whiten, 12 dimensions" in capsys.readouterr().out
     folder = tmp_path / "m"
-    assert {p.name for p in folder.iterdir()} == EXPECTED_FILES | {"1_PostProcessing"}
-    assert {p.name for p in (folder / "1_PostProcessing").iterdir()} == {"config.json", "statistics.safetensors"}
-    stats = load_file(folder / "1_PostProcessing" / "statistics.safetensors")
-    assert {name: tuple(value.shape) for name, value in stats.items()} == {
-        "mean": (64,), "projection": (64, 12), "document_mean": (64,), "document_projection": (64, 12)}  # fmt: skip
-    config = json.loads((folder / "1_PostProcessing" / "config.json").read_text())
+    assert {p.name for p in folder.iterdir()} == EXPECTED_FILES | {"1_Router"}
+    assert {p.name for p in (folder / "1_Router").iterdir()} == {"router_config.json", *ROUTES}
+    for route in ROUTES:
+        assert {p.name for p in (folder / "1_Router" / route).iterdir()} == {"config.json", "statistics.safetensors"}
+        stats = load_file(folder / "1_Router" / route / "statistics.safetensors")
+        assert {name: tuple(value.shape) for name, value in stats.items()} == {"mean": (64,), "projection": (64, 12)}
+    config = json.loads((folder / DEFAULT_STATISTICS / "config.json").read_text())
     calibration = config["calibration"]
     assert (config["mode"], config["in_features"], config["components"]) == ("whiten", 64, 12)
     assert calibration["count"] == 32 and "calibration.txt" in calibration["name"]
@@ -205,8 +209,8 @@ def test_build_with_postprocessing_saves_its_statistics_and_describes_them(built
     assert calibration["hash"] == selection["calibration_hash"]
     _, body = read_card(folder)
     assert "| Embedding dimension | 12 |" in body and "| Post-processing | whiten (see below) |" in body
-    assert "`1_PostProcessing/statistics.safetensors` holds float32 tensors `mean` (64,), `projection` (64, 12), " \
-        "`document_mean` (64,), `document_projection` (64, 12)" in body
+    assert "Each route's `1_Router/<route>/statistics.safetensors` (`1_Router/router_config.json` maps sides to " \
+        "routes) holds float32 tensors `mean` (64,), `projection` (64, 12)" in body
     assert f"on 32 calibration texts ({calibration['name']}, `{calibration['hash']}`)" in body
     assert "**12 dimensions** (reduced from 64)" in body and "no weights of the base model" in body
     for loaded in (SentenceTransformer(str(folder), trust_remote_code=True), kvemb_st.load(str(folder))):
@@ -217,16 +221,16 @@ def test_postprocessing_is_fitted_on_the_calibration_texts_or_its_own_set(built,
     _, _, _, tiny_llama = built
     mine = [f"my domain text number {i}" for i in range(20)]
     own = build(tiny_llama, tmp_path / "o", layers="1-2", calibration=mine, cache_dir=tmp_path, progress=False)
-    assert own.model[1].calibration["hash"] == calibration_hash(mine) == own.selection.calibration_hash
+    assert route_of(own.model[1], None).calibration["hash"] == calibration_hash(mine) == own.selection.calibration_hash
     joined = build(tiny_llama, tmp_path / "j", layers="1-2", postprocess="center", cache_dir=tmp_path,
                    postprocess_calibration="sts-b-train+general", progress=False)  # fmt: skip
-    record, texts = joined.model[1].calibration, load_calibration("sts-b-train+general")
+    record, texts = route_of(joined.model[1], None).calibration, load_calibration("sts-b-train+general")
     assert record["count"] == len(texts) == len(set(texts)) and record["hash"] == calibration_hash(texts)
     assert "calibration.txt + lee_background.cor of gensim's test data" in record["name"]
     assert joined.selection.calibration_hash == calibration_hash(load_calibration())  # layers: the default set
     general = build(tiny_llama, tmp_path / "g", layers="1-2", postprocess_calibration="general",
                     calibration_limit=32, cache_dir=tmp_path, progress=False)  # fmt: skip
-    assert general.model[1].calibration["hash"] == calibration_hash(load_calibration("general", 32))
+    assert route_of(general.model[1], None).calibration["hash"] == calibration_hash(load_calibration("general", 32))
 
 
 def test_card_without_postprocessing_says_so(built, tmp_path):
