@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from sentence_transformers import SentenceTransformer
+from sentence_transformers.base.modules import Router
 
 import kvemb_st
+from kvemb_st.side import side_tag
 
 LEGACY = Path(__file__).parent / "data" / "legacy_0_1"
 EXPECTED = json.loads((LEGACY / "expected_vectors.json").read_text(encoding="utf-8"))
@@ -45,3 +47,15 @@ def legacy(request, tiny_llama, tmp_path_factory):
 def test_a_legacy_folder_gives_the_recorded_vectors(legacy, call):
     got = CALLS[call](legacy, EXPECTED["texts"])
     np.testing.assert_allclose(got, np.array(EXPECTED[call]), atol=2e-5)
+
+
+def test_a_legacy_folder_saved_again_takes_the_new_format_and_keeps_its_vectors(legacy, tmp_path, tiny_llama):
+    """Its prompts become the sides' name tags and its side statistics a Router, and nothing else changes."""
+    assert legacy.prompts == {"query": side_tag("query"), "document": side_tag("document")}
+    assert isinstance(legacy[1], Router)
+    legacy.save(str(tmp_path / "again"))
+    modules = json.loads((tmp_path / "again" / "modules.json").read_text())
+    assert modules[1]["type"] == "sentence_transformers.base.modules.router.Router"
+    again = kvemb_st.load(str(tmp_path / "again"), base_model=tiny_llama)
+    for call in CALLS:
+        np.testing.assert_allclose(CALLS[call](again, EXPECTED["texts"]), np.array(EXPECTED[call]), atol=2e-5, err_msg=call)
