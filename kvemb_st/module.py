@@ -141,7 +141,7 @@ class KVEmbedding(CheckedConfigMixin, InputModule):
                     "would read out different sides; drop the prompt or give it another name"
                 )
 
-    def side_of(self, prompt: str | None, task: str | None) -> tuple[str | None, str | None]:
+    def side_for(self, prompt: str | None, task: str | None) -> tuple[str | None, str | None]:
         """The side a call uses and the prompt left to insert into its template.
 
         The side is ``task`` (``encode_query``/``encode_document`` set it) or the side a tag prompt names
@@ -173,7 +173,7 @@ class KVEmbedding(CheckedConfigMixin, InputModule):
         the side's readout does not need it.
         """
         texts = validate_texts(inputs)
-        task, prompt = self.side_of(prompt, task)
+        task, prompt = self.side_for(prompt, task)
         own = self._sides.get(task, self._sides[None])
         template = self.method.prepare_template(resolve_template(own.template, prompt), self.tokenizer)
         features, truncated = self._template_tokenizer.encode(texts, template, text_mask=text_mask or own.readout.span == "text")
