@@ -1,6 +1,6 @@
-"""The kernel self-check in the precisions GPU users run: a kernel with a wrong log-sum-exp convention is caught in
-bfloat16 and float16 as in float32, a right one is not, and a subtle fault (a log-sum-exp off by 0.01) still
-fails the float32 check.
+"""The kernel self-check in the precisions GPU users run: a kernel with a wrong convention is caught in bfloat16 and
+float16 as in float32 (``test_attention_kernels.py``), a right one is not, and a subtle fault (a log-sum-exp off by
+0.01) still fails the float32 check.
 
 The CUDA kernels run as the CPU stand-ins of ``test_attention_kernels.py`` (each op's result broken in one way),
 through the public ``encode`` of a tiny re-routed model loaded in each dtype. Measured on that model (CPU, torch
@@ -80,17 +80,17 @@ def assert_caught(model, reference, dtype):
     torch.testing.assert_close(got, reference, atol=VECTOR_TOLERANCE[dtype], rtol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, *HALF], ids=str)
+# float32 runs every convention on every kernel in test_attention_kernels.py
+@pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
-def test_base2_log_sum_exp_is_caught_in_every_dtype(dtype_model, stand_in, backend, dtype):
+def test_base2_log_sum_exp_is_caught_in_half_precision(dtype_model, stand_in, backend, dtype):
     model, reference = dtype_model(dtype)
     ops = stand_in(backend, WrongStandIns, wrong="log2_lse")
     assert_caught(model, reference, dtype)
     assert ops.calls  # the broken kernel really ran
 
 
-# The other conventions whose error is a number (not a shape or an exception), each on the kernel it concerns;
-# float32 runs every convention on every kernel in test_attention_kernels.py.
+# The other conventions whose error is a number (not a shape or an exception), each on the kernel it concerns.
 NUMERIC = {"lse_unsliced": SDPBackend.EFFICIENT_ATTENTION, "output_transposed": SDPBackend.FLASH_ATTENTION}
 
 
