@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 from transformers.utils import logging
 
 from kvemb_st.backbone import load_backbone
+from kvemb_st.benchmark.identity import Source, assign_identity, base_source, folder_source
 from kvemb_st.config import CONFIG_FILE_NAME, ConfigError, KVEmbeddingConfig, is_hub_id
 from kvemb_st.folder import CheckedConfigMixin
 from kvemb_st.inputs import validate_texts
@@ -50,6 +51,7 @@ class KVEmbedding(CheckedConfigMixin, InputModule):
 
     config_file_name = CONFIG_FILE_NAME
     save_in_root = True
+    source: Source | None = None  # set by load(); a model built in memory is named after its base
 
     def __init__(
         self,
@@ -166,6 +168,12 @@ class KVEmbedding(CheckedConfigMixin, InputModule):
         """The method's forward pass on preprocessed ``features``, keeping the given hidden-state indices."""
         return self.method.run(self.auto_model, self.tokenizer, self.config, features, hidden_states)
 
+    def on_model_ready(self, model: Any) -> None:
+        """Give the finished model a name and revision, so mteb and its result cache tell models apart."""
+        from kvemb_st.model_card import hub_base_model
+
+        assign_identity(model, self.source or base_source(self.config.base_model), hub_base_model(self.config))
+
     # ------------------------------------------------------------------------------------- save / load
     def save(self, output_path: str, *args: Any, safe_serialization: bool = True, **kwargs: Any) -> None:
         """Write the config only -- never weights -- and record our package as a requirement of the folder."""
@@ -228,7 +236,7 @@ class KVEmbedding(CheckedConfigMixin, InputModule):
                     "loaded instead of the Hub repo. Run from another directory, or pass the base explicitly: "
                     "kvemb_st.load(..., base_model=PATH_OR_ID)."
                 )
-        return cls(
+        module = cls(
             config,
             token=token,
             cache_folder=cache_folder,
@@ -236,3 +244,9 @@ class KVEmbedding(CheckedConfigMixin, InputModule):
             model_kwargs=model_kwargs,
             config_source=source,
         )
+        resolved = cls.load_file_path(
+            model_name_or_path, CONFIG_FILE_NAME, subfolder=subfolder, token=token, cache_folder=cache_folder,
+            revision=revision, local_files_only=local_files_only,
+        )  # fmt: skip
+        module.source = folder_source(model_name_or_path, resolved)
+        return module
