@@ -31,7 +31,7 @@ def run_eval(args: argparse.Namespace, command: str) -> int:
     """Load ``args.folder``, evaluate it, print the table; ``command`` (secrets redacted) goes into the summary."""
     import kvemb_st
     from kvemb_st.benchmark.card import write_model_index
-    from kvemb_st.benchmark.run import run_tasks
+    from kvemb_st.benchmark.run import load_tasks, run_tasks
 
     tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
     if not tasks:
@@ -42,13 +42,11 @@ def run_eval(args: argparse.Namespace, command: str) -> int:
         raise ValueError(f"--card writes FOLDER/README.md, but '{args.folder}' is not a local folder")
     sampling = Sampling(args.max_examples, args.seed)
     try:
-        model = kvemb_st.load(args.folder, device=args.device)
-        summary = run_tasks(
-            model, tasks, args.output, data_dir=args.data_dir, sampling=sampling, batch_size=args.batch_size,
-            command=command,
-        )  # fmt: skip
+        loaded = load_tasks(tasks, args.data_dir, sampling)  # before the model: missing data fails at once
     except (ImportError, KeyError) as err:  # mteb missing, an unknown task name: say it in one line
         raise ValueError(str(err).strip("'\"")) from None
+    model = kvemb_st.load(args.folder, device=args.device)
+    summary = run_tasks(model, loaded, args.output, sampling=sampling, batch_size=args.batch_size, command=command)
     print(f"model {summary.model} at revision {summary.revision}")
     print(summary.table())
     print(f"results: {summary.folder}")

@@ -76,24 +76,23 @@ def load_tasks(names: Sequence[str], data_dir: str | Path | None, sampling: Samp
 
 def run_tasks(
     model: Any,
-    tasks: Sequence[str],
+    loaded: Sequence[tuple[Any, DataOrigin]],
     output: str | Path | None,
     *,
-    data_dir: str | Path | None = None,
     sampling: Sampling = Sampling(),
     batch_size: int = 32,
     show_progress_bar: bool = True,
     command: str | None = None,
 ) -> RunSummary:
-    """Evaluate ``model`` (a SentenceTransformer) on ``tasks`` (mteb task names) with ``mteb.evaluate``.
+    """Evaluate ``model`` (a SentenceTransformer) with ``mteb.evaluate`` on loaded tasks (:func:`load_tasks`).
 
-    ``output`` is mteb's result cache folder (``None``: nothing written). Returns the :class:`RunSummary`.
+    ``sampling`` is how the tasks were subsampled (recorded, and part of mteb's experiment name); ``output`` is
+    mteb's result cache folder (``None``: nothing written). Returns the :class:`RunSummary`.
     """
     mteb = import_mteb()
     from mteb.models import SentenceTransformerEncoderWrapper
     from tqdm.auto import tqdm
 
-    loaded = load_tasks(tasks, data_dir, sampling)
     meta = mteb_model_meta(model)
     if sampling.record():
         meta = meta.model_copy(update={"experiment_kwargs": sampling.record()})
