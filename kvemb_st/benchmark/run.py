@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,20 @@ from kvemb_st.benchmark.local_tasks import SAMPLING_RULE, DataOrigin, Sampling, 
 
 SUMMARY_FILE = "kvemb_summary.json"
 VERSIONED = ("kvemb-st", "mteb", "sentence-transformers", "transformers", "torch")
+# Raised by mteb's own code on every run (its calls to a renamed sentence-transformers method and to its own
+# deprecated argument); nothing about the model, and nothing a user of kvemb eval can change.
+MTEB_INTERNAL_WARNINGS = (
+    r"The `get_sentence_embedding_dimension` method has been renamed",
+    r"The fill_missing parameter is deprecated",
+)
+
+
+@contextmanager
+def _quiet_mteb() -> Iterator[None]:
+    with warnings.catch_warnings():
+        for message in MTEB_INTERNAL_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        yield
 
 
 @dataclass
@@ -93,10 +109,11 @@ def run_tasks(
     from mteb.models import SentenceTransformerEncoderWrapper
     from tqdm.auto import tqdm
 
-    meta = mteb_model_meta(model)
+    with _quiet_mteb():
+        meta = mteb_model_meta(model)
+        wrapper = SentenceTransformerEncoderWrapper(model)
     if sampling.record():
         meta = meta.model_copy(update={"experiment_kwargs": sampling.record()})
-    wrapper = SentenceTransformerEncoderWrapper(model)
     wrapper.mteb_model_meta = meta  # mteb reads the full meta from the wrapper (evaluate's `mteb_model_meta` path)
     cache = mteb.ResultCache(cache_path=Path(output)) if output is not None else None
     summary = RunSummary(
@@ -110,10 +127,11 @@ def run_tasks(
     for task, origin in progress:
         name = task.metadata.name
         progress.set_postfix_str(name)
-        result = mteb.evaluate(
-            wrapper, task, cache=cache, overwrite_strategy="always", encode_kwargs={"batch_size": batch_size},
-            show_progress_bar=False,
-        ).task_results[0]  # fmt: skip
+        with _quiet_mteb():
+            result = mteb.evaluate(
+                wrapper, task, cache=cache, overwrite_strategy="always", encode_kwargs={"batch_size": batch_size},
+                show_progress_bar=False,
+            ).task_results[0]  # fmt: skip
         summary.results.append(result)
         summary.scores[name] = float(result.get_score())
         summary.main_scores[name] = task.metadata.main_score
