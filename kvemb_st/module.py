@@ -172,7 +172,8 @@ class KVEmbedding(CheckedConfigMixin, InputModule):
         """Give the finished model a name and revision, so mteb and its result cache tell models apart."""
         from kvemb_st.model_card import hub_base_model
 
-        assign_identity(model, self.source or base_source(self.config.base_model), hub_base_model(self.config))
+        source = self.source or base_source(self.config.base_model)
+        assign_identity(model, source, hub_base_model(self.config) or source.card_base_model)
 
     # ------------------------------------------------------------------------------------- save / load
     def save(self, output_path: str, *args: Any, safe_serialization: bool = True, **kwargs: Any) -> None:

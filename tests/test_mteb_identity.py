@@ -51,6 +51,16 @@ def test_two_folders_of_one_name_never_share_a_cache_entry(tiny_llama, tmp_path)
     assert math.isclose(cached[1], fresh) and not math.isclose(cached[0], cached[1])
 
 
+def test_a_local_base_is_adapted_from_the_hub_id_its_card_names(tiny_llama, tmp_path):
+    from huggingface_hub import metadata_save
+
+    folder = tmp_path / "kv"
+    kvemb_st.from_base(tiny_llama, layers="1-2").save(str(folder))
+    assert mteb_model_meta(kvemb_st.load(str(folder))).adapted_from is None  # a local path is not a Hub id
+    metadata_save(folder / "README.md", {"base_model": "org/base-llm"})  # as `kvemb build --base-model-id` writes
+    assert mteb_model_meta(kvemb_st.load(str(folder))).adapted_from == "org/base-llm"
+
+
 def test_a_hub_download_is_named_by_its_id_at_its_commit(tmp_path):
     commit = "0123456789abcdef0123456789abcdef01234567"
     resolved = os.path.join(str(tmp_path), "models--org--kv", "snapshots", commit, "kvemb_config.json")

@@ -11,10 +11,10 @@ holds a :class:`~kvemb_st.module.KVEmbedding` (it runs when ST finishes building
 - revision: the Hub commit of a downloaded model; otherwise a short hash of what determines the vectors -- every
   module's config (minus the writing package's version) and the post-processing statistics -- so the same
   folder always gets the same revision and two folders that differ in any knob or statistic never share one;
-- base model: the LLM the model is adapted from (its Hub id, when the config names one).
+- base model: the LLM it is adapted from, by Hub id: the config's, else the card's ``base_model`` (a local base).
 
-``base_model_revision`` carries our revision because it is the field mteb reads; ST's own card would print it
-as the base's revision, but kvemb-st folders get their card from :mod:`kvemb_st.model_card`.
+``base_model_revision`` carries our revision because it is the field mteb reads (ST's own card, written by a
+plain ``model.save``, shows it in a comment beside the base model; ``kvemb build`` writes its own card).
 :func:`mteb_model_meta` adds what mteb cannot read from a ``SentenceTransformer``: loader, parameter count and
 the training data (the calibration texts, for mteb's zero-shot flag).
 """
@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import yaml
+from huggingface_hub import metadata_load
 
 from kvemb_st.calibration import DEFAULT_CALIBRATION_FILE, PARAGRAPH_CALIBRATION_FILE, calibration_hash, read_calibration_file
 
@@ -36,6 +38,7 @@ HUB_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 REVISION_LENGTH = 12
 # Calibration sets drawn from STS-B train, which mteb names by the task STSBenchmark (its train split).
 STSB_TRAIN_SETS = (DEFAULT_CALIBRATION_FILE, PARAGRAPH_CALIBRATION_FILE)
+STSB_SET_NAME = "sts-b-train"  # how a joined named set ("sts-b-train+general") names its STS-B part
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class Source:
 
     name: str
     hub_commit: str | None = None
+    card_base_model: str | None = None  # the card's ``base_model``: a Hub id where the config names a local path
 
 
 def folder_source(model_name_or_path: str, resolved_file: str | None) -> Source:
@@ -52,10 +56,21 @@ def folder_source(model_name_or_path: str, resolved_file: str | None) -> Source:
     ``resolved_file`` is a file of the model as downloaded: the Hub cache keeps it under ``snapshots/<commit>/``.
     """
     if os.path.isdir(model_name_or_path):
-        return Source(os.path.basename(os.path.normpath(os.path.abspath(model_name_or_path))))
+        name = os.path.basename(os.path.normpath(os.path.abspath(model_name_or_path)))
+        return Source(name, card_base_model=_card_base_model(os.path.join(model_name_or_path, "README.md")))
     parts = os.path.normpath(resolved_file or "").split(os.sep)
     commit = next((part for part in reversed(parts) if HUB_COMMIT.match(part)), None)
     return Source(model_name_or_path, commit)
+
+
+def _card_base_model(path: str) -> str | None:
+    """``base_model`` of a card's metadata (``kvemb build --base-model-id`` writes it for a local base)."""
+    try:
+        value = metadata_load(path).get("base_model") if os.path.isfile(path) else None
+    except (ValueError, yaml.YAMLError):  # a broken card header names no base; the model itself is unaffected
+        return None
+    value = value[0] if isinstance(value, list) and value else value
+    return value if isinstance(value, str) else None
 
 
 def base_source(base_model: str) -> Source:
@@ -98,13 +113,17 @@ def training_datasets(model: Any) -> set[str]:
     """mteb task names whose training data the model saw: calibration texts drawn from STS-B train."""
     stsb = {calibration_hash(read_calibration_file(path)) for path in STSB_TRAIN_SETS}
     hashes: set[str] = set()
+    names: list[str] = []
     for module in model:
         config = getattr(module, "config", None)
         selection = getattr(config, "layer_selection", None) or {}
         hashes.add(str(selection.get("calibration_hash", "")))
         record = getattr(module, "calibration", None) or {}
-        hashes.update(str(r.get("hash", "")) for r in (record, record.get("document") or {}))
-    return {"STSBenchmark"} if hashes & stsb else set()
+        for part in (record, record.get("document") or {}):
+            hashes.add(str(part.get("hash", "")))
+            names.append(str(part.get("name", "")))
+    by_name = any(STSB_SET_NAME in name or name.startswith(f"{DEFAULT_CALIBRATION_FILE.name} shipped") for name in names)
+    return {"STSBenchmark"} if hashes & stsb or by_name else set()
 
 
 def mteb_model_meta(model: Any) -> Any:
