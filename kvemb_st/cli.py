@@ -302,7 +302,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser("eval", help="MTEB scores of a saved model", description=command.DESCRIPTION)
     command.add_arguments(parser)
-    parser.set_defaults(handler=lambda args, argv: command.run_eval(args, shlex.join(["kvemb", *redact(argv)])))
+    parser.set_defaults(handler=lambda args, argv: command.run_eval(args))
 
 
 # ----------------------------------------------------------------------------------------------- main

@@ -93,6 +93,9 @@ def test_kvemb_eval_prints_the_table_and_writes_the_card(tiny_llama, tmp_path, c
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "BIOSSES" in out and "cosine_spearman" in out and "model card:" in out
+    (summary,) = (tmp_path / "out").rglob(SUMMARY_FILE)
+    recorded = json.loads(summary.read_text())["command"]
+    assert recorded == f"kvemb eval kv-tiny --tasks BIOSSES --data-dir {DATA.resolve().name} --card"  # no machine path
     from huggingface_hub import metadata_load
 
     (entry,) = [r for r in metadata_load(folder / "README.md")["model-index"][0]["results"]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 
 from kvemb_st.benchmark.local_tasks import LOCAL_TASKS, Sampling
@@ -27,8 +28,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda (default: sentence-transformers' choice)")
 
 
-def run_eval(args: argparse.Namespace, command: str) -> int:
-    """Load ``args.folder``, evaluate it, print the table; ``command`` (secrets redacted) goes into the summary."""
+def recorded_command(args: argparse.Namespace) -> str:
+    """The command as the summary records it: local paths reduced to their folder names, never a machine path."""
+
+    def name(path: str) -> str:
+        return Path(path).resolve().name if Path(path).exists() else path
+
+    words = ["kvemb", "eval", name(args.folder), "--tasks", args.tasks]
+    if args.data_dir:
+        words += ["--data-dir", name(args.data_dir)]
+    if args.max_examples is not None:
+        words += ["--max-examples", str(args.max_examples), "--seed", str(args.seed)]
+    return shlex.join(words + ["--card"] * args.card)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Load ``args.folder``, evaluate it, print the table (and write the card with ``--card``)."""
     import kvemb_st
     from kvemb_st.benchmark.card import write_model_index
     from kvemb_st.benchmark.run import load_tasks, run_tasks
@@ -46,7 +61,9 @@ def run_eval(args: argparse.Namespace, command: str) -> int:
     except (ImportError, KeyError) as err:  # mteb missing, an unknown task name: say it in one line
         raise ValueError(str(err).strip("'\"")) from None
     model = kvemb_st.load(args.folder, device=args.device)
-    summary = run_tasks(model, loaded, args.output, sampling=sampling, batch_size=args.batch_size, command=command)
+    summary = run_tasks(
+        model, loaded, args.output, sampling=sampling, batch_size=args.batch_size, command=recorded_command(args)
+    )
     print(f"model {summary.model} at revision {summary.revision}")
     print(summary.table())
     print(f"results: {summary.folder}")
