@@ -47,7 +47,7 @@ def test_the_card_round_trips_and_its_hub_metadata_validates(tiny_llama, tmp_pat
     model.save(str(folder))
     body = ModelCard.load(folder / "README.md").text
     task = mteb.get_task("BIOSSES")  # a registered task (the card names its Hub dataset), fed a few pairs
-    task.dataset = DatasetDict({"test": Dataset.from_dict({"sentence1": PAIRS[0], "sentence2": PAIRS[1], "score": PAIRS[2]})})
+    task.dataset = DatasetDict({"test": Dataset.from_dict(dict(zip(("sentence1", "sentence2", "score"), PAIRS)))})
     task.data_loaded = True
     result = mteb.evaluate(model, task, cache=None, show_progress_bar=False).task_results[0]
     for _ in range(2):  # a second run replaces its entries instead of adding copies

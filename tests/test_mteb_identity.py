@@ -27,6 +27,10 @@ def identity(model) -> tuple[str, str]:
     return meta.name, meta.revision
 
 
+def score(model, cache) -> float:
+    return mteb.evaluate(model, MockSTSTask(), cache=cache, show_progress_bar=False).task_results[0].get_score()
+
+
 def test_one_config_has_one_revision_through_every_loader(tiny_llama, tmp_path):
     built = kvemb_st.from_base(tiny_llama, layers="1-2")
     folder = tmp_path / "my-model"
@@ -46,8 +50,8 @@ def test_two_folders_of_one_name_never_share_a_cache_entry(tiny_llama, tmp_path)
     models = [kvemb_st.load(str(first)), kvemb_st.load(str(second))]
     assert identity(models[0])[0] == identity(models[1])[0] == "model"
     assert identity(models[0])[1] != identity(models[1])[1]
-    cached = [mteb.evaluate(m, MockSTSTask(), cache=cache, show_progress_bar=False).task_results[0].get_score() for m in models]
-    fresh = mteb.evaluate(models[1], MockSTSTask(), cache=None, show_progress_bar=False).task_results[0].get_score()
+    cached = [score(m, cache) for m in models]
+    fresh = score(models[1], None)
     assert math.isclose(cached[1], fresh) and not math.isclose(cached[0], cached[1])
 
 

