@@ -293,8 +293,17 @@ def redact(argv: Sequence[str]) -> list[str]:
     return out
 
 
+# ----------------------------------------------------------------------------------------------- eval
+def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
+    from kvemb_st.benchmark import command  # mteb itself is imported only when the command runs
+
+    parser = subparsers.add_parser("eval", help="MTEB scores of a saved model", description=command.DESCRIPTION)
+    command.add_arguments(parser)
+    parser.set_defaults(handler=lambda args, argv: command.run_eval(args))
+
+
 # ----------------------------------------------------------------------------------------------- main
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_build_parser,)
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_build_parser, add_eval_parser)
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 from transformers.utils import logging
 
 from kvemb_st.backbone import load_backbone
+from kvemb_st.benchmark.identity import Source, assign_identity, base_source, folder_source
 from kvemb_st.config import CONFIG_FILE_NAME, ConfigError, KVEmbeddingConfig, is_hub_id
 from kvemb_st.folder import CheckedConfigMixin
 from kvemb_st.inputs import validate_texts
@@ -52,6 +53,7 @@ class KVEmbedding(CheckedConfigMixin, InputModule):
     config_file_name = CONFIG_FILE_NAME
     save_in_root = True
     forward_kwargs = {"task"}  # the side: "query" / "document" (encode_query / encode_document), None for encode
+    source: Source | None = None  # set by load(); a model built in memory is named after its base
 
     def __init__(
         self,
@@ -118,7 +120,12 @@ class KVEmbedding(CheckedConfigMixin, InputModule):
         return {name: side_tag(name) for name in self.config.sides}
 
     def on_model_ready(self, model: Any) -> None:
-        """Check the model's ST prompts against the sides once the model is built (and its saved prompts merged).
+        """ST's hook once the model is built (and its saved prompts merged): prompts checked, identity given."""
+        self._check_prompts(model)
+        self._assign_identity(model)
+
+    def _check_prompts(self, model: Any) -> None:
+        """Check the model's ST prompts against the sides.
 
         A side's prompt left empty, or holding the side's template (a folder saved by kvemb-st 0.1), becomes the
         side's tag. Any other prompt named like a side, or one that tags another side, is refused: ``encode(prompt_name=...)``
@@ -203,6 +210,13 @@ class KVEmbedding(CheckedConfigMixin, InputModule):
         """The method's forward pass on preprocessed ``features``, keeping the given hidden-state indices."""
         return self.method.run(self.auto_model, self.tokenizer, self.config, features, hidden_states)
 
+    def _assign_identity(self, model: Any) -> None:
+        """Give the finished model a name and revision, so mteb and its result cache tell models apart."""
+        from kvemb_st.model_card import hub_base_model
+
+        source = self.source or base_source(self.config.base_model)
+        assign_identity(model, source, hub_base_model(self.config) or source.card_base_model)
+
     # ------------------------------------------------------------------------------------- save / load
     def save(self, output_path: str, *args: Any, safe_serialization: bool = True, **kwargs: Any) -> None:
         """Write the config only -- never weights -- and record our package as a requirement of the folder."""
@@ -265,7 +279,7 @@ class KVEmbedding(CheckedConfigMixin, InputModule):
                     "loaded instead of the Hub repo. Run from another directory, or pass the base explicitly: "
                     "kvemb_st.load(..., base_model=PATH_OR_ID)."
                 )
-        return cls(
+        module = cls(
             config,
             token=token,
             cache_folder=cache_folder,
@@ -273,3 +287,9 @@ class KVEmbedding(CheckedConfigMixin, InputModule):
             model_kwargs=model_kwargs,
             config_source=source,
         )
+        resolved = cls.load_file_path(
+            model_name_or_path, CONFIG_FILE_NAME, subfolder=subfolder, token=token, cache_folder=cache_folder,
+            revision=revision, local_files_only=local_files_only,
+        )  # fmt: skip
+        module.source = folder_source(model_name_or_path, resolved)
+        return module

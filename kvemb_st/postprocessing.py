@@ -25,6 +25,7 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules import Router
 from sentence_transformers.base.modules.module import Module
 
+from kvemb_st.benchmark.identity import refresh_revision
 from kvemb_st.calibration import calibration_hash
 from kvemb_st.folder import REMEDY, CheckedConfigMixin, damaged, load_float32_tensors
 from kvemb_st.side_router import side_router
@@ -347,4 +348,5 @@ def add_postprocessing(
             record = {**record, "document": document_record}
         module = fit_postprocessing(embeddings, mode, components, record, eigenvalue_floor)
     model.append(module.to(model.device))
+    refresh_revision(model)  # not the model it was before: mteb must not hand it the earlier one's cached scores
     return model

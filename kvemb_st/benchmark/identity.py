@@ -1,0 +1,148 @@
+"""A loaded model's identity (name, revision) and its mteb ``ModelMeta``.
+
+mteb keys its result cache by model name and revision, and for a ``SentenceTransformer`` it reads both from
+``model_card_data``: the name from ``model_name`` (else ``base_model``), the revision from
+``base_model_revision``, ``adapted_from`` from ``base_model`` (``ModelMeta._from_sentence_transformer_model``).
+A local folder has none of them, so two different folders shared ``no_model_name/no_revision_available`` and
+mteb handed the second one the first one's scores. :func:`assign_identity` fills them in for every model that
+holds a :class:`~kvemb_st.module.KVEmbedding` (it runs when ST finishes building the model):
+
+- name: the Hub id of a downloaded model, the folder's name for a local one, ``kvemb-st/<base>`` for ``from_base``;
+- revision: the Hub commit of a downloaded model; otherwise a short hash of what determines the vectors -- every
+  module's config (minus the writing package's version) and the post-processing statistics -- so the same
+  folder always gets the same revision and two folders that differ in any knob or statistic never share one;
+- base model: the LLM it is adapted from, by Hub id: the config's, else the card's ``base_model`` (a local base).
+
+``base_model_revision`` carries our revision because it is the field mteb reads (ST's own card, written by a
+plain ``model.save``, shows it in a comment beside the base model; ``kvemb build`` writes its own card).
+:func:`mteb_model_meta` adds what mteb cannot read from a ``SentenceTransformer``: loader, parameter count and
+the training data (the calibration texts, for mteb's zero-shot flag).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import yaml
+from huggingface_hub import metadata_load
+
+from kvemb_st.calibration import (
+    DEFAULT_CALIBRATION_FILE,
+    PARAGRAPH_CALIBRATION_FILE,
+    calibration_hash,
+    read_calibration_file,
+)
+
+HUB_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+REVISION_LENGTH = 12
+# Calibration sets drawn from STS-B train, which mteb names by the task STSBenchmark (its train split).
+STSB_TRAIN_SETS = (DEFAULT_CALIBRATION_FILE, PARAGRAPH_CALIBRATION_FILE)
+STSB_SET_NAME = "sts-b-train"  # how a joined named set ("sts-b-train+general") names its STS-B part
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a model was loaded from: a name and, for a Hub download, the commit it was downloaded at."""
+
+    name: str
+    hub_commit: str | None = None
+    card_base_model: str | None = None  # the card's ``base_model``: a Hub id where the config names a local path
+
+
+def folder_source(model_name_or_path: str, resolved_file: str | None) -> Source:
+    """The source of a saved model: the folder's name locally, else the Hub id and the snapshot's commit.
+
+    ``resolved_file`` is a file of the model as downloaded: the Hub cache keeps it under ``snapshots/<commit>/``.
+    """
+    if os.path.isdir(model_name_or_path):
+        name = os.path.basename(os.path.normpath(os.path.abspath(model_name_or_path)))
+        return Source(name, card_base_model=_card_base_model(os.path.join(model_name_or_path, "README.md")))
+    parts = os.path.normpath(resolved_file or "").split(os.sep)
+    commit = next((part for part in reversed(parts) if HUB_COMMIT.match(part)), None)
+    return Source(model_name_or_path, commit)
+
+
+def _card_base_model(path: str) -> str | None:
+    """``base_model`` of a card's metadata (``kvemb build --base-model-id`` writes it for a local base)."""
+    try:
+        value = metadata_load(path).get("base_model") if os.path.isfile(path) else None
+    except (ValueError, yaml.YAMLError):  # a broken card header names no base; the model itself is unaffected
+        return None
+    value = value[0] if isinstance(value, list) and value else value
+    return value if isinstance(value, str) else None
+
+
+def base_source(base_model: str) -> Source:
+    """The source of a model built in memory by ``from_base``: named after its base model."""
+    stem = os.path.basename(os.path.normpath(base_model)).removesuffix(".gguf")
+    return Source(f"kvemb-st/{stem}")
+
+
+def content_revision(model: Any) -> str:
+    """A short hash of every module's config and tensors (the post-processing statistics), in pipeline order.
+
+    The KV-Embedding module holds no weights of its own (the frozen base is named, with its revision, in the
+    config); the version of the package that wrote a config is left out, so re-saving a folder keeps it.
+    """
+    digest = hashlib.sha256()
+    for module in model:
+        config = dict(module.get_config_dict()) if hasattr(module, "get_config_dict") else {}
+        config.pop("kvemb_st_version", None)
+        digest.update(f"{type(module).__name__}\n{json.dumps(config, sort_keys=True, default=str)}\n".encode())
+        if not hasattr(module, "auto_model"):  # the backbone's weights are identified by name + revision above
+            for name, tensor in sorted(module.state_dict().items()):
+                digest.update(name.encode() + tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:REVISION_LENGTH]
+
+
+def assign_identity(model: Any, source: Source, base_model: str | None) -> None:
+    """Give ``model`` (a SentenceTransformer) the name, revision and base model that mteb reads."""
+    card = model.model_card_data
+    card.model_name = source.name
+    card.base_model = base_model
+    card.base_model_revision = source.hub_commit or content_revision(model)
+
+
+def refresh_revision(model: Any) -> None:
+    """After a module was added to a built model: it is another model now, so it gets its content revision."""
+    model.model_card_data.base_model_revision = content_revision(model)
+
+
+def training_datasets(model: Any) -> set[str]:
+    """mteb task names whose training data the model saw: calibration texts drawn from STS-B train."""
+    stsb = {calibration_hash(read_calibration_file(path)) for path in STSB_TRAIN_SETS}
+    hashes: set[str] = set()
+    names: list[str] = []
+    for module in model:
+        config = getattr(module, "config", None)
+        selection = getattr(config, "layer_selection", None) or {}
+        hashes.add(str(selection.get("calibration_hash", "")))
+        record = getattr(module, "calibration", None) or {}
+        for part in (record, record.get("document") or {}):
+            hashes.add(str(part.get("hash", "")))
+            names.append(str(part.get("name", "")))
+    by_name = any(STSB_SET_NAME in name or name.startswith(f"{DEFAULT_CALIBRATION_FILE.name} shipped") for name in names)
+    return {"STSBenchmark"} if hashes & stsb or by_name else set()
+
+
+def mteb_model_meta(model: Any) -> Any:
+    """mteb's ``ModelMeta`` of ``model``: what mteb reads itself, plus loader, parameters and training data."""
+    from kvemb_st.benchmark import import_mteb
+
+    import_mteb()
+    from mteb.models import ModelMeta, SentenceTransformerEncoderWrapper
+
+    meta = ModelMeta.from_sentence_transformer_model(model)
+    return meta.model_copy(
+        update=dict(
+            loader=SentenceTransformerEncoderWrapper,
+            n_parameters=sum(p.numel() for p in model.parameters()),
+            training_datasets=training_datasets(model),
+        )
+    )

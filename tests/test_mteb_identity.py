@@ -1,0 +1,90 @@
+"""Every loaded model has a name and revision that mteb keys its result cache on, and a full mteb ModelMeta.
+
+Before, a folder loaded either way was ``no_model_name/no_revision_available`` in mteb, so its cache handed a
+different model the earlier model's score. Budget: ~15 s (tiny random models, mteb's mock STS task).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+from sentence_transformers import SentenceTransformer
+
+import kvemb_st
+from kvemb_st.benchmark.identity import folder_source, mteb_model_meta, refresh_revision
+from kvemb_st.calibration import DEFAULT_CALIBRATION_FILE, calibration_hash, read_calibration_file
+from kvemb_st.postprocessing import PostProcessing
+
+mteb = pytest.importorskip("mteb")  # optional extra (`kvemb-st[mteb]`, in the test extra)
+from mteb.mocks import MockSTSTask  # noqa: E402
+from mteb.models import SentenceTransformerEncoderWrapper  # noqa: E402
+
+
+def identity(model) -> tuple[str, str]:
+    meta = SentenceTransformerEncoderWrapper(model).mteb_model_meta  # what mteb.evaluate wraps a model in
+    return meta.name, meta.revision
+
+
+def score(model, cache) -> float:
+    return mteb.evaluate(model, MockSTSTask(), cache=cache, show_progress_bar=False).task_results[0].get_score()
+
+
+def test_one_config_has_one_revision_through_every_loader(tiny_llama, tmp_path):
+    built = kvemb_st.from_base(tiny_llama, layers="1-2")
+    folder = tmp_path / "my-model"
+    built.save(str(folder))
+    name, revision = identity(built)
+    assert name == f"kvemb-st/{os.path.basename(tiny_llama)}" and len(revision) == 12
+    assert identity(kvemb_st.load(str(folder))) == ("my-model", revision)
+    assert identity(SentenceTransformer(str(folder), trust_remote_code=True)) == ("my-model", revision)
+
+
+def test_two_folders_of_one_name_never_share_a_cache_entry(tiny_llama, tmp_path):
+    """Same folder name, other knobs: another revision, so mteb's cache cannot hand over the first score."""
+    first, second = tmp_path / "a" / "model", tmp_path / "b" / "model"
+    kvemb_st.from_base(tiny_llama, layers="1-2").save(str(first))
+    kvemb_st.from_base(tiny_llama, method="mean").save(str(second))
+    cache = mteb.ResultCache(cache_path=tmp_path / "cache")
+    models = [kvemb_st.load(str(first)), kvemb_st.load(str(second))]
+    assert identity(models[0])[0] == identity(models[1])[0] == "model"
+    assert identity(models[0])[1] != identity(models[1])[1]
+    cached = [score(m, cache) for m in models]
+    fresh = score(models[1], None)
+    assert math.isclose(cached[1], fresh) and not math.isclose(cached[0], cached[1])
+
+
+def test_a_local_base_is_adapted_from_the_hub_id_its_card_names(tiny_llama, tmp_path):
+    from huggingface_hub import metadata_save
+
+    folder = tmp_path / "kv"
+    kvemb_st.from_base(tiny_llama, layers="1-2").save(str(folder))
+    assert mteb_model_meta(kvemb_st.load(str(folder))).adapted_from is None  # a local path is not a Hub id
+    metadata_save(folder / "README.md", {"base_model": "org/base-llm"})  # as `kvemb build --base-model-id` writes
+    assert mteb_model_meta(kvemb_st.load(str(folder))).adapted_from == "org/base-llm"
+
+
+def test_a_hub_download_is_named_by_its_id_at_its_commit(tmp_path):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    resolved = os.path.join(str(tmp_path), "models--org--kv", "snapshots", commit, "kvemb_config.json")
+    source = folder_source("org/kv", resolved)
+    assert (source.name, source.hub_commit) == ("org/kv", commit)
+
+
+def test_model_meta_carries_what_mteb_cannot_read_itself(tiny_llama):
+    model = kvemb_st.from_base(tiny_llama, layers="1-2")
+    before = identity(model)[1]
+    meta = mteb_model_meta(model)
+    assert (meta.name, meta.revision) == identity(model)
+    assert meta.embed_dim == 64 and meta.max_tokens == 512 and meta.similarity_fn_name.value == "cosine"
+    assert meta.n_parameters == sum(p.numel() for p in model.parameters()) and meta.loader is not None
+    assert meta.training_datasets == set()  # no calibration texts seen
+    stsb_train = read_calibration_file(DEFAULT_CALIBRATION_FILE)
+    record = {"name": "sts-b-train", "hash": calibration_hash(stsb_train), "count": len(stsb_train)}
+    model.append(PostProcessing("center", 64, calibration=record))
+    refresh_revision(model)
+    meta = mteb_model_meta(model)
+    assert meta.training_datasets == {"STSBenchmark"}  # STS-B train: not zero-shot on mteb's STSBenchmark
+    assert meta.revision != before  # another pipeline, another revision
+    assert not meta.is_zero_shot_on([mteb.get_task("STSBenchmark")])
