@@ -24,6 +24,8 @@ NAMED_TEMPLATES = {"prompteol": PROMPTEOL_TEMPLATE, "compression": COMPRESSION_T
 ECHO_TEMPLATE = "Rewrite the sentence: {text}, rewritten sentence: {text}"
 PLACEHOLDER = "<PST>"  # Token Prepending's placeholder token
 TOKEN_PREPENDING_TEMPLATE = 'This sentence : <PST> "{text}" means in one word:"'
+LONG_INPUTS = ("truncate", "chunk")  # what happens to a text over max_seq_length (see kvemb_st.chunking)
+CHUNK_WEIGHTS = ("equal", "tokens")  # how the chunk vectors of one text are averaged
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,12 @@ class KVEmbeddingConfig:
             :data:`SIDE_KEYS`; what a side leaves out is the top-level value. Both sides share the forward
             knobs and the post-processing, so their vectors stay in one space.
         max_seq_length: Maximum number of tokens of the templated input.
+        long_inputs: A text over ``max_seq_length`` is ``truncate``-d (its end is cut, the template kept whole,
+            and a warning counts what was dropped) or ``chunk``-ed (split at sentence boundaries, then by tokens
+            for a sentence too long alone, into chunks that each fit with the template; the unit chunk vectors
+            are averaged into the text's vector before any post-processing). See :mod:`kvemb_st.chunking`.
+        chunk_weights: Weight of each chunk vector in that average: ``equal``, or its ``tokens`` (how many
+            tokens its text adds to the templated input). Used with ``long_inputs="chunk"`` only.
         layer_selection: Metadata of automatic layer selection (ID curve, calibration hash, window);
             informational, written by ``kvemb build``.
         kvemb_st_version: Package version that wrote the config.
@@ -148,6 +156,8 @@ class KVEmbeddingConfig:
     template: str | None = None
     sides: dict[str, dict[str, Any]] = field(default_factory=dict)
     max_seq_length: int = 512
+    long_inputs: str = "truncate"
+    chunk_weights: str = "equal"
     layer_selection: dict[str, Any] | None = None
     kvemb_st_version: str = __version__
 
@@ -275,8 +285,9 @@ class KVEmbeddingConfig:
 
 
 SIDE_NAMES = ("query", "document")
-SIDE_KEYS = ("template", "pooling", "last_weight", "pool_layers", "pool_span")
-"""What may differ between the sides of one model: how a text is wrapped and how its states are read out."""
+SIDE_KEYS = ("template", "pooling", "last_weight", "pool_layers", "pool_span", "long_inputs", "chunk_weights")
+"""What may differ between the sides of one model: how a text is wrapped, how its states are read out, and
+what happens to a text over the budget."""
 
 
 def _layer_list(spec: Any, where: str) -> list[int]:
@@ -311,6 +322,9 @@ def _check_side(
         if not settings["pool_layers"]:
             raise ConfigError(f"{where('pool_layers')} must be null (the final output) or a non-empty list of layers")
     settings["last_weight"] = float(settings["last_weight"])
+    for key, allowed in (("long_inputs", LONG_INPUTS), ("chunk_weights", CHUNK_WEIGHTS)):
+        if settings[key] not in allowed:
+            raise ConfigError(f"{where(key)} must be one of {allowed}, got {settings[key]!r}")
     return {key: settings[key] for key in (only if only is not None else settings)}
 
 

@@ -157,13 +157,23 @@ def describe_readout(readout: Readout) -> str:
     return f"{pooling}, {layers}, mean over {span}"
 
 
+def describe_long_inputs(settings: Mapping[str, object]) -> str:
+    """What happens to a text over ``max_seq_length`` under one side's settings, for the card."""
+    if settings["long_inputs"] == "truncate":
+        return "truncated (the text's end is cut, the template never)"
+    weights = "weighted by their tokens" if settings["chunk_weights"] == "tokens" else "with equal weights"
+    return f"split at sentence boundaries into chunks that fit, whose vectors are averaged {weights}"
+
+
 def _sides_rows(config: KVEmbeddingConfig) -> str:
     """Table rows for the sides that differ from plain ``encode`` (none: an empty string)."""
     rows = []
     for side in config.sides:
         settings = config.side_settings(side)
         template = settings["template"].replace("\n", "\\n")
-        rows.append(f"| `encode_{side}` side | template `{template}`; {describe_readout(config.readout(side))} |")
+        long_inputs = describe_long_inputs(settings)
+        longer = "" if long_inputs == describe_long_inputs(config.side_settings()) else f"; longer texts {long_inputs}"
+        rows.append(f"| `encode_{side}` side | template `{template}`; {describe_readout(config.readout(side))}{longer} |")
     return "".join(f"\n{row}" for row in rows)
 
 
@@ -216,6 +226,7 @@ def render_model_card(
         template=config.template.replace("\n", "\\n"),
         sides=_sides_rows(config),
         max_seq_length=config.max_seq_length,
+        long_inputs=describe_long_inputs(config.side_settings()),
         dimension=dimension,
         contents="configuration only" if postprocessing is None else "configuration and calibration statistics",
         postprocessing_cell=postprocessing_cell,

@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 from transformers.utils import logging
 
 from kvemb_st.backbone import load_backbone
+from kvemb_st.chunking import TruncationLog, dropped_tokens, split_long_texts
 from kvemb_st.config import CONFIG_FILE_NAME, ConfigError, KVEmbeddingConfig, is_hub_id
 from kvemb_st.folder import CheckedConfigMixin
 from kvemb_st.inputs import validate_texts
@@ -36,6 +37,8 @@ class Side(NamedTuple):
 
     template: Template
     readout: Readout
+    long_inputs: str  # "truncate" | "chunk": a text over max_seq_length (see kvemb_st.chunking)
+    chunk_weights: str  # "equal" | "tokens": how its chunk vectors are averaged
 
 
 class KVEmbedding(CheckedConfigMixin, InputModule):
@@ -86,9 +89,10 @@ class KVEmbedding(CheckedConfigMixin, InputModule):
             self.method.prepare_template(template, tokenizer)  # fail at load time, not at the first encode
             readout = config.readout(side)
             readout.check_fits(backbone.config.num_hidden_layers, f"{config_source or 'config'}: {side or 'default'} side")
-            self._sides[side] = Side(template, readout)
+            settings = config.side_settings(side)
+            self._sides[side] = Side(template, readout, settings["long_inputs"], settings["chunk_weights"])
         self._template_tokenizer = TemplateTokenizer(tokenizer, config.max_seq_length)
-        self._warned_truncation = False
+        self._truncation = TruncationLog()
 
     # ----------------------------------------------------------------------------------------- config
     def get_config_dict(self) -> dict[str, Any]:
@@ -135,32 +139,49 @@ class KVEmbedding(CheckedConfigMixin, InputModule):
         """Wrap each text in its side's template (plus an ST prompt, see :func:`resolve_template`) and tokenize.
 
         ``text_mask`` adds the mask of the text's own tokens also where the side's readout does not need it.
+        A text over ``max_seq_length`` is truncated, or with ``long_inputs="chunk"`` becomes several rows, its
+        chunks, which ``features["chunks"]`` (a :class:`~kvemb_st.chunking.ChunkPlan`) maps back to it.
         """
         texts = validate_texts(inputs)
         side = self.side_of(prompt, task)
         own = self._sides[side]
         extra = None if side is not None and prompt == self.prompts[side] else prompt  # the side's own template
         template = self.method.prepare_template(resolve_template(own.template, extra), self.tokenizer)
-        features, truncated = self._template_tokenizer.encode(texts, template, text_mask=text_mask or own.readout.span == "text")
+        text_mask = text_mask or own.readout.span == "text"
+        features, truncated = self._template_tokenizer.encode(texts, template, text_mask=text_mask)
+        if truncated and own.long_inputs == "chunk":  # a batch with no long text costs nothing extra
+            rows, features["chunks"] = split_long_texts(texts, template, self.tokenizer, self.max_seq_length)
+            features.update(self._template_tokenizer.encode(rows, template, text_mask=text_mask)[0])
+        elif truncated:
+            self._warn_truncation(texts, template, features["attention_mask"], truncated)
         features["side"] = side
-        if truncated and not self._warned_truncation:
-            self._warned_truncation = True
-            logger.warning(
-                f"{truncated} text(s) in this batch exceed max_seq_length={self.max_seq_length} tokens with the "
-                "template; the texts were shortened and the template's instruction kept whole. "
-                "(This warning is shown once per model.)"
-            )
         return features
 
+    def _warn_truncation(self, texts: list[str], template: Template, attention_mask: torch.Tensor, truncated: int) -> None:
+        """Say how much truncation dropped: at the first truncated text, then at 10, 100, ... (see TruncationLog)."""
+        tokens = dropped_tokens(texts, template, self.tokenizer, attention_mask.sum(1), self.max_seq_length)
+        if self._truncation.add(truncated, tokens):
+            logger.warning(
+                f"{truncated} text(s) in this batch exceed max_seq_length={self.max_seq_length} tokens with the "
+                f"template: {tokens} token(s) were cut from their ends (the template's instruction kept whole); "
+                f"{self._truncation.texts} text(s) and {self._truncation.tokens} token(s) so far for this model. "
+                "Set long_inputs='chunk' to embed every token. (Shown again at 10, 100, ... truncated texts.)"
+            )
+
     def forward(self, features: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, torch.Tensor]:
-        readout = self._sides[features.get("side")].readout
+        """One unit vector per input text; the chunk rows of a long text are combined here, before any
+        post-processing module, so that every module after this one sees one row per text."""
+        own = self._sides[features.get("side")]
+        plan = features.pop("chunks", None)
+        if plan is not None:
+            return plan.forward(features, lambda group: self._embed(group, own.readout), own.chunk_weights)
+        features.update(self._embed(features, own.readout))
+        return features
+
+    def _embed(self, features: dict[str, torch.Tensor], readout: Readout) -> dict[str, torch.Tensor]:
         hidden = self.run(features, readout.hidden_state_indices())
         embedding = readout.pool(hidden.final, features["attention_mask"], features.get("text_mask"), hidden.layers)
-        features.update(
-            token_embeddings=hidden.final,
-            sentence_embedding=F.normalize(embedding, dim=-1),
-        )
-        return features
+        return {"token_embeddings": hidden.final, "sentence_embedding": F.normalize(embedding, dim=-1)}
 
     def run(self, features: dict[str, torch.Tensor], hidden_states: Sequence[int] | None = None) -> HiddenStates:
         """The method's forward pass on preprocessed ``features``, keeping the given hidden-state indices."""
