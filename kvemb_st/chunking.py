@@ -14,12 +14,14 @@ there. Every character of the text except the whitespace between chunks is in ex
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
@@ -28,6 +30,10 @@ from kvemb_st.prompting import Template
 
 SENTENCE_BOUNDARY = re.compile(r"""(?:(?<=[.!?…])|(?<=[.!?…]["'”’)\]]))\s+|\s*\n\s*""")
 """Whitespace after ``. ! ? …`` (possibly closed by a quote or bracket), or around a line break."""
+
+_SLACK = 1
+"""Tokens a first packing leaves free: the template and a chunk's ends can merge differently than in the whole text
+(``'."'`` then ``'"'`` becomes ``'.'`` and ``'""'``), and a chunk that does not fit costs another round."""
 
 _Region = tuple[int, int, int, int]
 """``(text index, start, end, capacity)``: characters ``start:end`` of a text to cut into chunks of at most
@@ -116,15 +122,24 @@ class ChunkPlan:
         return pad_sequence([torch.cat(rows[a:b]) for a, b in zip(bounds, bounds[1:])], batch_first=True)
 
 
-def split_long_texts(texts: Sequence[str], template: Template, tokenizer: Any, budget: int) -> tuple[list[str], ChunkPlan]:
+def split_long_texts(
+    texts: Sequence[str], template: Template, tokenizer: Any, budget: int
+) -> tuple[list[str], ChunkPlan | None]:
     """The rows to tokenize for ``texts``: each text that fits ``budget`` tokens in ``template`` as it is, each
-    longer one as its chunks, every chunk fitting ``budget`` in ``template``; and the plan that recombines them.
+    longer one as its chunks, every chunk fitting ``budget`` in ``template``; and the plan that recombines them
+    (``None`` if every text fits: the rows are the texts).
 
-    Lengths are measured with the model's own tokenizer, chunks of all texts in one call per round: a first
-    round packs sentences by their token counts; a chunk that still does not fit (tokens merge across the joins)
-    is packed again with a capacity smaller by its excess.
+    Lengths come from the model's own tokenizer. The templated texts are tokenized once: their lengths say which
+    are too long, and their token spans give each sentence's token count, by which sentences are packed. The
+    candidate chunks of all texts are then tokenized together, templated, to check that they fit; one that does
+    not (tokens merge across its joins) is packed again with a capacity smaller by its excess.
     """
     texts = list(texts)
+    encoded = tokenizer([template.format(text) for text in texts], add_special_tokens=True, return_offsets_mapping=True)
+    lengths = [len(ids) for ids in encoded["input_ids"]]
+    over = [i for i, n in enumerate(lengths) if n > budget]
+    if not over:
+        return texts, None
     overhead = _token_counts(tokenizer, [template.format("")])[0]
     capacity = (budget - overhead) // template.copies
     if capacity < 1:
@@ -132,11 +147,11 @@ def split_long_texts(texts: Sequence[str], template: Template, tokenizer: Any, b
             f"the template alone takes {overhead} tokens, leaving no room for text in max_seq_length={budget}; "
             "raise max_seq_length or shorten the template"
         )
-    lengths = _token_counts(tokenizer, [template.format(text) for text in texts])
-    chunks: dict[int, list[tuple[int, int, int]]] = {i: [] for i, n in enumerate(lengths) if n > budget}
-    pending: list[_Region] = [(i, 0, len(texts[i]), capacity) for i in chunks]
+    spans = {i: _text_spans(encoded["offset_mapping"][i], len(template.prefix), len(texts[i])) for i in over}
+    chunks: dict[int, list[tuple[int, int, int]]] = {i: [] for i in over}
+    pending: list[_Region] = [(i, 0, len(texts[i]), max(capacity - _SLACK, 1)) for i in over]
     while pending:
-        candidates = _pack(texts, pending, tokenizer)
+        candidates = [chunk for region in pending for chunk in _pack(texts[region[0]], spans[region[0]], region)]
         counts = _token_counts(tokenizer, [template.format(texts[i][a:b]) for i, a, b, _ in candidates])
         pending = []
         for (i, a, b, cap), count in zip(candidates, counts):
@@ -159,34 +174,30 @@ def split_long_texts(texts: Sequence[str], template: Template, tokenizer: Any, b
     return rows, ChunkPlan(tuple(owners), tuple(weights), len(texts))
 
 
-def _pack(texts: list[str], regions: list[_Region], tokenizer: Any) -> list[_Region]:
-    """Cut each region into candidate chunks: its sentences (split by tokens where one alone exceeds the
-    capacity) packed greedily while their token counts sum to at most the capacity."""
-    spans = [sentence_spans(texts[i], a, b) for i, a, b, _ in regions]
-    flat = [(i, a, b) for (i, *_), region in zip(regions, spans) for a, b in region]
-    strings = [texts[i][a:b] for i, a, b in flat]
-    offsets = tokenizer(strings, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"] if strings else []
-    units = iter(zip(flat, offsets))
-    candidates: list[_Region] = []
-    for (i, start, _, cap), region in zip(regions, spans):
-        packed: list[list[int]] = []  # [start, end, tokens]
-        for (_, a, b), offsets in (next(units) for _ in region):
-            for piece_start, piece_end, count in _pieces(texts[i], a, b, offsets, cap):
-                if packed and packed[-1][2] + count <= cap:
-                    packed[-1][1:] = [piece_end, packed[-1][2] + count]
-                else:
-                    packed.append([piece_start, piece_end, count])
-        candidates += [(i, a, b, cap) for a, b, _ in packed] or [(i, start, start, cap)]  # only whitespace: ""
-    return candidates
+def _text_spans(offsets: list[tuple[int, int]], start: int, length: int) -> np.ndarray:
+    """``(tokens, 2)`` character spans, relative to the text, of the tokens of a text found at ``start`` in a
+    tokenized string (its first copy; the template's tokens and special tokens left out)."""
+    spans = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    keep = (spans[:, 1] > spans[:, 0]) & (spans[:, 1] > start) & (spans[:, 0] < start + length)
+    return np.clip(spans[keep] - start, 0, length)
 
 
-def _pieces(text: str, start: int, end: int, offsets: list[tuple[int, int]], cap: int) -> list[tuple[int, int, int]]:
-    """A sentence as ``(start, end, tokens)`` pieces of at most ``cap`` tokens, cut at token boundaries."""
-    if len(offsets) <= cap:
-        return [(start, end, len(offsets))]
-    cuts = [start + offsets[k][0] for k in range(0, len(offsets), cap)][1:]
-    bounds = zip([start, *cuts], [*cuts, end])
-    return [(*_strip(text, a, b), min(cap, len(offsets) - k * cap)) for k, (a, b) in enumerate(bounds)]
+def _pack(text: str, spans: np.ndarray, region: _Region) -> list[_Region]:
+    """Candidate chunks of a region: its sentences (cut by tokens where one alone exceeds the capacity) packed
+    greedily while their token counts sum to at most the capacity. A token counts where its last character is."""
+    i, start, end, cap = region
+    ends = spans[:, 1].tolist()
+    packed: list[list[int]] = []  # [start, end, tokens]
+    for a, b in sentence_spans(text, start, end):
+        first, stop = bisect.bisect_right(ends, a), bisect.bisect_right(ends, b)
+        cuts = [max(int(spans[k, 0]), a) for k in range(first + cap, stop, cap)]  # a sentence too long alone
+        for k, (piece_start, piece_end) in enumerate(zip([a, *cuts], [*cuts, b])):
+            count = min(cap, stop - first - k * cap)
+            if packed and packed[-1][2] + count <= cap:
+                packed[-1][1:] = [piece_end, packed[-1][2] + count]
+            else:
+                packed.append([piece_start, piece_end, count])
+    return [(i, *_strip(text, a, b), cap) for a, b, _ in packed] or [(i, start, start, cap)]  # only whitespace: ""
 
 
 class TruncationLog:

@@ -148,12 +148,15 @@ class KVEmbedding(CheckedConfigMixin, InputModule):
         extra = None if side is not None and prompt == self.prompts[side] else prompt  # the side's own template
         template = self.method.prepare_template(resolve_template(own.template, extra), self.tokenizer)
         text_mask = text_mask or own.readout.span == "text"
-        features, truncated = self._template_tokenizer.encode(texts, template, text_mask=text_mask)
-        if truncated and own.long_inputs == "chunk":  # a batch with no long text costs nothing extra
-            rows, features["chunks"] = split_long_texts(texts, template, self.tokenizer, self.max_seq_length)
-            features.update(self._template_tokenizer.encode(rows, template, text_mask=text_mask)[0])
-        elif truncated:
-            self._warn_truncation(texts, template, features["attention_mask"], truncated)
+        if own.long_inputs == "chunk":
+            rows, plan = split_long_texts(texts, template, self.tokenizer, self.max_seq_length)
+            features, _ = self._template_tokenizer.encode(rows, template, text_mask=text_mask)  # every row fits
+            if plan is not None:
+                features["chunks"] = plan
+        else:
+            features, truncated = self._template_tokenizer.encode(texts, template, text_mask=text_mask)
+            if truncated:
+                self._warn_truncation(texts, template, features["attention_mask"], truncated)
         features["side"] = side
         return features
 
