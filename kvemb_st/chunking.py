@@ -170,7 +170,7 @@ def split_long_texts(
         for a, b, count in sorted(chunks[i]) if i in chunks else [(0, len(text), lengths[i])]:
             rows.append(text[a:b])
             owners.append(i)
-            weights.append(count - overhead)
+            weights.append(max(count - overhead, 1))  # an empty chunk (a text of whitespace) still counts
     return rows, ChunkPlan(tuple(owners), tuple(weights), len(texts))
 
 
