@@ -110,7 +110,10 @@ class ChunkPlan:
         for start in range(0, mask.shape[0], self.texts):
             stop = start + self.texts
             width = int(mask[start:stop].sum(1).max())
-            yield {key: value[start:stop, :width] if isinstance(value, torch.Tensor) else value for key, value in features.items()}
+            yield {
+                key: value[start:stop, :width] if isinstance(value, torch.Tensor) else value
+                for key, value in features.items()
+            }
 
     def _join(self, rows: list[torch.Tensor]) -> torch.Tensor:
         """Each text's rows concatenated, right-padded with zeros."""

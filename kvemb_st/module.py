@@ -160,7 +160,9 @@ class KVEmbedding(CheckedConfigMixin, InputModule):
         features["side"] = side
         return features
 
-    def _warn_truncation(self, texts: list[str], template: Template, attention_mask: torch.Tensor, truncated: int) -> None:
+    def _warn_truncation(
+        self, texts: list[str], template: Template, attention_mask: torch.Tensor, truncated: int
+    ) -> None:
         """Say how much truncation dropped: at the first truncated text, then at 10, 100, ... (see TruncationLog)."""
         tokens = dropped_tokens(texts, template, self.tokenizer, attention_mask.sum(1), self.max_seq_length)
         if self._truncation.add(truncated, tokens):

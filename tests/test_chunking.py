@@ -100,7 +100,8 @@ def test_token_embeddings_stay_one_entry_per_text(model):
 @pytest.mark.parametrize("template", [PROMPTEOL_TEMPLATE, ECHO_TEMPLATE], ids=["prompteol", "echo"])
 def test_chunks_fit_and_cover_the_text(model, text, template):
     tokenizer = model[0].tokenizer
-    rows, plan = split_long_texts(["short", text], Template.parse(template, template.count("{text}")), tokenizer, BUDGET)
+    parsed = Template.parse(template, template.count("{text}"))
+    rows, plan = split_long_texts(["short", text], parsed, tokenizer, BUDGET)
     assert rows[0] == "short" and plan.owners[0] == 0 and set(plan.owners[1:]) == {1}
     pieces = rows[1:]
     assert all(len(tokenizer(template.replace("{text}", piece))["input_ids"]) <= BUDGET for piece in pieces)
@@ -150,9 +151,12 @@ def test_round_trip_keeps_the_knobs_in_both_loaders(model, tmp_path):
 
 def test_model_card_says_what_happens_to_long_texts(monkeypatch):
     # this checkout's template: an editable install may map the data package kvemb_st.model_cards to another one
-    monkeypatch.setattr(model_card, "TEMPLATE", Path(__file__).resolve().parent.parent / "model_cards" / "kvemb_model_card.md")
+    template = Path(__file__).resolve().parent.parent / "model_cards" / "kvemb_model_card.md"
+    monkeypatch.setattr(model_card, "TEMPLATE", template)
     config = KVEmbeddingConfig(base_model="some/model", method="mean", sides=SIDES)
-    card = model_card.render_model_card(config, dimension=64, num_layers=4, model_id="me/model", command="kvemb build", has_plot=False)
+    card = model_card.render_model_card(
+        config, dimension=64, num_layers=4, model_id="me/model", command="kvemb build", has_plot=False
+    )
     assert "a longer text is truncated" in card
     assert "`encode_document` side" in card and "averaged with equal weights" in card
     assert "averaged weighted by their tokens" in card
