@@ -149,6 +149,19 @@ def test_round_trip_keeps_the_knobs_in_both_loaders(model, tmp_path):
         np.testing.assert_allclose(loaded.encode(texts, prompt_name="document"), expected[0], atol=1e-6)
 
 
+def test_ray_embedder_chunks_as_encode_document(model, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pytest.importorskip("ray.data")
+    from kvemb_st.ray import Embedder
+
+    model.save(str(tmp_path))
+    texts = [long_text(), *SHORT]
+    out = Embedder(str(tmp_path), prompt_name="document", encode_batch_size=2)(pa.table({"text": texts}))
+    vectors = np.stack(out.column("embedding").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(vectors, model.encode_document(texts), atol=1e-5)
+    assert not np.allclose(vectors[0], model.encode(texts[:1])[0], atol=1e-4)  # chunked, not truncated
+
+
 def test_model_card_says_what_happens_to_long_texts(monkeypatch):
     # this checkout's template: an editable install may map the data package kvemb_st.model_cards to another one
     template = Path(__file__).resolve().parent.parent / "model_cards" / "kvemb_model_card.md"
