@@ -130,6 +130,12 @@ class KVEmbeddingConfig:
             of :class:`~kvemb_st.side.Side`; what a side leaves out is the top-level value (:meth:`side`). Both
             sides share the forward knobs, so their vectors stay in one space.
         max_seq_length: Maximum number of tokens of the templated input.
+        long_inputs: A text over ``max_seq_length`` is ``truncate``-d (its end is cut, the template kept whole,
+            and a warning counts what was dropped) or ``chunk``-ed (split at sentence boundaries, then by tokens
+            for a sentence too long alone, into chunks that each fit with the template; the unit chunk vectors
+            are averaged into the text's vector before any post-processing). See :mod:`kvemb_st.chunking`.
+        chunk_weights: Weight of each chunk vector in that average: ``equal``, or its ``tokens`` (how many
+            tokens its text adds to the templated input). Used with ``long_inputs="chunk"`` only.
         layer_selection: Metadata of automatic layer selection (ID curve, calibration hash, window);
             informational, written by ``kvemb build``.
         kvemb_st_version: Package version that wrote the config.
@@ -149,6 +155,8 @@ class KVEmbeddingConfig:
     template: str | None = None
     sides: dict[str, dict[str, Any]] = field(default_factory=dict)
     max_seq_length: int = 512
+    long_inputs: str = "truncate"
+    chunk_weights: str = "equal"
     layer_selection: dict[str, Any] | None = None
     kvemb_st_version: str = __version__
 

@@ -178,19 +178,30 @@ def describe_readout(readout: Readout) -> str:
     return f"{pooling}, {layers}, mean over {span}"
 
 
+def describe_long_inputs(side: Side) -> str:
+    """What happens to a text over ``max_seq_length`` on one side, for the card."""
+    if side.long_inputs == "truncate":
+        return "truncated (the text's end is cut, the template never)"
+    weights = "weighted by their tokens" if side.chunk_weights == "tokens" else "with equal weights"
+    return f"split at sentence boundaries into chunks that fit, whose vectors are averaged {weights}"
+
+
 def _sides_rows(config: KVEmbeddingConfig) -> str:
     """Table rows for the sides that differ from plain ``encode`` (none: an empty string)."""
     rows = []
     for name in config.sides:
         side = config.side(name)
         template = side.template.replace("\n", "\\n")
-        rows.append(f"| `encode_{name}` side | template `{template}`; {_describe_side(side)} |")
+        longer = describe_long_inputs(side)
+        longer = "" if longer == describe_long_inputs(config.side()) else f"; longer texts {longer}"
+        rows.append(f"| `encode_{name}` side | template `{template}`; {_describe_side(side)}{longer} |")
     return "".join(f"\n{row}" for row in rows)
 
 
 def _describe_side(side: Side) -> str:
     """The readout, then any other knob of the side but its template (``name `value```)."""
-    others = [f"{key} `{value}`" for key, value in side.to_dict().items() if key not in ("template", *READOUT_KEYS)]
+    described = ("template", *READOUT_KEYS, "long_inputs", "chunk_weights")  # long inputs: describe_long_inputs
+    others = [f"{key} `{value}`" for key, value in side.to_dict().items() if key not in described]
     return "; ".join([describe_readout(side.readout), *others])
 
 
@@ -243,6 +254,7 @@ def render_model_card(
         template=config.template.replace("\n", "\\n"),
         sides=_sides_rows(config),
         max_seq_length=config.max_seq_length,
+        long_inputs=describe_long_inputs(config.side()),
         dimension=dimension,
         contents="configuration only" if postprocessing is None else "configuration and calibration statistics",
         postprocessing_cell=postprocessing_cell,

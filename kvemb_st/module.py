@@ -19,6 +19,7 @@ from transformers.utils import logging
 
 from kvemb_st.backbone import load_backbone
 from kvemb_st.benchmark.identity import Source, assign_identity, base_source, folder_source
+from kvemb_st.chunking import TruncationLog, dropped_tokens, split_long_texts
 from kvemb_st.config import CONFIG_FILE_NAME, ConfigError, KVEmbeddingConfig, is_hub_id
 from kvemb_st.folder import CheckedConfigMixin
 from kvemb_st.inputs import validate_texts
@@ -38,6 +39,8 @@ class _Prepared(NamedTuple):
 
     template: Template
     readout: Readout
+    long_inputs: str  # "truncate" | "chunk": a text over max_seq_length (see kvemb_st.chunking)
+    chunk_weights: str  # "equal" | "tokens": how its chunk vectors are averaged
 
 
 class KVEmbedding(CheckedConfigMixin, InputModule):
@@ -91,9 +94,9 @@ class KVEmbedding(CheckedConfigMixin, InputModule):
             self.method.prepare_template(template, tokenizer)  # fail at load time, not at the first encode
             where = f"{config_source or 'config'}: {name or 'default'} side"
             side.readout.check_fits(backbone.config.num_hidden_layers, where)
-            self._sides[name] = _Prepared(template, side.readout)
+            self._sides[name] = _Prepared(template, side.readout, side.long_inputs, side.chunk_weights)
         self._template_tokenizer = TemplateTokenizer(tokenizer, config.max_seq_length)
-        self._warned_truncation = False
+        self._truncation = TruncationLog()
 
     # ----------------------------------------------------------------------------------------- config
     def get_config_dict(self) -> dict[str, Any]:
@@ -177,34 +180,56 @@ class KVEmbedding(CheckedConfigMixin, InputModule):
 
         The side goes into ``features["task"]``, where :meth:`forward` and a following ``Router`` find it when
         ``encode`` named the side only by its prompt. ``text_mask`` adds the mask of the text's own tokens also where
-        the side's readout does not need it.
+        the side's readout does not need it. A text over ``max_seq_length`` is truncated, or with
+        ``long_inputs="chunk"`` becomes several rows, its chunks, which ``features["chunks"]`` (a
+        :class:`~kvemb_st.chunking.ChunkPlan`) maps back to it.
         """
         texts = validate_texts(inputs)
         task, prompt = self.side_for(prompt, task)
         own = self._sides.get(task, self._sides[None])
         template = self.method.prepare_template(resolve_template(own.template, prompt), self.tokenizer)
-        features, truncated = self._template_tokenizer.encode(texts, template, text_mask=text_mask or own.readout.span == "text")
+        text_mask = text_mask or own.readout.span == "text"
+        if own.long_inputs == "chunk":
+            rows, plan = split_long_texts(texts, template, self.tokenizer, self.max_seq_length)
+            features, _ = self._template_tokenizer.encode(rows, template, text_mask=text_mask)  # every row fits
+            if plan is not None:
+                features["chunks"] = plan
+        else:
+            features, truncated = self._template_tokenizer.encode(texts, template, text_mask=text_mask)
+            if truncated:
+                self._warn_truncation(texts, template, features["attention_mask"], truncated)
         features["task"] = task
-        if truncated and not self._warned_truncation:
-            self._warned_truncation = True
-            logger.warning(
-                f"{truncated} text(s) in this batch exceed max_seq_length={self.max_seq_length} tokens with the "
-                "template; the texts were shortened and the template's instruction kept whole. "
-                "(This warning is shown once per model.)"
-            )
         return features
 
+    def _warn_truncation(
+        self, texts: list[str], template: Template, attention_mask: torch.Tensor, truncated: int
+    ) -> None:
+        """Say how much truncation dropped: at the first truncated text, then at 10, 100, ... (see TruncationLog)."""
+        tokens = dropped_tokens(texts, template, self.tokenizer, attention_mask.sum(1), self.max_seq_length)
+        if self._truncation.add(truncated, tokens):
+            logger.warning(
+                f"{truncated} text(s) in this batch exceed max_seq_length={self.max_seq_length} tokens with the "
+                f"template: {tokens} token(s) were cut from their ends (the template's instruction kept whole); "
+                f"{self._truncation.texts} text(s) and {self._truncation.tokens} token(s) so far for this model. "
+                "Set long_inputs='chunk' to embed every token. (Shown again at 10, 100, ... truncated texts.)"
+            )
+
     def forward(self, features: dict[str, torch.Tensor], task: str | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
-        """``task`` (from ``encode``) or ``features["task"]`` (from :meth:`preprocess`) picks the side's readout."""
+        """One unit vector per input text. ``task`` (from ``encode``) or ``features["task"]`` (from :meth:`preprocess`)
+        picks the side; the chunk rows of a long text are combined here, before any post-processing module, so that
+        every module after this one sees one row per text."""
         task = features.get("task") if task is None else task
-        readout = self._sides.get(task, self._sides[None]).readout
+        own = self._sides.get(task, self._sides[None])
+        plan = features.pop("chunks", None)
+        if plan is not None:
+            return plan.forward(features, lambda group: self._embed(group, own.readout), own.chunk_weights)
+        features.update(self._embed(features, own.readout))
+        return features
+
+    def _embed(self, features: dict[str, torch.Tensor], readout: Readout) -> dict[str, torch.Tensor]:
         hidden = self.run(features, readout.hidden_state_indices())
         embedding = readout.pool(hidden.final, features["attention_mask"], features.get("text_mask"), hidden.layers)
-        features.update(
-            token_embeddings=hidden.final,
-            sentence_embedding=F.normalize(embedding, dim=-1),
-        )
-        return features
+        return {"token_embeddings": hidden.final, "sentence_embedding": F.normalize(embedding, dim=-1)}
 
     def run(self, features: dict[str, torch.Tensor], hidden_states: Sequence[int] | None = None) -> HiddenStates:
         """The method's forward pass on preprocessed ``features``, keeping the given hidden-state indices."""

@@ -33,6 +33,10 @@ SIDE_NAMES = ("query", "document")
 TEXT_PLACEHOLDER = "{text}"
 _TAG = re.compile(r"<kvemb-side:([^<>]*)>")
 TAG_START = "<kvemb-side:"
+LONG_INPUTS = ("truncate", "chunk")
+"""What happens to a text over ``max_seq_length`` (see :mod:`kvemb_st.chunking`)."""
+CHUNK_WEIGHTS = ("equal", "tokens")
+"""How the chunk vectors of one text are averaged."""
 
 
 class SideError(ValueError):
@@ -60,6 +64,15 @@ def _layers(value: Any) -> tuple[int, ...] | None:
     return tuple(sorted(set(layers)))
 
 
+def _choice(allowed: tuple[str, ...]) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in allowed:
+            raise ValueError(f"must be one of {allowed}, got {value!r}")
+        return value
+
+    return check
+
+
 def knob(help: str, check: Callable[[Any], Any], default: Any = MISSING, **cli: Any) -> Any:
     """A :class:`Side` field: ``check`` validates and normalises a value (raising ``ValueError``); ``help`` and
     ``cli`` (argparse options such as ``choices``, ``type``) make its ``kvemb build`` flags."""
@@ -83,6 +96,11 @@ class Side:
         "layers whose outputs are averaged and pooled, e.g. '14' or '12-16' (default: the final output)", _layers, None
     )
     pool_span: str = knob("tokens the mean runs over ('text': the text's own)", check_span, choices=SPANS)
+    long_inputs: str = knob("a text over max_seq_length: 'truncate' it (end cut, template kept) or 'chunk' it "
+                            "(sentence chunks embedded and averaged)", _choice(LONG_INPUTS), "truncate",
+                            choices=LONG_INPUTS)  # fmt: skip
+    chunk_weights: str = knob("weight of each chunk vector in the average ('chunk' only): 'equal' or its 'tokens'",
+                              _choice(CHUNK_WEIGHTS), "equal", choices=CHUNK_WEIGHTS)  # fmt: skip
 
     def __post_init__(self) -> None:
         for f in fields(self):

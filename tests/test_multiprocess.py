@@ -17,12 +17,14 @@ from sentence_transformers import SentenceTransformer
 import kvemb_st
 
 TEXTS = [f"document {i}: " + "a {braced} word " * (i % 5) for i in range(14)] + ["", "   ", "the end"]
+LONG = " ".join(f"Sentence {i} of a document over the budget." for i in range(120))  # ~1,200 tokens: chunked
 
 
 @pytest.fixture(scope="module")
 def folder(tiny_llama, tmp_path_factory):
     path = tmp_path_factory.mktemp("kvemb-mp")
-    kvemb_st.from_base(tiny_llama, layers=[1, 2], query_template="Query: {text} in one word:").save(str(path))
+    sides = {"document": {"long_inputs": "chunk"}}
+    kvemb_st.from_base(tiny_llama, layers=[1, 2], query_template="Query: {text} in one word:", sides=sides).save(str(path))
     return str(path)
 
 
@@ -38,6 +40,9 @@ def reference(model):
 
 def test_pool_vectors_equal_single_process(model, reference, tiny_llama):
     query_reference = model.encode_query(TEXTS, batch_size=4)
+    documents = [LONG, *TEXTS[:5]]
+    document_reference = model.encode_document(documents, batch_size=4)
+    assert not np.allclose(document_reference[0], model.encode([LONG])[0], atol=1e-4), "chunk must differ from truncate"
     plain = kvemb_st.from_base(tiny_llama, method="prompteol").encode(TEXTS, batch_size=4)
     assert not np.allclose(plain, reference, atol=1e-3), "re-routing must change the vectors for this test to mean anything"
 
@@ -46,10 +51,12 @@ def test_pool_vectors_equal_single_process(model, reference, tiny_llama):
         vectors = model.encode(TEXTS, pool=pool, chunk_size=3, batch_size=4)
         assert vectors.dtype == np.float32
         queries = model.encode_query(TEXTS, pool=pool, chunk_size=3, batch_size=4)
+        chunked = model.encode_document(documents, pool=pool, chunk_size=3, batch_size=4)
     finally:
         model.stop_multi_process_pool(pool)
     np.testing.assert_allclose(vectors, reference, atol=1e-5)
     np.testing.assert_allclose(queries, query_reference, atol=1e-5)
+    np.testing.assert_allclose(chunked, document_reference, atol=1e-5)  # long_inputs="chunk" holds in the workers
 
 
 def test_bf16_backbone_gives_float32_vectors(folder, reference):

@@ -94,11 +94,20 @@ def content_revision(model: Any) -> str:
     for module in model:
         config = dict(module.get_config_dict()) if hasattr(module, "get_config_dict") else {}
         config.pop("kvemb_st_version", None)
-        digest.update(f"{type(module).__name__}\n{json.dumps(config, sort_keys=True, default=str)}\n".encode())
+        digest.update(f"{type(module).__name__}\n{json.dumps(_jsonable(config), sort_keys=True, default=str)}\n".encode())
         if not hasattr(module, "auto_model"):  # the backbone's weights are identified by name + revision above
             for name, tensor in sorted(module.state_dict().items()):
                 digest.update(name.encode() + tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()[:REVISION_LENGTH]
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` with every mapping key a string (a Router's ``route_mappings`` are keyed by tuples)."""
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    return value
 
 
 def assign_identity(model: Any, source: Source, base_model: str | None) -> None:
