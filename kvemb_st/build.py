@@ -29,7 +29,9 @@ from transformers.utils import logging
 from kvemb_st.api import from_base
 from kvemb_st.calibration import DEFAULT_CALIBRATION_FILE, load_calibration, named_sets
 from kvemb_st.config import COMPRESSION_TEMPLATE, is_hub_id
-from kvemb_st.layer_selection import AUTO, LayerSelection, SelectionParams, select_layers
+from kvemb_st.layer_selection import LayerSelection, select_layers
+from kvemb_st.layer_spec import AUTO
+from kvemb_st.window_rule import SelectionParams
 from kvemb_st.model_card import render_model_card
 from kvemb_st.postprocessing import (
     DEFAULT_EIGENVALUE_FLOOR,
@@ -115,7 +117,7 @@ def build(
         document_calibration: Texts embedded by ``encode_document`` when the model has a document side
             (``None``: none): fitted on their own for the query and document sides (``document_statistics``),
             or joining the one fit of every side.
-        selection: Where the automatic window goes; see :class:`~kvemb_st.layer_selection.SelectionParams`.
+        selection: Where the automatic window goes; see :class:`~kvemb_st.window_rule.SelectionParams`.
         cache_dir, use_cache: ID-curve cache (default ``<kvemb cache>/id_curves``).
         base_model_id: Hub id of the base model for the card's metadata when ``base_model`` is a path.
         eval_results: Metric name -> value, shown in the card.

@@ -27,9 +27,9 @@ from kvemb_st.build import (
 from kvemb_st.config import POOLING_MODES, ROPE_MODES, KVEmbeddingConfig
 from kvemb_st.pooling import SPANS
 from kvemb_st.intrinsic_dim import ESTIMATORS
-from kvemb_st.layer_selection import (
+from kvemb_st.layer_spec import AUTO, format_layer_spec
+from kvemb_st.window_rule import (
     ANCHORS,
-    AUTO,
     DEFAULT_ANCHOR,
     DEFAULT_END_MARGIN,
     DEFAULT_MIN_TOLERANCE,
@@ -37,7 +37,6 @@ from kvemb_st.layer_selection import (
     DEFAULT_WINDOW_FRACTION,
     FLAT_SPREAD,
     SelectionParams,
-    format_layer_spec,
 )
 from kvemb_st.postprocessing import DEFAULT_EIGENVALUE_FLOOR, POSTPROCESSING_MODES
 from kvemb_st.version import __version__

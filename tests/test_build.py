@@ -19,7 +19,8 @@ from kvemb_st.assets import smollm2_folder
 from kvemb_st.build import DOCUMENT_READOUT, build
 from kvemb_st.calibration import calibration_hash, load_calibration
 from kvemb_st.cli import main
-from kvemb_st.layer_selection import SelectionParams, format_layer_spec, mean_position
+from kvemb_st.layer_spec import format_layer_spec
+from kvemb_st.window_rule import SelectionParams, curve_spread, mean_position
 from kvemb_st.postprocessing import fit_postprocessing
 
 EXPECTED_FILES = {"modules.json", "config_sentence_transformers.json", "kvemb_config.json", "id_curve.png", "README.md"}
@@ -107,7 +108,7 @@ def test_cli_build_prints_the_spread_and_warns(tiny_llama, tmp_path, capsys, cap
     monkeypatch.setattr(layer_selection, "compute_id_curve", lambda *args, **kwargs: curve)
     argv = ["build", tiny_llama, "-o", str(tmp_path / "m"), "--calibration-limit", "32", "--postprocess", "none"]
     assert main([*argv, "--no-cache", "--quiet", *extra]) == 0
-    spread = layer_selection.curve_spread(curve)
+    spread = curve_spread(curve)
     printed = f"ID curve spread: {spread:.2f} ((max - min) / mean past the skipped layers; below 0.2 counts as flat)"
     assert printed in capsys.readouterr().out
     logged = [r.getMessage() for r in caplog.records if r.name == layer_selection.__name__ and r.levelname == "WARNING"]

@@ -12,17 +12,16 @@ from kvemb_st.backbone import load_backbone
 from kvemb_st.calibration import DEFAULT_CALIBRATION_FILE, calibration_hash, load_calibration
 from kvemb_st.config import PROMPTEOL_TEMPLATE, parse_layer_spec
 from kvemb_st.intrinsic_dim import twonn
-from kvemb_st.layer_selection import (
+from kvemb_st.id_curve import compute_id_curve
+from kvemb_st.layer_selection import select_layers
+from kvemb_st.layer_spec import explicit_layers, format_layer_spec
+from kvemb_st.window_rule import (
     FLAT_SPREAD,
     SelectionParams,
-    compute_id_curve,
     curve_spread,
-    explicit_layers,
-    format_layer_spec,
     is_flat,
     near_minimum,
     place_window,
-    select_layers,
     select_window,
     selection_warnings,
 )
