@@ -15,13 +15,14 @@ from sentence_transformers import SentenceTransformer
 
 import kvemb_st
 from kvemb_st import layer_selection
-from kvemb_st.assets import smollm2_folder
 from kvemb_st.build import DOCUMENT_READOUT, build
 from kvemb_st.calibration import calibration_hash, load_calibration
 from kvemb_st.cli import main
 from kvemb_st.layer_spec import format_layer_spec
-from kvemb_st.window_rule import SelectionParams, curve_spread, mean_position
 from kvemb_st.postprocessing import fit_postprocessing
+from kvemb_st.window_rule import SelectionParams, curve_spread, mean_position
+
+from kvemb_lab.assets import smollm2_folder
 
 EXPECTED_FILES = {"modules.json", "config_sentence_transformers.json", "kvemb_config.json", "id_curve.png", "README.md"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".onnx")
@@ -219,14 +220,14 @@ def test_postprocessing_is_fitted_on_the_calibration_texts_or_its_own_set(built,
     own = build(tiny_llama, tmp_path / "o", layers="1-2", calibration=mine, cache_dir=tmp_path, progress=False)
     assert own.model[1].calibration["hash"] == calibration_hash(mine) == own.selection.calibration_hash
     joined = build(tiny_llama, tmp_path / "j", layers="1-2", postprocess="center", cache_dir=tmp_path,
-                   postprocess_calibration="sts-b-train+general", progress=False)  # fmt: skip
-    record, texts = joined.model[1].calibration, load_calibration("sts-b-train+general")
+                   postprocess_calibration="sts-b-train+sts-b-train-paragraphs", progress=False)  # fmt: skip
+    record, texts = joined.model[1].calibration, load_calibration("sts-b-train+sts-b-train-paragraphs")
     assert record["count"] == len(texts) == len(set(texts)) and record["hash"] == calibration_hash(texts)
-    assert "calibration.txt + lee_background.cor of gensim's test data" in record["name"]
+    assert "calibration.txt + calibration_paragraphs.txt" in record["name"]
     assert joined.selection.calibration_hash == calibration_hash(load_calibration())  # layers: the default set
-    general = build(tiny_llama, tmp_path / "g", layers="1-2", postprocess_calibration="general",
-                    calibration_limit=32, cache_dir=tmp_path, progress=False)  # fmt: skip
-    assert general.model[1].calibration["hash"] == calibration_hash(load_calibration("general", 32))
+    paragraphs = build(tiny_llama, tmp_path / "g", layers="1-2", postprocess_calibration="sts-b-train-paragraphs",
+                       calibration_limit=32, cache_dir=tmp_path, progress=False)  # fmt: skip
+    assert paragraphs.model[1].calibration["hash"] == calibration_hash(load_calibration("sts-b-train-paragraphs", 32))
 
 
 def test_card_without_postprocessing_says_so(built, tmp_path):

@@ -1,6 +1,6 @@
 """Batch embedding on Ray Data, on a local two-CPU Ray cluster.
 
-One end-to-end run of ``scripts/embed_ray.py`` (two actors) checks the vectors against single-process
+One end-to-end run of ``tools/embed_ray.py`` (two actors) checks the vectors against single-process
 ``encode`` and that rows are neither lost, duplicated nor reordered; :class:`Embedder` is also called
 in-process to check its errors without starting actors. Budget: < 120 s for this file, Ray start included.
 """

@@ -1,4 +1,4 @@
-"""scripts/run_mteb.py: clear errors without mteb or without its data; a real run on an mteb mock task.
+"""experiments/run_mteb/run_mteb.py: clear errors without mteb or without its data; a real run on an mteb mock task.
 
 mteb is an optional extra (also in the test extra); the error paths use a stand-in module. Budget: < 20 s
 (the mock-task run, only where mteb is installed).
@@ -15,13 +15,10 @@ import pytest
 
 import kvemb_st
 
-
-@pytest.fixture(scope="module")
-def run_mteb(load_script):
-    return load_script("run_mteb")
+from kvemb_lab import run_mteb
 
 
-def test_without_mteb_says_how_to_install(run_mteb, monkeypatch, capsys):
+def test_without_mteb_says_how_to_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "mteb", None)  # makes `import mteb` fail
     assert run_mteb.main(["some/model", "--tasks", "STSBenchmark"]) == 2
     err = capsys.readouterr().err
@@ -35,7 +32,7 @@ class OfflineTask:
         raise ConnectionError("Couldn't reach 'mteb/stsbenchmark-sts' on the Hub (LocalEntryNotFoundError)")
 
 
-def test_offline_fails_naming_the_missing_data_before_loading_the_model(run_mteb, monkeypatch, capsys, tmp_path):
+def test_offline_fails_naming_the_missing_data_before_loading_the_model(monkeypatch, capsys, tmp_path):
     fake = types.ModuleType("mteb")
     fake.get_task = lambda name: OfflineTask()
     monkeypatch.setitem(sys.modules, "mteb", fake)
@@ -46,7 +43,7 @@ def test_offline_fails_naming_the_missing_data_before_loading_the_model(run_mteb
     assert "is not available" in err and "HF_HOME" in err and "Traceback" not in err
 
 
-def test_unknown_task_is_named(run_mteb, monkeypatch, capsys):
+def test_unknown_task_is_named(monkeypatch, capsys):
     fake = types.ModuleType("mteb")
 
     def get_task(name):
@@ -58,7 +55,7 @@ def test_unknown_task_is_named(run_mteb, monkeypatch, capsys):
     assert "unknown MTEB task 'NoSuchTask'" in capsys.readouterr().err
 
 
-def test_real_mteb_run_on_a_mock_task(run_mteb, tiny_llama, tmp_path):
+def test_real_mteb_run_on_a_mock_task(tiny_llama, tmp_path):
     pytest.importorskip("mteb")  # optional extra; the error paths above run without it
     from mteb.mocks import MockSTSTask
 
