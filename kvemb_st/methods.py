@@ -30,7 +30,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 from transformers import PreTrainedModel
 
-from kvemb_st.attention import KVRouting, is_right_padded
+from kvemb_st.attention.routing import KVRouting, is_right_padded
 from kvemb_st.config import (
     METHOD_DEFAULTS,
     PLACEHOLDER,

@@ -19,7 +19,8 @@ from torch.nn.attention import SDPBackend
 from transformers import AutoModel, Qwen3Config
 
 import kvemb_st  # noqa: F401  (registers the attention)
-from kvemb_st import attention, kernel_check
+from kvemb_st import kernel_check
+from kvemb_st.attention import kernels, reroute
 from kvemb_st.config import KVEmbeddingConfig
 from kvemb_st.methods import kv_routing
 
@@ -27,7 +28,7 @@ LIMITS = {"torch.float32": 1e-4, "torch.bfloat16": 3e-2}
 
 
 class _ChoiceSpy:
-    """Stands in for ``torch.ops.aten`` in :mod:`kvemb_st.attention` and counts the backend SDPA picks."""
+    """Stands in for ``torch.ops.aten`` in :mod:`kvemb_st.attention.kernels` and counts the backend SDPA picks."""
 
     def __init__(self) -> None:
         self.chosen: collections.Counter = collections.Counter()
@@ -51,8 +52,8 @@ def main(device: str = "cuda", length: int = 300) -> bool:
     masks["padded"][1, length * 2 // 3 :] = 0
     masks["padded"][2, 37:] = 0
     spy = _ChoiceSpy()
-    attention._ATEN = spy
-    real_lse = attention.checked_attention_with_lse
+    kernels._ATEN = spy
+    real_lse = reroute.checked_attention_with_lse
 
     def hidden(model, on: str, dtype: torch.dtype, kv: KVEmbeddingConfig, mask: torch.Tensor) -> torch.Tensor:
         model = model.to(on, dtype)
@@ -66,18 +67,18 @@ def main(device: str = "cuda", length: int = 300) -> bool:
         for rope in ("relative0", "keep"):
             kv = KVEmbeddingConfig(base_model="random-qwen3-0.6b-shape", layers=[1, 2, 3], prefix_rope=rope)
             for name, mask in masks.items():
-                attention.checked_attention_with_lse = real_lse
+                reroute.checked_attention_with_lse = real_lse
                 want = hidden(cpu, "cpu", torch.float32, kv, mask)
                 for dtype in (torch.float32, torch.bfloat16):
                     for path in ("lse", "prefix_channel"):
-                        attention.checked_attention_with_lse = real_lse if path == "lse" else (lambda *args, **kwargs: None)
+                        reroute.checked_attention_with_lse = real_lse if path == "lse" else (lambda *args, **kwargs: None)
                         got = hidden(copy.deepcopy(cpu), device, dtype, kv, mask)
                         err = ((got - want).abs().max() / want.abs().max()).item()
                         worst[str(dtype)] = max(worst.get(str(dtype), 0.0), err)
                         print(f"{rope:9s} {name:8s} {str(dtype):14s} {path:14s} {device} vs cpu fp32: {err:.2e}")
     finally:
-        attention.checked_attention_with_lse = real_lse
-        attention._ATEN = torch.ops.aten
+        reroute.checked_attention_with_lse = real_lse
+        kernels._ATEN = torch.ops.aten
     print("backends chosen for re-routed layers:", dict(spy.chosen))
     print("attention path per combination (self-check):\n" + kernel_check.summary())
     ok = all(worst[k] < LIMITS[k] for k in worst)

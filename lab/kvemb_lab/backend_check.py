@@ -32,7 +32,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModel, LlamaConfig
 
-from kvemb_st import attention, kernel_check
+from kvemb_st import kernel_check
+from kvemb_st.attention import kernels
 from kvemb_st.config import KVEmbeddingConfig
 from kvemb_st.methods import kv_routing
 
@@ -99,15 +100,15 @@ def kernel_rows(args: argparse.Namespace, dtype: torch.dtype) -> list[dict[str, 
                 for backend in [None, *BACKENDS]:
                     row = {**case, "forced": backend.name if backend else "none (SDPA's choice)"}
                     with forced(backend):
-                        sdpa = attention.sdpa_arguments(module, q, k, v, mask)
+                        sdpa = kernels.sdpa_arguments(module, q, k, v, mask)
                         try:
-                            row["chosen"] = attention.sdpa_backend(q, sdpa, scale).name
+                            row["chosen"] = kernels.sdpa_backend(q, sdpa, scale).name
                         except RuntimeError as err:
                             row.update(chosen="-", path="not available", note=str(err).split("\n")[0][:80])
                             rows.append(row)
                             continue
                         try:
-                            plain = attention.attention_with_lse(module, q, k, v, mask, scale)
+                            plain = kernels.attention_with_lse(module, q, k, v, mask, scale)
                         except Exception as err:  # noqa: BLE001 - reported, and the self-check would fall back
                             row.update(path="error", note=f"{type(err).__name__}: {str(err)[:80]}", ok=False)
                             rows.append(row)

@@ -23,7 +23,7 @@ from transformers import AttentionInterface, AutoModel
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from kvemb_st.attention import rotate, unrotate
+from kvemb_st.attention.prefix import rotate, unrotate
 from kvemb_st.calibration import load_calibration
 from kvemb_st.config import KVEmbeddingConfig
 from kvemb_st.methods import kv_routing
