@@ -11,7 +11,8 @@ from transformers import PreTrainedModel
 
 from kvemb_st.intrinsic_dim import ESTIMATORS, twonn
 from kvemb_st.pooling import last_token_index
-from kvemb_st.prompting import Template, TemplateTokenizer
+from kvemb_st.template import Template
+from kvemb_st.template_tokenizer import TemplateTokenizer
 
 
 @torch.inference_mode()

@@ -40,7 +40,7 @@ from kvemb_st.config import (
     KVEmbeddingConfig,
 )
 from kvemb_st.pooling import last_token_index
-from kvemb_st.prompting import Template
+from kvemb_st.template import Template
 
 
 class HiddenStates(NamedTuple):

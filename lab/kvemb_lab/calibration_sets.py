@@ -22,5 +22,5 @@ def calibration_texts(source: str | os.PathLike[str] | None = None, limit: int |
     parts = [part.strip() for part in source.split(JOIN)] if isinstance(source, str) else []
     if GENERAL not in parts:
         return load_calibration(source or None, limit)
-    texts = [text for part in parts for text in (general_calibration_texts() if part == GENERAL else load_calibration(part))]
+    texts = [t for part in parts for t in (general_calibration_texts() if part == GENERAL else load_calibration(part))]
     return load_calibration(list(dict.fromkeys(texts)), limit)

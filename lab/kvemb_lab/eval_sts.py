@@ -42,6 +42,7 @@ from kvemb_st.methods import METHODS
 from kvemb_st.pooling import Readout
 
 from kvemb_lab.assets import smollm2_folder
+from kvemb_lab.calibration_sets import calibration_texts
 from kvemb_lab.doc_tasks import (
     PASSKEY_LENGTHS,
     build_passkey_task,
@@ -55,7 +56,6 @@ from kvemb_lab.evaluation import (
     final_pooling,
     PostSpec,
     build_document_task,
-    calibration_texts,
     evaluate_model,
     markdown_table,
     retrieval_task,

@@ -205,7 +205,8 @@ Vectors = dict[str, dict[str, np.ndarray]]  # role -> text -> unit vector
 class PostSpec:
     """A post-processing to score: ``mode`` ``None`` is none; see :mod:`kvemb_st.postprocessing`.
 
-    ``calibration`` names the calibration set it is fitted on (see :func:`kvemb_lab.calibration_sets.calibration_texts`); ``None`` is
+    ``calibration`` names the calibration set it is fitted on
+    (:func:`~kvemb_lab.calibration_sets.calibration_texts`); ``None`` is
     the one passed to :func:`evaluate_model` as a plain list.
     """
 

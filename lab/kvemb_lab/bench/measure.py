@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from kvemb_st import KVEmbedding
-from kvemb_st.prompting import Template
+from kvemb_st.template import Template
 from sentence_transformers import SentenceTransformer
 
 from kvemb_lab.assets import load_sts_b

@@ -21,7 +21,8 @@ from collections.abc import Callable
 from transformers import AutoTokenizer
 
 from kvemb_st.config import NAMED_TEMPLATES
-from kvemb_st.prompting import Template, TemplateTokenizer
+from kvemb_st.template import Template
+from kvemb_st.template_tokenizer import TemplateTokenizer
 
 from kvemb_lab.assets import load_sts_b, smollm2_folder
 

@@ -1,4 +1,4 @@
-"""Templates and the tokenization that keeps the template's instruction whole.
+"""The tokenization that keeps a template's instruction whole: only the text is shortened.
 
 The instruction of a KV-Embedding prompt sits *after* the text ("... means in one word:"), and the
 final token is the one whose key/value gets re-routed. Cutting the end of an over-long input, as
@@ -15,58 +15,14 @@ import bisect
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
 import numpy as np
 import torch
 
-from kvemb_st.config import TEXT_PLACEHOLDER, ConfigError, validate_template
-
-
-@dataclass(frozen=True)
-class Template:
-    """A prompt split around its ``{text}`` placeholder(s) (``str.format`` is not used: texts contain braces).
-
-    ``between`` holds what separates repeated copies of the text (echo embeddings repeat it); it is empty
-    for the usual single copy.
-    """
-
-    prefix: str
-    suffix: str
-    between: tuple[str, ...] = ()
-
-    @classmethod
-    def parse(cls, template: str, copies: int = 1) -> Template:
-        validate_template(template, "template", copies=copies)
-        prefix, *between, suffix = template.split(TEXT_PLACEHOLDER)
-        return cls(prefix, suffix, tuple(between))
-
-    @property
-    def copies(self) -> int:
-        return 1 + len(self.between)
-
-    def format(self, text: str) -> str:
-        return f"{self.prefix}{text}{''.join(part + text for part in self.between)}{self.suffix}"
-
-
-def resolve_template(default: Template, prompt: str | None) -> Template:
-    """Combine the model's template with an ST prompt.
-
-    A prompt containing ``{text}`` is a whole template of its own (e.g. separate query/document
-    templates); any other prompt is prepended to the text inside the model's template, which is what
-    sentence-transformers users expect a prompt to do.
-    """
-    if not prompt:
-        return default
-    if TEXT_PLACEHOLDER in prompt:
-        try:
-            return Template.parse(prompt, default.copies)
-        except ConfigError as err:
-            raise ValueError(f"prompt {prompt!r} is not a valid template: {err}") from None
-    return replace(default, prefix=default.prefix + prompt)
-
+from kvemb_st.template import Template
 
 _OVERLAP = 4
 """Tokens at the start of a window that must reproduce the uncut text's tokens for the window to be used."""
