@@ -49,7 +49,7 @@ EOF
 
 install_wheels() {
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$CARRY"/wheels/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
+  export PYTHONPATH=/tmp/site:$PWD:$PWD/lab  # the lab (tools import kvemb_lab) is not installed there
 }
 
 standin_smollm2() {  # see the header: real tokenizer + config, random weights, for the tests' fixtures only
