@@ -1,16 +1,10 @@
 """Which layers get the re-routed KV prefix: chosen by intrinsic dimensionality, or given explicitly.
 
-Automatic selection follows the design notes (``shared/README.md`` §2): the TwoNN intrinsic dimension
-(ID) of the final-token hidden state is computed after every decoder layer on templated calibration
-texts; the first layers are skipped (their low ID reflects token identity, not compression), and a
-window of layers is centred on (or starts at) the ID minimum. "The minimum" is every layer whose ID is
-within one standard error of the lowest value: on a flat curve (Qwen2.5-0.5B's spans 10.3-12.6) the
-single lowest layer is noise -- 64 or 512 calibration texts put it at layer 12 or 19 -- so the window is
-anchored at the mean position of all layers that could be the minimum. The whole curve and every
-parameter are recorded so a reader of the saved config can see -- and redo -- the choice.
-
-ID curves are cached on disk per (base model, revision, template, calibration hash, estimator), so a
-rebuild with other knobs does not run the calibration forward passes again.
+Automatic selection follows the design notes (``shared/README.md`` §2): the TwoNN intrinsic dimension (ID) of the
+final-token hidden state is computed after every decoder layer on templated calibration texts
+(:mod:`kvemb_st.id_curve`, cached by :mod:`kvemb_st.id_curve_cache`), and a window of layers is placed on that
+curve (:mod:`kvemb_st.window_rule`); explicit specs are checked by :mod:`kvemb_st.layer_spec`. The whole curve and
+every parameter are recorded so a reader of the saved config can see -- and redo -- the choice.
 """
 
 from __future__ import annotations

@@ -27,8 +27,8 @@ from kvemb_st.calibration import load_calibration
 from kvemb_st.config import PROMPTEOL_TEMPLATE, KVEmbeddingConfig, parse_layer_spec
 from kvemb_st.layer_selection import select_layers
 from kvemb_st.layer_spec import format_layer_spec
-from kvemb_st.window_rule import SelectionParams, select_window
 from kvemb_st.module import KVEmbedding
+from kvemb_st.window_rule import SelectionParams, select_window
 
 from kvemb_lab.assets import load_sts_b, smollm2_folder
 from kvemb_lab.paths import RESULTS

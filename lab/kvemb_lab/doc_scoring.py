@@ -7,10 +7,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import pearsonr, spearmanr
+
 from kvemb_st.calibration import load_calibration
 from kvemb_st.pooling import Readout
 from kvemb_st.postprocessing import fit_postprocessing
-from scipy.stats import pearsonr, spearmanr
 
 from kvemb_lab.backbones import BACKBONES, Backbone
 from kvemb_lab.calibration_sets import calibration_texts

@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import kvemb_st
 import torch
+
+import kvemb_st
 
 from kvemb_lab.backbones import BACKBONES
 from kvemb_lab.paths import RESULTS

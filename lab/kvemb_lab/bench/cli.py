@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from kvemb_st import kernel_check
 
 from kvemb_lab.assets import smollm2_folder

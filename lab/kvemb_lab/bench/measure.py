@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from sentence_transformers import SentenceTransformer
+
 from kvemb_st import KVEmbedding
 from kvemb_st.template import Template
-from sentence_transformers import SentenceTransformer
 
 from kvemb_lab.assets import load_sts_b
 from kvemb_lab.bench.tokenization import running_texts, tokenization_ratio

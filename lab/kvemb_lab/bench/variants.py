@@ -6,9 +6,10 @@ import argparse
 from typing import Any
 
 import torch
-from kvemb_st import KVEmbedding, KVEmbeddingConfig
 from sentence_transformers import SentenceTransformer
 from transformers import AutoTokenizer, PreTrainedModel
+
+from kvemb_st import KVEmbedding, KVEmbeddingConfig
 
 from kvemb_lab.bench.shapes import SHAPES, random_backbone
 
