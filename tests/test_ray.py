@@ -21,7 +21,7 @@ import ray.data
 import kvemb_st
 from kvemb_st.ray import Embedder, embed_dataset
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "embed_ray.py"
+SCRIPT = Path(__file__).resolve().parent.parent / "tools" / "embed_ray.py"
 TEXTS = [f"row {i}: " + "some {braced} words " * (i % 6) for i in range(37)] + [""]
 IDS = [f"doc-{(i * 7919) % 1000:03d}" for i in range(len(TEXTS))]  # unique, not sorted
 
