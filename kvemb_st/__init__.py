@@ -4,7 +4,8 @@ from kvemb_st import attention as _attention  # noqa: F401  (registers the atten
 from kvemb_st.api import from_base, load
 from kvemb_st.config import COMPRESSION_TEMPLATE, PROMPTEOL_TEMPLATE, ConfigError, KVEmbeddingConfig
 from kvemb_st.module import KVEmbedding
-from kvemb_st.postprocessing import PostProcessing, add_postprocessing, fit_postprocessing
+from kvemb_st.postprocessing import PostProcessing
+from kvemb_st.postprocessing_fit import add_postprocessing, fit_postprocessing
 from kvemb_st.version import __version__
 
 __all__ = [

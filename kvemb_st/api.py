@@ -11,7 +11,8 @@ from sentence_transformers.base.modules import Router
 from sentence_transformers.util import load_file_path
 from sentence_transformers.util.environment import check_version_requirements
 
-from kvemb_st.config import KVEmbeddingConfig, parse_layer_spec
+from kvemb_st.config import KVEmbeddingConfig
+from kvemb_st.layer_spec import parse_layer_spec
 from kvemb_st.folder import damaged, read_json
 from kvemb_st.inputs import validate_texts
 from kvemb_st.module import KVEmbedding

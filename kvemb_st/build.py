@@ -8,7 +8,7 @@ The base model is loaded once: the ID curve is computed on the same backbone the
 By default the calibration texts are then embedded by the finished model and a whitening
 :class:`~kvemb_st.postprocessing.PostProcessing` module (its own folder: config + statistics) is appended:
 that is the default chosen on dev data of both real backbones, sentences and documents together
-(README, "Defaults"; ``scripts/choose_defaults.py``). ``postprocess="none"`` leaves it out.
+(README, "Defaults"; ``experiments/choose_defaults/choose_defaults.py``). ``postprocess="none"`` leaves it out.
 """
 
 from __future__ import annotations
@@ -30,15 +30,13 @@ from transformers.utils import logging
 from kvemb_st.api import from_base
 from kvemb_st.calibration import DEFAULT_CALIBRATION_FILE, load_calibration, named_sets
 from kvemb_st.config import COMPRESSION_TEMPLATE, is_hub_id
-from kvemb_st.layer_selection import AUTO, LayerSelection, SelectionParams, select_layers
+from kvemb_st.layer_selection import LayerSelection, select_layers
+from kvemb_st.layer_spec import AUTO
 from kvemb_st.model_card import render_model_card
-from kvemb_st.postprocessing import (
-    DEFAULT_EIGENVALUE_FLOOR,
-    PostProcessing,
-    add_postprocessing,
-    check_postprocessing_args,
-)
+from kvemb_st.postprocessing import DEFAULT_EIGENVALUE_FLOOR, PostProcessing, check_postprocessing_args
+from kvemb_st.postprocessing_fit import add_postprocessing
 from kvemb_st.version import __version__
+from kvemb_st.window_rule import SelectionParams
 
 logger = logging.get_logger(__name__)
 
@@ -48,11 +46,11 @@ CARD_FILE = "README.md"
 # placeholder before the model encodes or is saved (the ID curve itself is measured without re-routing).
 PLACEHOLDER_LAYERS = [0]
 NO_POSTPROCESSING = "none"
-DEFAULT_POSTPROCESS = "whiten"  # full dimension, fitted on the calibration texts; see scripts/choose_defaults.py
+DEFAULT_POSTPROCESS = "whiten"  # full dimension, fitted on the calibration texts; see experiments/choose_defaults/choose_defaults.py
 _NOT_RECORDED = ("token", "eval_results", "command", "progress")  # secrets and noise stay out of the card
 # The document side of a default build, read by queries too (one space for retrieval), and its own whitening
 # fitted on the calibration sentences embedded by that side: chosen on dev data of both backbones by a rule
-# written before the runs (results/doc_levers/RULE.md, README "Documents"). `encode` keeps the top-level side.
+# written before the runs (experiments/doc_levers/RULE.md, README "Documents"). `encode` keeps the top-level side.
 DOCUMENT_READOUT: dict[str, Any] = {
     "template": COMPRESSION_TEMPLATE, "pooling": "mean+last", "last_weight": 0.5, "pool_span": "text",
 }  # fmt: skip
@@ -110,13 +108,13 @@ def build(
         calibration, calibration_limit: Calibration texts (default set, named set, file or list); the limit
             keeps the first texts of each set used (layer selection and post-processing).
         postprocess, components, eigenvalue_floor: ``"none"`` or a mode of
-            :func:`~kvemb_st.postprocessing.fit_postprocessing`.
+            :func:`~kvemb_st.postprocessing_fit.fit_postprocessing`.
         postprocess_calibration: The texts it is fitted on (``None``: the calibration texts), e.g.
-            ``"sts-b-train+general"`` to add general news paragraphs.
+            ``"sts-b-train+sts-b-train-paragraphs"`` to add paragraphs.
         document_calibration: Texts embedded by ``encode_document`` when the model has a document side
             (``None``: none): fitted on their own for the query and document sides (``document_statistics``),
             or joining the one fit of every side.
-        selection: Where the automatic window goes; see :class:`~kvemb_st.layer_selection.SelectionParams`.
+        selection: Where the automatic window goes; see :class:`~kvemb_st.window_rule.SelectionParams`.
         cache_dir, use_cache: ID-curve cache (default ``<kvemb cache>/id_curves``).
         base_model_id: Hub id of the base model for the card's metadata when ``base_model`` is a path.
         eval_results: Metric name -> value, shown in the card.

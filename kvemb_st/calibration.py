@@ -1,11 +1,9 @@
 """Calibration texts for layer selection and post-processing: a named set, a user file, or a list.
 
 The default set (``kvemb_st/data/calibration.txt``, name ``sts-b-train``) is 512 distinct sentences from the
-STS-B *train* split, balanced over captions, news and forum text; ``scripts/make_calibration_set.py``
-regenerates it. It ships inside the package, so a build never downloads anything. The ``general`` set (news
-paragraphs and sentences) is not shipped: it is rebuilt from gensim's installed test data
-(:mod:`kvemb_st.general_calibration`). The hash identifies a calibration set in the saved config and in the
-ID-curve cache key.
+STS-B *train* split, balanced over captions, news and forum text; ``tools/make_calibration_set.py``
+regenerates it. It ships inside the package, so a build never downloads anything. The hash identifies a
+calibration set in the saved config and in the ID-curve cache key.
 """
 
 from __future__ import annotations
@@ -20,12 +18,6 @@ DEFAULT_CALIBRATION_FILE = Path(__file__).parent / "data" / "calibration.txt"
 PARAGRAPH_CALIBRATION_FILE = Path(__file__).parent / "data" / "calibration_paragraphs.txt"
 
 
-def _general() -> list[str]:
-    from kvemb_st.general_calibration import general_calibration_texts  # reads gensim's files (imports doc_tasks)
-
-    return general_calibration_texts()
-
-
 @dataclass(frozen=True)
 class NamedSet:
     """A calibration set known by name: how to get its texts and how a model card names its source."""
@@ -34,15 +26,14 @@ class NamedSet:
     source: str
 
 
-# Sets by name (``kvemb build --calibration general``); a name wins over a same-named relative path.
+# Sets by name (``kvemb build --calibration sts-b-train-paragraphs``); a name wins over a same-named relative path.
 NAMED_CALIBRATION_SETS = {
     "sts-b-train": NamedSet(lambda: read_calibration_file(DEFAULT_CALIBRATION_FILE), f"{DEFAULT_CALIBRATION_FILE.name}"),
     "sts-b-train-paragraphs": NamedSet(
         lambda: read_calibration_file(PARAGRAPH_CALIBRATION_FILE), PARAGRAPH_CALIBRATION_FILE.name
     ),
-    "general": NamedSet(_general, "lee_background.cor of gensim's test data"),
 }
-JOIN = "+"  # "sts-b-train+general": named sets joined in order, repeated texts dropped
+JOIN = "+"  # "sts-b-train+sts-b-train-paragraphs": named sets joined in order, repeated texts dropped
 MIN_CALIBRATION_TEXTS = 16  # TwoNN needs many more points than this to be reliable; below it, it is noise
 
 
@@ -56,7 +47,7 @@ def read_calibration_file(path: str | os.PathLike[str]) -> list[str]:
 
 
 def named_sets(source: object) -> list[NamedSet] | None:
-    """The named sets ``source`` stands for (``general``; ``sts-b-train+general`` joins them), or ``None``
+    """The named sets ``source`` stands for (``sts-b-train+sts-b-train-paragraphs`` joins them), or ``None``
     when it is not such a name (a path, a list, ``None``)."""
     if not isinstance(source, str):
         return None

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
-from kvemb_st.prompting import Template
+from kvemb_st.template import Template
 
 SENTENCE_BOUNDARY = re.compile(r"""(?:(?<=[.!?…])|(?<=[.!?…]["'”’)\]]))\s+|\s*\n\s*""")
 """Whitespace after ``. ! ? …`` (possibly closed by a quote or bracket), or around a line break."""

@@ -26,9 +26,12 @@ from kvemb_st.build import (
 )
 from kvemb_st.config import ROPE_MODES, KVEmbeddingConfig
 from kvemb_st.intrinsic_dim import ESTIMATORS
-from kvemb_st.layer_selection import (
+from kvemb_st.layer_spec import AUTO, format_layer_spec
+from kvemb_st.pooling import SPANS
+from kvemb_st.postprocessing import DEFAULT_EIGENVALUE_FLOOR, POSTPROCESSING_MODES
+from kvemb_st.version import __version__
+from kvemb_st.window_rule import (
     ANCHORS,
-    AUTO,
     DEFAULT_ANCHOR,
     DEFAULT_END_MARGIN,
     DEFAULT_MIN_TOLERANCE,
@@ -36,11 +39,8 @@ from kvemb_st.layer_selection import (
     DEFAULT_WINDOW_FRACTION,
     FLAT_SPREAD,
     SelectionParams,
-    format_layer_spec,
 )
-from kvemb_st.postprocessing import DEFAULT_EIGENVALUE_FLOOR, POSTPROCESSING_MODES
 from kvemb_st.side import SIDE_KEYS, flag_options
-from kvemb_st.version import __version__
 
 DTYPES = ("float32", "bfloat16", "float16")
 _CONFIG_DEFAULTS = KVEmbeddingConfig(base_model="<base>", layers=[0]).to_dict()  # the defaults of method 'kv'
@@ -143,7 +143,7 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> None:
     post.add_argument(
         "--postprocess-calibration",
         metavar="SET",
-        help="texts the post-processing is fitted on: sts-b-train, general, both joined (sts-b-train+general) or "
+        help="texts the post-processing is fitted on: sts-b-train, sts-b-train-paragraphs, both joined with '+', or "
         "a file (default: the calibration texts)",
     )
     post.add_argument(

@@ -13,6 +13,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from collections.abc import Callable
 from typing import Any
 
+from kvemb_st.errors import ConfigError
+from kvemb_st.layer_spec import parse_layer_spec
 from kvemb_st.pooling import DEFAULT_LAST_WEIGHT, Readout
 from kvemb_st.side import SIDE_KEYS, SIDE_NAMES, TEXT_PLACEHOLDER, Side, SideError
 from kvemb_st.version import __version__
@@ -54,10 +56,6 @@ METHOD_DEFAULTS: dict[str, MethodDefaults] = {
 }
 
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the source and the key."""
-
-
 def _where(source: str | None, key: str) -> str:
     return f"{source}: key '{key}'" if source else f"'{key}'"
 
@@ -68,36 +66,6 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?"
 def is_hub_id(name: str) -> bool:
     """``org/name`` or ``name`` as the Hub spells repo ids; anything else (``/abs``, ``../x``, ``a/b/c``) is a path."""
     return bool(_HUB_ID.fullmatch(name)) and ".." not in name and not name.endswith(".gguf")
-
-
-def parse_layer_spec(spec: str | int | list[int] | tuple[int, ...] | range) -> list[int]:
-    """Turn ``"20-29"``, ``"3,5,7"``, ``"3,10-12"``, an int or a list into a sorted list of layer indices.
-
-    Duplicates are an error rather than silently merged: a duplicate usually means a typo.
-    """
-    if isinstance(spec, bool):
-        raise ConfigError(f"layers must be integers, got {spec!r}")
-    if isinstance(spec, int):
-        items: list[int] = [spec]
-    elif isinstance(spec, str):
-        items = []
-        for part in (p.strip() for p in spec.split(",")):
-            match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
-            if not match:
-                raise ConfigError(f"cannot parse layer spec {spec!r}: use e.g. '20-29' or '3,5,7'")
-            lo, hi = int(match.group(1)), int(match.group(2) or match.group(1))
-            if hi < lo:
-                raise ConfigError(f"layer range '{part}' in {spec!r} is reversed")
-            items.extend(range(lo, hi + 1))
-    else:
-        items = list(spec)
-    for layer in items:
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise ConfigError(f"layers must be integers, got {layer!r} ({type(layer).__name__})")
-    if len(set(items)) != len(items):
-        dupes = sorted({x for x in items if items.count(x) > 1})
-        raise ConfigError(f"duplicate layer indices {dupes} in {spec!r}")
-    return sorted(items)
 
 
 @dataclass

@@ -113,7 +113,7 @@ def _record_failure(combination: Combination, error: str) -> bool:
 
 
 def results() -> dict[Combination, Verdict]:
-    """Every combination checked so far in this process and its verdict (what ``scripts/bench.py`` prints)."""
+    """Every combination checked so far in this process and its verdict (what ``tools/bench.py`` prints)."""
     with _lock:
         return dict(_verdicts)
 

@@ -30,7 +30,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 from transformers import PreTrainedModel
 
-from kvemb_st.attention import KVRouting, is_right_padded
+from kvemb_st.attention.routing import KVRouting, is_right_padded
 from kvemb_st.config import (
     METHOD_DEFAULTS,
     PLACEHOLDER,
@@ -40,7 +40,7 @@ from kvemb_st.config import (
     KVEmbeddingConfig,
 )
 from kvemb_st.pooling import last_token_index
-from kvemb_st.prompting import Template
+from kvemb_st.template import Template
 
 
 class HiddenStates(NamedTuple):

@@ -20,7 +20,7 @@ from huggingface_hub import ModelCardData
 from sentence_transformers.base.modules import Router
 
 from kvemb_st.config import KVEmbeddingConfig, is_hub_id
-from kvemb_st.layer_selection import format_layer_spec
+from kvemb_st.layer_spec import format_layer_spec
 from kvemb_st.pooling import Readout
 from kvemb_st.postprocessing import STATISTICS_FILE, PostProcessing
 from kvemb_st.side import READOUT_KEYS, SIDE_NAMES, Side

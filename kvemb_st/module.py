@@ -25,8 +25,9 @@ from kvemb_st.folder import CheckedConfigMixin
 from kvemb_st.inputs import validate_texts
 from kvemb_st.methods import HiddenStates, get_method
 from kvemb_st.pooling import Readout
-from kvemb_st.prompting import Template, TemplateTokenizer, resolve_template
 from kvemb_st.side import SIDE_NAMES, side_tag, tagged_side
+from kvemb_st.template import Template, resolve_template
+from kvemb_st.template_tokenizer import TemplateTokenizer
 from kvemb_st.version import __version__
 
 logger = logging.get_logger(__name__)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kvemb_st.layer_spec import parse_layer_spec
+
 POOLING_MODES = ("mean", "last", "mean+last")
 SPANS = ("all", "text")
 DEFAULT_LAST_WEIGHT = 0.75
@@ -133,8 +135,6 @@ class Readout:
     def parse(cls, text: str) -> Readout:
         """``POOLING[:WEIGHT][/text][@LAYERS]``: ``last``, ``mean+last:0.5``, ``mean/text``, ``mean@15``,
         ``mean/text@12-16`` (the mean of layers 12..16), ``mean+last@final``."""
-        from kvemb_st.config import parse_layer_spec  # config imports this module
-
         spec, at, layers = text.partition("@")
         spec, slash, span = spec.partition("/")
         mode, colon, weight = spec.partition(":")

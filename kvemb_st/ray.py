@@ -111,7 +111,7 @@ def embed_dataset(
 
     ``batch_size`` is the number of rows Ray hands one actor call; ``embedder_kwargs`` go to
     :class:`Embedder`. Row order is kept only if ``DataContext.get_current().execution_options.preserve_order``
-    is set (``scripts/embed_ray.py`` sets it); the other columns always stay attached to their vectors.
+    is set (``tools/embed_ray.py`` sets it); the other columns always stay attached to their vectors.
     """
     if num_actors < 1:
         raise ValueError(f"num_actors must be >= 1, got {num_actors}")

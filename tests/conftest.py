@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from collections.abc import Callable
-from pathlib import Path
-from types import ModuleType
-
 import pytest
 import torch
 from transformers import (
@@ -52,7 +46,7 @@ ARCHS = {
 @pytest.fixture(scope="session")
 def smollm2_tokenizer_dir(tmp_path_factory):
     """The real SmolLM2 tokenizer (fast, 49k vocab), saved alone so tiny models can reuse it."""
-    from kvemb_st.assets import smollm2_folder
+    from kvemb_lab.assets import smollm2_folder
 
     path = tmp_path_factory.mktemp("tokenizer")
     AutoTokenizer.from_pretrained(smollm2_folder()).save_pretrained(path)
@@ -81,23 +75,6 @@ def tiny_models(tmp_path_factory, smollm2_tokenizer_dir):
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_models):
     return str(tiny_models["llama"])
-
-
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-
-
-def _load_script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the script runs
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="session")
-def load_script() -> Callable[[str], ModuleType]:
-    """Import ``scripts/<name>.py`` as a module (the scripts are not a package)."""
-    return _load_script
 
 
 DEVICES = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from kvemb_st.assets import GEMMA3, QWEN25, SplitGGUF, assemble_gguf, gguf_pieces
+from kvemb_lab.assets import GEMMA3, QWEN25, SplitGGUF, assemble_gguf, gguf_pieces
 
 
 def _asset(tmp_path, pieces: list[bytes]) -> tuple[SplitGGUF, list]:

@@ -17,7 +17,7 @@ from transformers import AttentionInterface, AutoModel, AutoModelForCausalLM, Au
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import kvemb_st
-from kvemb_st import attention
+from kvemb_st.attention import reroute
 from kvemb_st.config import KVEmbeddingConfig
 from kvemb_st.methods import kv_routing
 from kvemb_st.module import KVEmbedding
@@ -89,7 +89,7 @@ AttentionMaskInterface.register(REFERENCE, sdpa_mask)
 def kernel(request, monkeypatch):
     """Both ways of computing the re-routed layers: the exact log-sum-exp merge and the public-SDPA fallback."""
     if request.param == "prefix_channel":
-        monkeypatch.setattr(attention, "checked_attention_with_lse", lambda *args, **kwargs: None)
+        monkeypatch.setattr(reroute, "checked_attention_with_lse", lambda *args, **kwargs: None)
     return request.param
 
 

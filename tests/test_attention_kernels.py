@@ -17,13 +17,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import kvemb_st
-from kvemb_st import attention, kernel_check
-from kvemb_st.attention import KVRouting, is_right_padded, merge_prefix, prefix_logits
+from kvemb_st import kernel_check
+from kvemb_st.attention import kernels, reroute, self_check
+from kvemb_st.attention.prefix import merge_prefix, prefix_logits
+from kvemb_st.attention.routing import KVRouting, is_right_padded
 
 BATCH, HEADS, LENGTH = 2, 4, 37  # T neither a multiple of 8 nor of 32: bias alignment and LSE padding matter
 LENGTHS = [LENGTH, 23]  # row 1 right-padded
@@ -125,7 +126,7 @@ def test_sdpa_arguments_are_the_ones_transformers_passes(monkeypatch, masked, kv
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", capture)
     sdpa_attention_forward(module, q, k, v, mask, scaling=0.25, is_causal=is_causal)
-    key, value, got_mask, got_causal, enable_gqa = attention.sdpa_arguments(module, q, k, v, mask, is_causal)
+    key, value, got_mask, got_causal, enable_gqa = kernels.sdpa_arguments(module, q, k, v, mask, is_causal)
     assert (got_causal, enable_gqa) == (seen["is_causal"], seen["enable_gqa"])
     assert got_causal is (not masked and is_causal is None)
     assert torch.equal(key, seen["key"]) and torch.equal(value, seen["value"])
@@ -156,7 +157,7 @@ def test_rerouted_layer_honours_is_causal_keyword_and_slices_the_mask(monkeypatc
     """A layer called with ``is_causal=False`` attends to every key (a bidirectional layer): its mask is never
     dropped for right padding, and without a mask no causal kernel runs. Masks wider than the keys are sliced."""
     if path == "prefix_channel":
-        monkeypatch.setattr(attention, "checked_attention_with_lse", lambda *args, **kwargs: None)
+        monkeypatch.setattr(reroute, "checked_attention_with_lse", lambda *args, **kwargs: None)
     q, k, v = qkv(2, 16)
     masks = {"none": None, "causal_padding": causal_padding_mask(),
              "padding_only": padding_mask()[:, None, None, :].expand(BATCH, 1, LENGTH, LENGTH)}  # fmt: skip
@@ -164,7 +165,7 @@ def test_rerouted_layer_honours_is_causal_keyword_and_slices_the_mask(monkeypatc
     last = torch.tensor(LENGTHS) - 1
     routing = KVRouting(layers=frozenset({0}), last_index=last, prefix_bias=1.5, right_padded=mask_kind != "padding_only")
     module = SimpleNamespace(layer_idx=0, is_causal=True, num_key_value_groups=2)
-    out, _ = attention.kv_reroute_attention(module, q, k, v, mask, scaling=0.3, is_causal=is_causal, kv_routing=routing)
+    out, _ = reroute.kv_reroute_attention(module, q, k, v, mask, scaling=0.3, is_causal=is_causal, kv_routing=routing)
     causal = is_causal is None
     want = reference_rerouted(q, k, v, mask if not (causal and routing.right_padded) else None, 0.3, last, 1.5, causal)
     real = padding_mask()[:, :, None].expand(-1, -1, HEADS)  # (B, T, H): rows pooling reads
@@ -178,11 +179,11 @@ def test_attention_with_lse_equals_reference(device, dtype, masked):
     q, k, v = qkv(2, 16, dtype, device)
     mask = causal_padding_mask(device) if masked else None
     module = SimpleNamespace(num_key_value_groups=2, is_causal=True)
-    plain = attention.attention_with_lse(module, q, k, v, mask, 0.25)
+    plain = kernels.attention_with_lse(module, q, k, v, mask, 0.25)
     if device == "cpu":
         assert plain is not None  # CPU flash returns the log-sum-exp for every dtype and mask
     if plain is None:  # allowed only where SDPA itself runs math: the prefix-channel path then applies
-        assert attention.sdpa_backend(q, attention.sdpa_arguments(module, q, k, v, mask), 0.25) == SDPBackend.MATH
+        assert kernels.sdpa_backend(q, kernels.sdpa_arguments(module, q, k, v, mask), 0.25) == SDPBackend.MATH
         return
     out, lse = plain
     want_out, want_lse = reference_attention(q, k, v, mask, is_causal=mask is None, scale=0.25)
@@ -235,7 +236,7 @@ class CudaStandIns:
 
     def _scaled_dot_product_cudnn_attention(self, q, k, v, bias, compute_lse, dropout_p, is_causal, debug, *, scale):
         assert compute_lse and q.shape[1] % k.shape[1] == 0 and dropout_p == 0.0
-        assert bias is None or (bias.dtype == q.dtype and bias.min() == attention.CUDNN_MASKED)
+        assert bias is None or (bias.dtype == q.dtype and bias.min() == kernels.CUDNN_MASKED)
         self.calls.append(("cudnn", k.shape[1], is_causal))
         out, lse = reference_attention(q, k, v, bias, is_causal=is_causal, scale=scale)
         return (out.to(q.dtype), lse.float()[..., None], None, None, LENGTH, LENGTH, None, None, None)
@@ -247,8 +248,8 @@ def stand_in(monkeypatch):
 
     def use(backend: SDPBackend, ops_class: type = CudaStandIns, **options) -> CudaStandIns:
         ops = ops_class(backend, **options)
-        monkeypatch.setattr(attention, "_ATEN", ops)
-        monkeypatch.setitem(attention._LSE_KERNELS, ("cpu", backend), attention._LSE_KERNELS[("cuda", backend)])
+        monkeypatch.setattr(kernels, "_ATEN", ops)
+        monkeypatch.setitem(kernels.LSE_KERNELS, ("cpu", backend), kernels.LSE_KERNELS[("cuda", backend)])
         return ops
 
     return use
@@ -266,7 +267,7 @@ def test_cuda_kernel_wrappers_equal_reference(stand_in, backend, masked, kv_head
     q, k, v = qkv(kv_heads, dim)
     mask = causal_padding_mask() if masked else None
     module = SimpleNamespace(num_key_value_groups=HEADS // kv_heads, is_causal=True)
-    plain = attention.attention_with_lse(module, q, k, v, mask, 0.3)
+    plain = kernels.attention_with_lse(module, q, k, v, mask, 0.3)
     supported = not (backend == SDPBackend.FLASH_ATTENTION and masked) and not (
         backend == SDPBackend.EFFICIENT_ATTENTION and kv_heads != HEADS and not masked
     )
@@ -307,7 +308,7 @@ def test_efficient_kernel_takes_native_gqa_where_sdpa_chooses_it(stand_in):
     """A torch whose SDPA picks the efficient kernel with ``enable_gqa`` gets K/V un-repeated (no mask)."""
     ops = stand_in(SDPBackend.EFFICIENT_ATTENTION, efficient_gqa=True)
     q, k, v = qkv(2, 16)
-    out, lse = attention.attention_with_lse(SimpleNamespace(num_key_value_groups=2, is_causal=True), q, k, v, None, 0.3)
+    out, lse = kernels.attention_with_lse(SimpleNamespace(num_key_value_groups=2, is_causal=True), q, k, v, None, 0.3)
     assert ops.calls == [("efficient", 2, True)]
     want_out, want_lse = reference_attention(q, k, v, is_causal=True, scale=0.3)
     torch.testing.assert_close(out.double(), want_out, atol=1e-5, rtol=1e-5)
@@ -335,16 +336,16 @@ class ForcedChoice:
 def test_real_cuda_ops_run_through_our_wrappers_on_meta(monkeypatch, backend, masked, kv_heads, dim):
     """The private CUDA ops themselves (their meta kernels: the schemas and output shapes of this torch) called by
     our wrappers exactly as on a GPU: a schema change between torch versions fails here, in CI, without a GPU."""
-    monkeypatch.setattr(attention, "_ATEN", ForcedChoice(backend))
-    monkeypatch.setitem(attention._LSE_KERNELS, ("meta", backend), attention._LSE_KERNELS[("cuda", backend)])
+    monkeypatch.setattr(kernels, "_ATEN", ForcedChoice(backend))
+    monkeypatch.setitem(kernels.LSE_KERNELS, ("meta", backend), kernels.LSE_KERNELS[("cuda", backend)])
     q, k, v = qkv(kv_heads, dim, torch.bfloat16, "meta")
     mask = causal_padding_mask("meta") if masked else None
     module = SimpleNamespace(num_key_value_groups=HEADS // kv_heads, is_causal=True)
     if backend == SDPBackend.FLASH_ATTENTION and masked:  # SDPA never picks flash with a mask: refused, not dropped
         with pytest.raises(ValueError, match="takes no attention mask"):
-            attention.attention_with_lse(module, q, k, v, mask, 0.3)
+            kernels.attention_with_lse(module, q, k, v, mask, 0.3)
         return
-    out, lse = attention.attention_with_lse(module, q, k, v, mask, 0.3)
+    out, lse = kernels.attention_with_lse(module, q, k, v, mask, 0.3)
     assert out.device.type == "meta" and lse.device.type == "meta"
     assert out.shape == (BATCH, HEADS, LENGTH, dim) and out.dtype == torch.bfloat16
     assert lse.shape == (BATCH, HEADS, LENGTH) and lse.dtype == torch.float32  # LSE length = T after slicing
@@ -439,8 +440,8 @@ def test_without_the_self_check_a_wrong_convention_gives_wrong_vectors(kv_model,
 def test_right_kernel_passes_its_check_once_and_keeps_the_fast_path(kv_model, reference_vectors, stand_in, monkeypatch, backend):
     ops = stand_in(backend, efficient_gqa=True)
     checks = []
-    real = attention._self_check_difference
-    monkeypatch.setattr(attention, "_self_check_difference", lambda *a: checks.append(real(*a)) or checks[-1])
+    real = self_check._self_check_difference
+    monkeypatch.setattr(self_check, "_self_check_difference", lambda *a: checks.append(real(*a)) or checks[-1])
     for batch_size in (3, 2, 1):
         got = kv_model.encode(SELF_CHECK_TEXTS, batch_size=batch_size, convert_to_tensor=True)
         torch.testing.assert_close(got, reference_vectors, atol=1e-5, rtol=1e-5)
@@ -457,7 +458,7 @@ def test_right_kernel_passes_with_fully_masked_rows_in_every_dtype(recwarn, dtyp
     mask = torch.ones(LENGTH, LENGTH, dtype=torch.bool).tril()[None, None] & keep[:, None, None, :]
     routing = KVRouting(layers=frozenset({0}), last_index=torch.full((BATCH,), LENGTH - 1), prefix_bias=1.0)
     module = SimpleNamespace(layer_idx=0, is_causal=True, num_key_value_groups=2)
-    attention.kv_reroute_attention(module, q, k, v, mask, scaling=0.25, kv_routing=routing)
+    reroute.kv_reroute_attention(module, q, k, v, mask, scaling=0.25, kv_routing=routing)
     [verdict] = kernel_check.results().values()
     assert verdict.fast and not [w for w in recwarn if "self-check" in str(w.message)]
 
@@ -489,6 +490,6 @@ def test_right_padding_is_recognised_only_when_present():
 def test_mask_is_dropped_only_for_right_padding_without_a_short_sliding_window(right_padded, window, expected):
     routing = KVRouting(layers=frozenset({0}), last_index=torch.zeros(1, dtype=torch.long), right_padded=right_padded)
     module = SimpleNamespace(sliding_window=window)
-    assert attention._causal_suffices(module, routing, 32, True, {}) is expected
-    assert attention._causal_suffices(SimpleNamespace(), routing, 32, True, {"sliding_window": window}) is expected
-    assert not attention._causal_suffices(module, routing, 32, False, {})  # a bidirectional layer needs its mask
+    assert reroute._causal_suffices(module, routing, 32, True, {}) is expected
+    assert reroute._causal_suffices(SimpleNamespace(), routing, 32, True, {"sliding_window": window}) is expected
+    assert not reroute._causal_suffices(module, routing, 32, False, {})  # a bidirectional layer needs its mask

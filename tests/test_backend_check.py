@@ -1,19 +1,14 @@
-"""scripts/backend_check.py (the Python part of ``scripts/gpu_check.sh run``) as its CPU dry run: every backend is
+"""tools/backend_check.py (the Python part of ``tools/gpu_check.sh run``) as its CPU dry run: every backend is
 forced, every case reported, the fast paths that ran agree with float64 math, and the tables are written."""
 
 from __future__ import annotations
 
 import json
 
-import pytest
+from kvemb_lab import backend_check
 
 
-@pytest.fixture(scope="module")
-def backend_check(load_script):
-    return load_script("backend_check")
-
-
-def test_dry_run_forces_every_backend_and_writes_the_tables(backend_check, tmp_path):
+def test_dry_run_forces_every_backend_and_writes_the_tables(tmp_path):
     assert backend_check.main(["--device", "cpu", "--tiny", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "backend_check.json").read_text())
     assert result["environment"]["torch"] and result["dtype"] == "bf16"

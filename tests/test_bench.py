@@ -1,4 +1,4 @@
-"""scripts/bench.py on tiny models: what its tables promise (every point, exact tokens, finite ratios), the
+"""tools/bench.py on tiny models: what its tables promise (every point, exact tokens, finite ratios), the
 random backbones of real shapes, the memory worker and the per-op profile. Speed itself is never asserted."""
 
 from __future__ import annotations
@@ -8,6 +8,11 @@ import math
 
 import pytest
 import torch
+
+from kvemb_lab.bench.cli import main, parse_args
+from kvemb_lab.bench.measure import profile_ops
+from kvemb_lab.bench.report import profile_markdown
+from kvemb_lab.bench.shapes import SHAPES, describe, random_backbone
 
 # Parameter counts of the released checkpoints (the Hub's safetensors counts; an untied LM head counted once):
 # a shape table entry that is off in any dimension changes them.
@@ -20,24 +25,19 @@ PUBLISHED_PARAMETERS = {
 }
 
 
-@pytest.fixture(scope="module")
-def bench(load_script):
-    return load_script("bench")
-
-
 def _finite_positive(ratio: dict) -> bool:
     low, high = ratio["range"]
     return all(math.isfinite(r) and r > 0 for r in (low, ratio["median"], high)) and low <= high
 
 
-def test_shape_tiny_bench_reports_every_point_and_column(bench, smollm2_tokenizer_dir, tmp_path):
+def test_shape_tiny_bench_reports_every_point_and_column(smollm2_tokenizer_dir, tmp_path):
     out = tmp_path / "bench"
-    bench.main(
+    main(
         ["--shape", "tiny", "--tokenizer", str(smollm2_tokenizer_dir), "--grid", "24x2,40x1", "--repeats", "2",
          "--threads", "1", "--no-rss", "--tokenize", "3x60@48", "--out", str(out)]
     )  # fmt: skip
     result = json.loads((tmp_path / "bench.json").read_text())
-    tiny = bench.SHAPES["tiny"]
+    tiny = SHAPES["tiny"]
     built = result["backbone"]
     assert (built["layers"], built["heads"], built["kv_heads"], built["head_dim"], built["hidden"]) == (
         tiny.layers, tiny.heads, tiny.kv_heads, tiny.head_dim, tiny.hidden
@@ -69,11 +69,11 @@ def test_shape_tiny_bench_reports_every_point_and_column(bench, smollm2_tokenize
     assert "Re-routed attention path" in table and "lse_merge" in table
 
 
-def test_shapes_match_the_published_models(bench):
+def test_shapes_match_the_published_models():
     for name, published in PUBLISHED_PARAMETERS.items():
-        shape = bench.SHAPES[name]
-        model = bench.random_backbone(shape, 0, torch.bfloat16, "meta")  # meta: no memory, no init
-        built = bench.describe(model)
+        shape = SHAPES[name]
+        model = random_backbone(shape, 0, torch.bfloat16, "meta")  # meta: no memory, no init
+        built = describe(model)
         assert (built["layers"], built["heads"], built["kv_heads"], built["head_dim"]) == (
             shape.layers, shape.heads, shape.kv_heads, shape.head_dim
         ), name  # fmt: skip
@@ -82,16 +82,16 @@ def test_shapes_match_the_published_models(bench):
         assert built["parameters"] + head == published, name
 
 
-def test_shape_vocabulary_grows_to_fit_the_tokenizer(bench):
-    model = bench.random_backbone(bench.SHAPES["mistral-7b"], 49_152, torch.bfloat16, "meta")
+def test_shape_vocabulary_grows_to_fit_the_tokenizer():
+    model = random_backbone(SHAPES["mistral-7b"], 49_152, torch.bfloat16, "meta")
     assert model.config.vocab_size == 49_152  # SmolLM2's ids would overflow Mistral's 32,768
 
 
-def test_memory_worker_prints_one_encode_peak(bench, tiny_llama, tmp_path, capsys):
+def test_memory_worker_prints_one_encode_peak(tiny_llama, tmp_path, capsys):
     texts = tmp_path / "texts.json"
     texts.write_text(json.dumps(["a short text"] * 2))
-    bench.main(["--worker", "--variant", "kv", "--texts-file", str(texts), "--base", tiny_llama, "--layers", "1-3",
-                "--max-seq-length", "64", "--device", "cpu", "--threads", "1"])  # fmt: skip
+    main(["--worker", "--variant", "kv", "--texts-file", str(texts), "--base", tiny_llama, "--layers", "1-3",
+          "--max-seq-length", "64", "--device", "cpu", "--threads", "1"])  # fmt: skip
     peak = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0 < peak["rss_before_mb"] <= peak["peak_rss_mb"]
 
@@ -108,16 +108,16 @@ def test_memory_worker_prints_one_encode_peak(bench, tiny_llama, tmp_path, capsy
         (["--shape", "gpt-9"], "invalid choice"),
     ],
 )
-def test_bad_options_are_named(bench, argv, message, capsys):
+def test_bad_options_are_named(argv, message, capsys):
     with pytest.raises(SystemExit):
-        bench.parse_args(argv)
+        parse_args(argv)
     assert message in capsys.readouterr().err
 
 
-def test_profile_splits_time_by_op(bench, tiny_llama, tmp_path):
-    args = bench.parse_args(["--base", tiny_llama, "--layers", "1-3", "--profile", "32", "--threads", "1"])
-    self_ms = bench.profile_ops(args)
+def test_profile_splits_time_by_op(tiny_llama, tmp_path):
+    args = parse_args(["--base", tiny_llama, "--layers", "1-3", "--profile", "32", "--threads", "1"])
+    self_ms = profile_ops(args)
     assert set(self_ms["kv"]) - set(self_ms["plain"]), "re-routing runs ops that the plain forward does not"
-    table = bench.profile_markdown(self_ms, 32)
+    table = profile_markdown(self_ms, 32)
     assert "One forward pass of 32 templated tokens" in table
     assert "| **total** |" in table and table.count("\n| `") >= min(25, len(self_ms["plain"]))

@@ -15,13 +15,15 @@ from sentence_transformers import SentenceTransformer
 
 import kvemb_st
 from kvemb_st import layer_selection
-from kvemb_st.assets import smollm2_folder
 from kvemb_st.build import DOCUMENT_READOUT, build
 from kvemb_st.calibration import calibration_hash, load_calibration
 from kvemb_st.cli import main
-from kvemb_st.layer_selection import SelectionParams, format_layer_spec, mean_position
-from kvemb_st.postprocessing import fit_postprocessing
+from kvemb_st.layer_spec import format_layer_spec
+from kvemb_st.postprocessing_fit import fit_postprocessing
 from kvemb_st.side_router import route_of
+from kvemb_st.window_rule import SelectionParams, curve_spread, mean_position
+
+from kvemb_lab.assets import smollm2_folder
 
 EXPECTED_FILES = {"modules.json", "config_sentence_transformers.json", "kvemb_config.json", "id_curve.png", "README.md"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".onnx")
@@ -111,7 +113,7 @@ def test_cli_build_prints_the_spread_and_warns(tiny_llama, tmp_path, capsys, cap
     monkeypatch.setattr(layer_selection, "compute_id_curve", lambda *args, **kwargs: curve)
     argv = ["build", tiny_llama, "-o", str(tmp_path / "m"), "--calibration-limit", "32", "--postprocess", "none"]
     assert main([*argv, "--no-cache", "--quiet", *extra]) == 0
-    spread = layer_selection.curve_spread(curve)
+    spread = curve_spread(curve)
     printed = f"ID curve spread: {spread:.2f} ((max - min) / mean past the skipped layers; below 0.2 counts as flat)"
     assert printed in capsys.readouterr().out
     logged = [r.getMessage() for r in caplog.records if r.name == layer_selection.__name__ and r.levelname == "WARNING"]
@@ -223,14 +225,15 @@ def test_postprocessing_is_fitted_on_the_calibration_texts_or_its_own_set(built,
     own = build(tiny_llama, tmp_path / "o", layers="1-2", calibration=mine, cache_dir=tmp_path, progress=False)
     assert route_of(own.model[1], None).calibration["hash"] == calibration_hash(mine) == own.selection.calibration_hash
     joined = build(tiny_llama, tmp_path / "j", layers="1-2", postprocess="center", cache_dir=tmp_path,
-                   postprocess_calibration="sts-b-train+general", progress=False)  # fmt: skip
-    record, texts = route_of(joined.model[1], None).calibration, load_calibration("sts-b-train+general")
+                   postprocess_calibration="sts-b-train+sts-b-train-paragraphs", progress=False)  # fmt: skip
+    record, texts = route_of(joined.model[1], None).calibration, load_calibration("sts-b-train+sts-b-train-paragraphs")
     assert record["count"] == len(texts) == len(set(texts)) and record["hash"] == calibration_hash(texts)
-    assert "calibration.txt + lee_background.cor of gensim's test data" in record["name"]
+    assert "calibration.txt + calibration_paragraphs.txt" in record["name"]
     assert joined.selection.calibration_hash == calibration_hash(load_calibration())  # layers: the default set
-    general = build(tiny_llama, tmp_path / "g", layers="1-2", postprocess_calibration="general",
-                    calibration_limit=32, cache_dir=tmp_path, progress=False)  # fmt: skip
-    assert route_of(general.model[1], None).calibration["hash"] == calibration_hash(load_calibration("general", 32))
+    paragraphs = build(tiny_llama, tmp_path / "g", layers="1-2", postprocess_calibration="sts-b-train-paragraphs",
+                       calibration_limit=32, cache_dir=tmp_path, progress=False)  # fmt: skip
+    assert route_of(paragraphs.model[1], None).calibration["hash"] == calibration_hash(
+        load_calibration("sts-b-train-paragraphs", 32))
 
 
 def test_card_without_postprocessing_says_so(built, tmp_path):
@@ -283,7 +286,7 @@ def test_smollm2_build_offline_prints_its_layers(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     print(out)
     line = next(line for line in out.splitlines() if line.startswith("selected layers: "))
-    layers = kvemb_st.config.parse_layer_spec(line.split()[2])
+    layers = kvemb_st.layer_spec.parse_layer_spec(line.split()[2])
     assert len(layers) == SelectionParams().width(30) and layers[-1] <= 29
     selection = json.loads((tmp_path / "smollm2" / "kvemb_config.json").read_text())["layer_selection"]
     assert len(selection["id_curve"]) == 30

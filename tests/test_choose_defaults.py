@@ -1,10 +1,12 @@
-"""The written defaults rule (scripts/choose_defaults.py) on hand-made dev results of two backbones."""
+"""The written defaults rule (experiments/choose_defaults/choose_defaults.py) on hand-made dev results of two backbones."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+
+from kvemb_lab import choose_defaults
 
 
 def _write(path, base, rows):
@@ -35,15 +37,14 @@ def files(tmp_path):
     return a, b
 
 
-def test_the_simpler_candidate_wins_a_tie_and_baselines_are_never_chosen(load_script, files):
-    choose = load_script("choose_defaults")
-    text = choose.rank(files, tie=0.005)
+def test_the_simpler_candidate_wins_a_tie_and_baselines_are_never_chosen(files):
+    text = choose_defaults.rank(files, tie=0.005)
     assert text.startswith("Chosen: `kv`, pooling `last`, post-processing `whiten@s` (score 0.7000")
     assert "| **kv** | **last** | **whiten@s** | 0.7000 |" in text
     assert "| kv | mean | whiten@s | - |" in text  # missing on one backbone: listed, not scored
     assert "ModelA sts_spearman" in text and "ModelB newsgroups_5nn" in text
 
 
-def test_without_a_tie_margin_the_best_score_wins(load_script, files):
-    text = load_script("choose_defaults").rank(files, tie=0.0)
+def test_without_a_tie_margin_the_best_score_wins(files):
+    text = choose_defaults.rank(files, tie=0.0)
     assert text.startswith("Chosen: `kv`, pooling `last`, post-processing `whiten:64@s` (score 0.7017")

@@ -16,7 +16,7 @@ import kvemb_st
 from kvemb_st.chunking import sentence_spans, split_long_texts
 from kvemb_st.config import ECHO_TEMPLATE, PROMPTEOL_TEMPLATE, ConfigError, KVEmbeddingConfig
 from kvemb_st import model_card
-from kvemb_st.prompting import Template
+from kvemb_st.template import Template
 
 BUDGET = 48
 SIDES = {"document": {"long_inputs": "chunk"}, "query": {"long_inputs": "chunk", "chunk_weights": "tokens"}}

@@ -1,16 +1,17 @@
-"""The document-side choice rule (results/doc_levers/RULE.md) on hand-made rows, and the chunking helper."""
+"""The document-side choice rule (experiments/doc_levers/RULE.md) on hand-made rows, and the chunking helper."""
 
 from __future__ import annotations
 
+import argparse
 import numpy as np
 import pytest
 
 import kvemb_st
 
-
-@pytest.fixture(scope="module")
-def levers(load_script):
-    return load_script("doc_levers")
+from kvemb_lab import doc_levers as levers
+from kvemb_lab import selective_pooling
+from kvemb_lab.doc_scoring import Scorer
+from kvemb_lab.long_documents import chunks
 
 
 def row(backbone, setting, depth, width, pooling, whiten, lee, ng, ndcg):
@@ -25,14 +26,14 @@ def results(rows):
     return [{"backbone": b, "rows": rs} for b, rs in by.items()]
 
 
-def test_depth_layers_centre_and_clip(levers):
+def test_depth_layers_centre_and_clip():
     assert levers.depth_layers(1.0, 1, 30) is None  # the final, normed output
     assert levers.depth_layers(0.5, 1, 30) == (15,) and levers.depth_layers(0.5, 3, 24) == (11, 12, 13)
     assert levers.depth_layers(1.0, 5, 30) == (25, 26, 27, 28, 29)  # clipped at the last layer
     assert levers.depth_layers(0.95, 3, 18) == (15, 16, 17)
 
 
-def test_stage1_averages_backbones_prefers_simpler_within_0005_and_skips_ineligible(levers):
+def test_stage1_averages_backbones_prefers_simpler_within_0005_and_skips_ineligible():
     rows = []
     for backbone, bump in (("a", 0.0), ("b", 0.02)):
         rows += [
@@ -55,7 +56,7 @@ def test_stage1_averages_backbones_prefers_simpler_within_0005_and_skips_ineligi
     assert all(e["key"][1] != 0.3 for e in levers.rank_stage1(results(one_backbone_only)))  # needs both backbones
 
 
-def test_stage2_keeps_sentences_on_every_backbone_then_prefers_simpler(levers):
+def test_stage2_keeps_sentences_on_every_backbone_then_prefers_simpler():
     def s2(backbone, query, post, sts, ndcg):
         return {"backbone": backbone, "query": query, "post": post, "sts_dev": sts, "retrieval_ndcg@10": ndcg}
 
@@ -70,8 +71,7 @@ def test_stage2_keeps_sentences_on_every_backbone_then_prefers_simpler(levers):
         levers.choose_stage2([r for r in rows if r["post"] == "one whitening"])
 
 
-def test_chunks_pack_whole_sentences_under_the_budget(load_script):
-    chunks = load_script("long_documents").chunks
+def test_chunks_pack_whole_sentences_under_the_budget():
     text = "One two three. Four five six seven. Eight. Nine ten eleven twelve thirteen fourteen."
     got = chunks(text, lambda chunk: len(chunk.split()) <= 5)
     assert got == ["One two three.", "Four five six seven. Eight.", "Nine ten eleven twelve thirteen fourteen."]
@@ -79,13 +79,12 @@ def test_chunks_pack_whole_sentences_under_the_budget(load_script):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_selective_pooling_attention_equals_the_models_own_attention_weights(load_script, tiny_models, arch):
+def test_selective_pooling_attention_equals_the_models_own_attention_weights(tiny_models, arch):
     """The final token's recomputed attention (head mean) is the eager attention of the last layer, and the
     pooled vectors only read the text's own tokens."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    selective = load_script("selective_pooling")
     model = kvemb_st.from_base(str(tiny_models[arch]), method="prompteol", sides={"document": {"pooling": "mean"}})
     module = model[0]
     texts = ["a short one", "a somewhat longer text with more words in it to pad the other row"]
@@ -102,21 +101,21 @@ def test_selective_pooling_attention_equals_the_models_own_attention_weights(loa
     expected = out.attentions[-1][rows, :, last].mean(1)
     cos, sin = captured["position_embeddings"]
     with torch.no_grad():
-        got = selective.final_token_attention(layer, captured["hidden_states"], cos, sin, last, mask)
+        got = selective_pooling.final_token_attention(layer, captured["hidden_states"], cos, sin, last, mask)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
-    vectors = selective.selective_vectors(model, texts)
-    changed = selective.selective_vectors(model, [texts[0], texts[1] + " extra words"])
+    vectors = selective_pooling.selective_vectors(model, texts)
+    changed = selective_pooling.selective_vectors(model, [texts[0], texts[1] + " extra words"])
     assert set(vectors) == {"top0.1", "top0.25", "top0.5", "weighted"}
     np.testing.assert_allclose(vectors["top0.5"][0], changed["top0.5"][0], atol=1e-5)  # rows do not mix
     assert all(np.isfinite(v).all() and v.shape == (2, module.get_embedding_dimension()) for v in vectors.values())
 
 
-def test_windows_stage_reads_nested_bias_settings_and_scores_sts_with_the_default_readout(levers, tmp_path):
+def test_windows_stage_reads_nested_bias_settings_and_scores_sts_with_the_default_readout(tmp_path):
     """``kv@S-E/bB`` caches nest inside ``kv@S-E``; both are found, parsed and scored (fake vectors, real data)."""
-    from kvemb_st.layer_probe import KINDS, ProbeVectors
+    from kvemb_lab.layer_probe import KINDS, ProbeVectors
 
-    scorer = levers.Scorer(tmp_path, "gemma3")
+    scorer = Scorer(tmp_path, "gemma3")
     texts = {"cal_sentences": [f"calibration {i}" for i in range(40)], "lee": scorer.lee_texts,
              "sts": sorted({s for a, b, _ in scorer.sts_pairs for s in (a, b)})}  # fmt: skip
     rng = np.random.default_rng(0)
@@ -124,7 +123,7 @@ def test_windows_stage_reads_nested_bias_settings_and_scores_sts_with_the_defaul
         for name, items in texts.items():
             arrays = {kind: rng.standard_normal((len(items), 3, 8)).astype(np.float32) for kind in KINDS}
             ProbeVectors(items, arrays).save(tmp_path / "gemma3" / setting / f"{name}.npz")
-    args = levers.argparse.Namespace(cache=tmp_path, backbone="gemma3", out=tmp_path)
+    args = argparse.Namespace(cache=tmp_path, backbone="gemma3", out=tmp_path)
     rows = levers.run_windows(args)
     assert [(r["setting"], r["start"], r["end"], r["prefix_bias"]) for r in rows] == [
         ("kv@1-6", 1, 6, 3.0), ("kv@4-9", 4, 9, 3.0), ("kv@1-6/b5", 1, 6, 5.0)]  # fmt: skip

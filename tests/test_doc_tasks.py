@@ -16,9 +16,12 @@ import pytest
 from transformers import AutoTokenizer
 
 import kvemb_st
-from kvemb_st.assets import load_sts_b
 from kvemb_st.calibration import DEFAULT_CALIBRATION_FILE, calibration_hash, read_calibration_file
-from kvemb_st.doc_tasks import (
+
+from kvemb_lab import make_calibration_set
+from kvemb_lab.assets import load_sts_b
+from kvemb_lab.calibration_sets import calibration_texts
+from kvemb_lab.doc_tasks import (
     build_passkey_task,
     clean_newsgroup_post,
     gensim_data_file,
@@ -28,8 +31,7 @@ from kvemb_st.doc_tasks import (
     load_newsgroups,
     passkey_fillers,
 )
-from kvemb_st.evaluation import calibration_texts
-from kvemb_st.general_calibration import general_calibration_texts, split_sentences
+from kvemb_lab.general_calibration import general_calibration_texts, split_sentences
 
 
 @pytest.fixture(scope="module")
@@ -184,11 +186,10 @@ def test_retrieval_qrels_match_the_subject_lines_of_the_raw_file():
     assert not any(re.match(r"(?i)re:", q) for q in whole.queries.values())
 
 
-def test_shipped_calibration_sets_are_the_scripts_output_from_sts_b_train_only(load_script):
-    script = load_script("make_calibration_set")
+def test_shipped_calibration_sets_are_the_scripts_output_from_sts_b_train_only():
     sentences = calibration_texts("sts-b-train")
     paragraphs = calibration_texts("sts-b-train-paragraphs")
-    assert paragraphs == script.sts_b_train_paragraphs(set(sentences))  # reproducible, up to date
+    assert paragraphs == make_calibration_set.sts_b_train_paragraphs(set(sentences))  # reproducible, up to date
     assert len(paragraphs) == len(set(paragraphs)) == 256 and min(len(p.split()) for p in paragraphs) >= 15
     joined = "\n".join(paragraphs)
     evaluated = {t for split in ("dev", "test") for pair in load_sts_b(split) for t in pair[:2] if len(t.split()) >= 12}

@@ -13,13 +13,16 @@ import numpy as np
 import pytest
 
 import kvemb_st
-from kvemb_st.assets import load_sts_b
-from kvemb_st.doc_tasks import DocumentTask, load_lee
-from kvemb_st.evaluation import (
+from kvemb_st.postprocessing_fit import add_postprocessing
+
+from kvemb_lab import eval_sts
+from kvemb_lab.assets import load_sts_b
+from kvemb_lab.calibration_sets import calibration_texts
+from kvemb_lab.doc_tasks import DocumentTask, load_lee
+from kvemb_lab.evaluation import (
     DOC_METRICS,
     final_pooling,
     PostSpec,
-    calibration_texts,
     build_document_task,
     embed_task,
     evaluate_documents,
@@ -33,12 +36,6 @@ from kvemb_st.evaluation import (
     sts_pairs,
     sts_task,
 )
-from kvemb_st.postprocessing import add_postprocessing
-
-@pytest.fixture(scope="module")
-def eval_sts(load_script):
-    return load_script("eval_sts")
-
 
 def test_sts_subset_is_fixed_by_seed_and_drawn_from_the_split():
     full = load_sts_b("dev")
@@ -80,7 +77,7 @@ def test_precomputed_scores_equal_the_evaluators_on_the_model(tiny_llama):
     assert set(got) == set(DOC_METRICS)
 
 
-def test_eval_script_end_to_end_on_a_tiny_model(eval_sts, tiny_llama, tmp_path):
+def test_eval_script_end_to_end_on_a_tiny_model(tiny_llama, tmp_path):
     result = eval_sts.main(
         ["--base", tiny_llama, "--split", "dev", "--limit", "8", "--docs", "--doc-queries", "4",
          "--doc-sentences", "3", "--out", str(tmp_path), "--name", "tiny",
@@ -94,7 +91,7 @@ def test_eval_script_end_to_end_on_a_tiny_model(eval_sts, tiny_llama, tmp_path):
     for row in saved["results"]:
         assert all(math.isfinite(row[k]) for k in ("sts_spearman", "docs_mrr@10", "docs_ndcg@10"))
     table = (tmp_path / "tiny.md").read_text()
-    assert "| kv:layers=1-3,prefix_bias=2,template=compression |" in table and "python scripts/eval_sts.py" in table
+    assert "| kv:layers=1-3,prefix_bias=2,template=compression |" in table and "python experiments/eval_sts/eval_sts.py" in table
     # deterministic, and the harness' STS score is the live evaluator's
     again = eval_sts.evaluate_spec("mean", tiny_llama, [sts_task(sts_pairs("dev", limit=8))])
     assert again[0]["sts_spearman"] == pytest.approx(saved["results"][1]["sts_spearman"], abs=1e-6)
@@ -102,7 +99,7 @@ def test_eval_script_end_to_end_on_a_tiny_model(eval_sts, tiny_llama, tmp_path):
     assert again[0]["sts_spearman"] == pytest.approx(evaluate_sts(model, sts_pairs("dev", limit=8)), abs=1e-6)
 
 
-def test_document_tasks_and_post_processing_end_to_end(eval_sts, tiny_llama, tmp_path):
+def test_document_tasks_and_post_processing_end_to_end(tiny_llama, tmp_path):
     calibration = tmp_path / "calibration.txt"
     calibration.write_text("\n".join(pair[0] for pair in sts_pairs("train", limit=24)) + "\n")
     result = eval_sts.main(
@@ -180,12 +177,12 @@ def test_joined_calibration_sets():
     [(":layers=1", "no method name"), ("kv:layers", "not key=value"), ("kv:{bad", "not valid JSON"),
      ("kv:method=mean", "also method")],
 )
-def test_bad_method_spec_is_a_clear_error(eval_sts, spec, message):
+def test_bad_method_spec_is_a_clear_error(spec, message):
     with pytest.raises(ValueError, match=message):
         eval_sts.parse_spec(spec)
 
 
-def test_spec_parsing_reads_json_values_and_template_aliases(eval_sts):
+def test_spec_parsing_reads_json_values_and_template_aliases():
     method, kwargs = eval_sts.parse_spec("kv:layers=20-29,prefix_bias=3,query_template=prompteol")
     assert method == "kv"
     assert kwargs == {"method": "kv", "layers": "20-29", "prefix_bias": 3, "query_template": kvemb_st.PROMPTEOL_TEMPLATE}
@@ -197,7 +194,7 @@ def test_markdown_table_formats_floats_and_missing_cells():
     assert table.splitlines() == ["| a | b |", "|---|---|", "| 0.123 | x\\|y |", "| - | - |"]
 
 
-def test_unknown_method_fails_before_any_work(eval_sts, tmp_path):
+def test_unknown_method_fails_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="unknown method"):
         eval_sts.main(["--base", "/nonexistent", "--out", str(tmp_path), "nosuchmethod"])
     assert not list(tmp_path.iterdir())
@@ -233,7 +230,7 @@ def test_bad_pooling_is_a_clear_error(text, message):
     assert final_pooling("mean+last").name == "mean+last:0.75" and final_pooling("mean+last:0.5").last_weight == 0.5
 
 
-def test_eval_script_scores_poolings(eval_sts, tiny_llama, tmp_path):
+def test_eval_script_scores_poolings(tiny_llama, tmp_path):
     result = eval_sts.main(["--base", tiny_llama, "--limit", "8", "--poolings", "last,mean", "--out", str(tmp_path),
                             "--name", "p", "--tasks", "sts,sts-test", "kv:layers=1-2"])
     assert [(r["pooling"], r["postprocessing"]) for r in result["results"]] == [("last", "none"), ("mean", "none")]

@@ -14,8 +14,9 @@ import pytest
 from test_smollm2 import assert_rerouted_states_match_reference
 
 import kvemb_st
-from kvemb_st.assets import gemma3_folder
 from kvemb_st.build import build
+
+from kvemb_lab.assets import gemma3_folder
 
 pytestmark = pytest.mark.slow
 TEXTS = ["A man is playing a guitar.", "The stock market fell sharply today, worrying investors."]

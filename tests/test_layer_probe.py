@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 import kvemb_st
-from kvemb_st.layer_probe import ProbeVectors, probe
 from kvemb_st.pooling import Readout
+
+from kvemb_lab.layer_probe import ProbeVectors, probe
 
 TEXTS = ["short", "a somewhat longer sentence with quite a few more tokens in it", "medium length text", "x"]
 READOUTS = ["mean", "last", "mean+last:0.3", "mean/text", "mean@1", "last@0-2", "mean+last:0.5/text@1-2", "mean@3"]

@@ -10,19 +10,19 @@ import torch
 from kvemb_st import layer_selection
 from kvemb_st.backbone import load_backbone
 from kvemb_st.calibration import DEFAULT_CALIBRATION_FILE, calibration_hash, load_calibration
-from kvemb_st.config import PROMPTEOL_TEMPLATE, parse_layer_spec
+from kvemb_st.config import PROMPTEOL_TEMPLATE
+from kvemb_st.layer_spec import parse_layer_spec
+from kvemb_st.id_curve import compute_id_curve
 from kvemb_st.intrinsic_dim import twonn
-from kvemb_st.layer_selection import (
+from kvemb_st.layer_selection import select_layers
+from kvemb_st.layer_spec import explicit_layers, format_layer_spec
+from kvemb_st.window_rule import (
     FLAT_SPREAD,
     SelectionParams,
-    compute_id_curve,
     curve_spread,
-    explicit_layers,
-    format_layer_spec,
     is_flat,
     near_minimum,
     place_window,
-    select_layers,
     select_window,
     selection_warnings,
 )
@@ -315,8 +315,10 @@ def test_flat_curve_of_a_tiny_model_is_recorded(tiny, tiny_llama, tmp_path, monk
 
 
 def test_named_sets_join_by_name():
-    joined = load_calibration("sts-b-train+general")
-    assert joined == list(dict.fromkeys(load_calibration("sts-b-train") + load_calibration("general")))
-    assert load_calibration("sts-b-train+general", limit=20) == joined[:20]
+    joined = load_calibration("sts-b-train+sts-b-train-paragraphs")
+    assert joined == list(dict.fromkeys(load_calibration("sts-b-train") + load_calibration("sts-b-train-paragraphs")))
+    assert load_calibration("sts-b-train+sts-b-train-paragraphs", limit=20) == joined[:20]
     with pytest.raises(ValueError, match=r"\['news'\] are not named sets"):
-        load_calibration("general+news")
+        load_calibration("sts-b-train+news")
+    with pytest.raises(ValueError, match="does not exist"):  # the lab's gensim set is no product name
+        load_calibration("general")

@@ -20,13 +20,8 @@ from sentence_transformers.base.modules import Router
 
 import kvemb_st
 from kvemb_st.calibration import calibration_hash
-from kvemb_st.postprocessing import (
-    POSTPROCESSING_MODES,
-    STATISTICS_FILE,
-    PostProcessing,
-    add_postprocessing,
-    fit_postprocessing,
-)
+from kvemb_st.postprocessing import POSTPROCESSING_MODES, STATISTICS_FILE, PostProcessing
+from kvemb_st.postprocessing_fit import add_postprocessing, fit_postprocessing
 from kvemb_st.side_router import route_of
 
 TEXTS = [f"Sentence number {i} talks about {topic}." for i, topic in enumerate(["cats", "stocks", "rain", "tea"] * 10)]

@@ -1,4 +1,4 @@
-"""scripts/prefix_attention.py: its recording attention must compute what the package's re-routed forward computes
+"""experiments/prefix_attention/prefix_attention.py: its recording attention must compute what the package's re-routed forward computes
 (else the shares it reports describe another model), and the prefix slot's share must respond to the bias."""
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from kvemb_st.config import KVEmbeddingConfig
 from kvemb_st.methods import kv_routing
 from kvemb_st.module import KVEmbedding
 
+from kvemb_lab import prefix_attention as probe
+
 TEXTS = [
     "A man is playing a guitar on a small stage in front of a quiet crowd of people.",
     "Short one.",
@@ -18,13 +20,8 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def probe(load_script):
-    return load_script("prefix_attention")
-
-
 @pytest.mark.parametrize("arch,layers", [("llama", "1-2"), ("gemma3_text", "0-3")])  # Gemma 3: texts > window 8
-def test_probe_attention_reproduces_the_rerouted_forward(probe, tiny_models, arch, layers):
+def test_probe_attention_reproduces_the_rerouted_forward(tiny_models, arch, layers):
     folder = str(tiny_models[arch])
     module = KVEmbedding(KVEmbeddingConfig(base_model=folder, layers=layers, prefix_bias=1.5))
     features = module.preprocess(TEXTS)
@@ -37,7 +34,7 @@ def test_probe_attention_reproduces_the_rerouted_forward(probe, tiny_models, arc
     torch.testing.assert_close(got.last_hidden_state[real], want.last_hidden_state[real], atol=1e-4, rtol=1e-4)
 
 
-def test_prefix_share_is_a_weight_that_grows_with_the_bias(probe, tiny_models):
+def test_prefix_share_is_a_weight_that_grows_with_the_bias(tiny_models):
     folder = str(tiny_models["llama"])
     module = KVEmbedding(KVEmbeddingConfig(base_model=folder, layers="1-2"))
     recording = AutoModel.from_pretrained(folder, attn_implementation=probe.PROBE).eval()

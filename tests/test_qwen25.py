@@ -11,9 +11,10 @@ import pytest
 from test_smollm2 import assert_rerouted_states_match_reference
 
 import kvemb_st
-from kvemb_st.assets import qwen25_folder
 from kvemb_st.build import PLOT_FILE, build
-from kvemb_st.layer_selection import SelectionParams
+from kvemb_st.window_rule import SelectionParams
+
+from kvemb_lab.assets import qwen25_folder
 
 pytestmark = pytest.mark.slow
 TEXTS = ["A man is playing a guitar.", "The stock market fell sharply today, worrying investors."]

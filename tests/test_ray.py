@@ -1,6 +1,6 @@
 """Batch embedding on Ray Data, on a local two-CPU Ray cluster.
 
-One end-to-end run of ``scripts/embed_ray.py`` (two actors) checks the vectors against single-process
+One end-to-end run of ``tools/embed_ray.py`` (two actors) checks the vectors against single-process
 ``encode`` and that rows are neither lost, duplicated nor reordered; :class:`Embedder` is also called
 in-process to check its errors without starting actors. Budget: < 120 s for this file, Ray start included.
 """
@@ -21,7 +21,7 @@ import ray.data
 import kvemb_st
 from kvemb_st.ray import Embedder, embed_dataset
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "embed_ray.py"
+SCRIPT = Path(__file__).resolve().parent.parent / "tools" / "embed_ray.py"
 TEXTS = [f"row {i}: " + "some {braced} words " * (i % 6) for i in range(37)] + [""]
 IDS = [f"doc-{(i * 7919) % 1000:03d}" for i in range(len(TEXTS))]  # unique, not sorted
 

@@ -19,7 +19,8 @@ from sentence_transformers.base.modules import Router
 
 import kvemb_st
 from kvemb_st.folder import DamagedFileError
-from kvemb_st.postprocessing import DEFAULT_EIGENVALUE_FLOOR, PostProcessing, fit_postprocessing
+from kvemb_st.postprocessing import DEFAULT_EIGENVALUE_FLOOR, PostProcessing
+from kvemb_st.postprocessing_fit import fit_postprocessing
 from kvemb_st.side_router import route_of, side_router
 
 SIDES = {"query": {"template": 'Query : "{text}" in one word:"', "pooling": "last"},

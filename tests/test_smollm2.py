@@ -11,8 +11,9 @@ from scipy.stats import spearmanr
 from test_attention import reference_backbone
 
 import kvemb_st
-from kvemb_st.assets import load_sts_b, smollm2_folder, smollm2_gguf_path
 from kvemb_st.methods import kv_routing
+
+from kvemb_lab.assets import load_sts_b, smollm2_folder, smollm2_gguf_path
 
 pytestmark = pytest.mark.slow
 LAYERS = "20-29"

@@ -24,7 +24,8 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from kvemb_st.config import COMPRESSION_TEMPLATE, PROMPTEOL_TEMPLATE
-from kvemb_st.prompting import Template, TemplateTokenizer, resolve_template
+from kvemb_st.template import Template, resolve_template
+from kvemb_st.template_tokenizer import TemplateTokenizer
 
 
 class ReferenceTemplateTokenizer:

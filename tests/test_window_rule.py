@@ -1,4 +1,4 @@
-"""Issue 20's window-rule decision (results/windows/RULE.md): the candidate windows on the checked-in ID curves,
+"""Issue 20's window-rule decision (experiments/window_rule/RULE.md): the candidate windows on the checked-in ID curves,
 the written tie-breaks, and a refusal to score a rule whose window was never swept."""
 
 from __future__ import annotations
@@ -7,14 +7,11 @@ import json
 
 import pytest
 
-
-@pytest.fixture(scope="module")
-def rule(load_script):
-    return load_script("window_rule")
+from kvemb_lab import window_rules as rule
 
 
-def test_candidate_windows_are_those_written_in_rule_md(rule):
-    written = {  # the table of results/windows/RULE.md, written before the sweep
+def test_candidate_windows_are_those_written_in_rule_md():
+    written = {  # the table of experiments/window_rule/RULE.md, written before the sweep
         "smollm2": {"A": "20-29", "B": "16-25", "C": "18-27", "D": "16-25"},
         "qwen25": {"A": "14-21", "B": "10-17", "C": "14-21", "D": "13-20"},
         "gemma3": {"A": "1-6", "B": "0-5", "C": "1-6", "D": "10-15"},
@@ -25,7 +22,7 @@ def test_candidate_windows_are_those_written_in_rule_md(rule):
             assert rule.span(place(data["id_curve"], data["num_calibration_texts"])) == windows[name], (backbone, name)
 
 
-def test_end_cap_only_moves_windows_that_reach_the_last_two_layers(rule):
+def test_end_cap_only_moves_windows_that_reach_the_last_two_layers():
     curve = [5.0] * 10 + [4.0] * 2  # minimum at the very end: the centred window is pushed to layers 8-11
     assert rule.centred(curve, 512) == [8, 9, 10, 11]
     assert rule.centred_end_capped(curve, 512) == [6, 7, 8, 9]
@@ -33,7 +30,7 @@ def test_end_cap_only_moves_windows_that_reach_the_last_two_layers(rule):
     assert rule.centred_end_capped(early, 512) == rule.centred(early, 512)
 
 
-def test_decide_counts_backbones_within_tolerance_then_largest_gap_then_keeps_a(rule):
+def test_decide_counts_backbones_within_tolerance_then_largest_gap_then_keeps_a():
     assert rule.decide({"A": [0.0, 0.02, 0.03], "C": [0.004, 0.005, 0.04]}) == "C"  # 2 within beats 1
     assert rule.decide({"A": [0.0, 0.02], "B": [0.01, 0.0]}) == "B"  # one each: smaller largest gap
     assert rule.decide({"B": [0.01, 0.0], "A": [0.0, 0.01]}) == "A"  # a full tie keeps the current rule
@@ -45,7 +42,7 @@ def sweep(path, scores):
     path.write_text(json.dumps({"rows": rows}))
 
 
-def test_evaluate_scores_gaps_and_refuses_unswept_windows(rule, tmp_path):
+def test_evaluate_scores_gaps_and_refuses_unswept_windows(tmp_path):
     sweep(tmp_path / "windows_gemma3.json", {"1-6": 0.80, "0-5": 0.79, "10-15": 0.81, "4-9": 0.812})
     result = rule.evaluate(["gemma3"], tmp_path)
     gaps = {r["rule"]: round(r["gap"], 6) for r in result["rows"]}

@@ -1,0 +1,1 @@
+"""The cost benchmark of ``tools/bench.py``: shapes, variants, measurement, report and command line."""

