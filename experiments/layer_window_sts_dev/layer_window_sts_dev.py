@@ -5,7 +5,8 @@ last-token pooling, PromptEOL template -- the package defaults when this was run
 rerun measures the same thing); only the re-routed layers change. The automatic
 windows are placed on the ID curve of the default calibration set (cached by ``kvemb build``) with
 several widths and both anchors, which is how the default window width was chosen. Writes
-``results/layer_window/smollm2/layer_window_sts_dev.json`` and ``.md``. Takes ~1 h on one (shared) CPU core with the default 1,000 pairs.
+``results/layer_window/smollm2/layer_window_sts_dev.json`` and ``.md``. Takes ~1 h on one (shared) CPU core with
+the default 1,000 pairs.
 
     python experiments/layer_window_sts_dev/layer_window_sts_dev.py [--pairs 1000] [--threads 1]
     python experiments/layer_window_sts_dev/layer_window_sts_dev.py --markdown-only   # rewrite the .md from the .json

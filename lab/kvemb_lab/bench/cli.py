@@ -147,7 +147,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokenize", type=parse_tokenize, default="32x600@512", metavar="NxT@M",
                         help="tokenization column: N texts of ~T templated tokens at max_seq_length M")  # fmt: skip
     parser.add_argument("--no-tokenize", dest="tokenize", action="store_const", const=None)
-    parser.add_argument("--out", default=None, help="output path without extension (default: results/bench/<model>/bench_<model>)")
+    parser.add_argument("--out", default=None,
+                        help="output path without extension (default: results/bench/<model>/bench_<model>)")
     parser.add_argument("--profile", type=int, metavar="TOKENS", help="instead: per-op CPU profile of plain vs kv")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
