@@ -8,7 +8,8 @@ The base model is loaded once: the ID curve is computed on the same backbone the
 By default the calibration texts are then embedded by the finished model and a whitening
 :class:`~kvemb_st.postprocessing.PostProcessing` module (its own folder: config + statistics) is appended:
 that is the default chosen on dev data of both real backbones, sentences and documents together
-(README, "Defaults"; ``experiments/choose_defaults/choose_defaults.py``). ``postprocess="none"`` leaves it out.
+(docs/defaults.md, "The default build"; ``experiments/choose_defaults/choose_defaults.py``).
+``postprocess="none"`` leaves it out.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ DEFAULT_POSTPROCESS = "whiten"  # full dimension, fitted on the calibration text
 _NOT_RECORDED = ("token", "eval_results", "command", "progress")  # secrets and noise stay out of the card
 # The document side of a default build, read by queries too (one space for retrieval), and its own whitening
 # fitted on the calibration sentences embedded by that side: chosen on dev data of both backbones by a rule
-# written before the runs (experiments/doc_levers/RULE.md, README "Documents"). `encode` keeps the top-level side.
+# written before the runs (experiments/doc_levers/RULE.md, docs/defaults.md). `encode` keeps the top-level side.
 DOCUMENT_READOUT: dict[str, Any] = {
     "template": COMPRESSION_TEMPLATE, "pooling": "mean+last", "last_weight": 0.5, "pool_span": "text",
 }  # fmt: skip

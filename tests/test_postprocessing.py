@@ -339,7 +339,7 @@ def test_all_modes_are_covered():
     assert {mode for mode, _ in MODES} == set(POSTPROCESSING_MODES)
 
 
-def test_side_statistics_need_document_texts_and_sides(methods):
+def test_document_statistics_need_document_texts_and_sides(methods):
     with pytest.raises(ValueError, match="document_statistics needs document_texts and a model with sides"):
         add_postprocessing(methods["kv"], TEXTS, "whiten", document_texts=TEXTS[:20], document_statistics=True)
     assert not isinstance(methods["kv"][-1], PostProcessing)  # nothing was appended

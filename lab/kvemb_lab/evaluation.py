@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +44,7 @@ from kvemb_st.postprocessing_fit import fit_postprocessing
 
 from kvemb_lab.assets import load_sts_b
 from kvemb_lab.doc_tasks import DocumentTask, SimilarityTask, TopicTask, knn_accuracy
+from kvemb_lab.provenance import provenance
 
 StsPair = tuple[str, str, float]
 DOC_METRICS = ("mrr@10", "ndcg@10", "accuracy@1")
@@ -404,10 +405,12 @@ def evaluate_model(
 
 
 # ------------------------------------------------------------------------------------------- writers
-def write_json(path: str | Path, data: Any) -> None:
+def write_json(path: str | Path, data: Mapping[str, Any], assets: Iterable[str] = ()) -> None:
+    """A result file: ``data`` plus its ``provenance`` (commit, dirty flag, versions, the ``assets`` the run read)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    record = {**data, "provenance": provenance(dict.fromkeys(assets))}
+    path.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], digits: int = 3) -> str:

@@ -21,7 +21,7 @@ import numpy as np
 from kvemb_st.calibration import load_calibration
 from kvemb_st.postprocessing_fit import fit_postprocessing
 
-from kvemb_lab.backbones import BACKBONES
+from kvemb_lab.backbones import BACKBONES, run_assets
 from kvemb_lab.doc_scoring import Scorer
 from kvemb_lab.evaluation import write_json
 from kvemb_lab.general_calibration import split_sentences
@@ -41,7 +41,7 @@ def chunks(text: str, fits) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = side_script_parser(__doc__, "JSON of the model's sides, e.g. the default build's")
+    parser = side_script_parser(__doc__, "JSON of the model's sides, e.g. the default build's", "long_inputs")
     parser.add_argument("--layers", default=None, help="re-routed layers (default: the backbone's build window)")
     parser.add_argument("--budget", type=int, default=128)
     parser.add_argument("--full", type=int, default=512)
@@ -80,7 +80,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(row, flush=True)
     result = {"backbone": args.backbone, "sides": json.loads(args.sides), "long_texts": long,
               "command": "python experiments/long_documents/long_documents.py " + " ".join(argv or sys.argv[1:]), "rows": rows}
-    write_json(args.out / f"long_documents_{args.backbone}_{args.budget}.json", result)
+    write_json(args.out / args.backbone / f"long_documents_{args.backbone}_{args.budget}.json", result,
+               run_assets([args.backbone]))
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@ Runs the backbone with an explicit-softmax attention (softmax over ``[prefix; ca
 records, at every re-routed layer, the prefix slot's weight averaged over heads and real query tokens, and
 the weight the *first* token (the attention sink of most LLMs) gets at the same layers without re-routing.
 The texts are label-free: the first ``--texts`` calibration sentences (or STS-B dev sentences, ``--source sts-dev``,
-as the first runs in ``results/qwen25/prefix_attention/`` used), so the share can steer a knob without labels.
+as the first runs in ``results/prefix_attention/qwen25/`` used), so the share can steer a knob without labels.
 
-    python experiments/prefix_attention/prefix_attention.py --backbone qwen25 --layers 14-21 --biases 1,3,5 --texts 64 --out share.json
+    python experiments/prefix_attention/prefix_attention.py --backbone qwen25 --layers 14-21 --biases 1,3,5
+        --texts 64 --out results/bias_share/qwen25/qwen25_14-21.json    # (one command)
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from kvemb_st.config import KVEmbeddingConfig
 from kvemb_st.methods import kv_routing
 from kvemb_st.module import KVEmbedding
 
-from kvemb_lab.assets import gemma3_folder, load_sts_b, qwen25_folder, smollm2_folder
+from kvemb_lab.assets import STS_DISTRIBUTION, gemma3_folder, load_sts_b, qwen25_folder, smollm2_folder
+from kvemb_lab.backbones import run_assets
+from kvemb_lab.evaluation import write_json
 
 PROBE = "kvemb_prefix_probe"
 BACKBONES = {"smollm2": smollm2_folder, "qwen25": qwen25_folder, "gemma3": gemma3_folder}
@@ -97,7 +100,8 @@ def main() -> None:
     parser.add_argument("--source", default="calibration", choices=["calibration", "sts-dev"],
                         help="the first calibration sentences, or STS-B dev sentences (seed 0)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=None, help="write the JSON here too")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write the JSON here too (results/bias_share/BACKBONE/BACKBONE_LAYERS.json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     folder = str(BACKBONES[args.backbone]())
@@ -119,8 +123,7 @@ def main() -> None:
     result = {"backbone": args.backbone, "layers": args.layers, "rope": args.rope, "texts": args.texts,
               "source": args.source, "runs": runs}
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.out, result, run_assets([args.backbone], [STS_DISTRIBUTION] if args.source == "sts-dev" else []))
     print(json.dumps(result))
 
 

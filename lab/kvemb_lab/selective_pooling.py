@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from kvemb_st.postprocessing_fit import fit_postprocessing
 
-from kvemb_lab.backbones import BACKBONES
+from kvemb_lab.backbones import BACKBONES, run_assets
 from kvemb_lab.doc_scoring import Scorer, text_sets
 from kvemb_lab.evaluation import markdown_table, write_json
 from kvemb_lab.side_scripts import side_model, side_script_parser
@@ -82,7 +82,8 @@ def selective_vectors(model, texts: Sequence[str], batch_size: int = 16) -> dict
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = side_script_parser(__doc__, "JSON of the model's sides (the document side is read)").parse_args(argv)
+    parser = side_script_parser(__doc__, "JSON of the model's sides (the document side is read)", "doc_levers")
+    args = parser.parse_args(argv)
     backbone = BACKBONES[args.backbone]
     model = side_model(args)
     sets = text_sets(backbone)
@@ -104,8 +105,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows.append({"backbone": args.backbone, "readout": f"selective {variant} (final layer)",
                      "whiten": "sentences+sts_paragraphs", **scorer.documents(apply(vectors["lee"][variant]), docs),
                      **scorer.retrieval(apply(vectors["subjects"][variant]), docs)})  # fmt: skip
-    write_json(args.out / f"selective_{args.backbone}.json", {"command": " ".join(sys.argv), "rows": rows})
-    (args.out / f"selective_{args.backbone}.md").write_text(markdown_table(rows, [
+    out = args.out / args.backbone
+    write_json(out / f"selective_{args.backbone}.json", {"command": " ".join(sys.argv), "rows": rows},
+               run_assets([args.backbone]))
+    (out / f"selective_{args.backbone}.md").write_text(markdown_table(rows, [
         "backbone", "readout", "whiten", "lee_pearson", "newsgroups_5nn", "retrieval_ndcg@10", "retrieval_mrr@10"], 3))
     print(markdown_table(rows, ["readout", "lee_pearson", "newsgroups_5nn", "retrieval_ndcg@10"], 3))
 

@@ -15,14 +15,15 @@ from kvemb_lab.backbones import BACKBONES
 from kvemb_lab.paths import RESULTS
 
 
-def side_script_parser(doc: str, sides_help: str) -> argparse.ArgumentParser:
-    """The options every script that runs one side of a backbone shares (long_documents, selective_pooling)."""
+def side_script_parser(doc: str, sides_help: str, topic: str) -> argparse.ArgumentParser:
+    """The options every script that runs one side of a backbone shares (long_documents, selective_pooling); its
+    files go to ``--out``/BACKBONE/, by default ``results/<topic>/BACKBONE/``."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("backbone", choices=sorted(BACKBONES))
     parser.add_argument("--sides", required=True, help=sides_help)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "kvemb_st" / "probe")
-    parser.add_argument("--out", type=Path, default=RESULTS / "doc_levers")
+    parser.add_argument("--out", type=Path, default=RESULTS / topic, help="topic folder (default: %(default)s)")
     return parser
 
 

@@ -1,8 +1,9 @@
 """Issue 20's decision: which label-free window rule carries to all three backbones (experiments/window_rule/RULE.md).
 
-Reads each backbone's window sweep (``doc_levers.py windows BACKBONE --out results/windows``) and its checked-in
-ID curve, places every candidate rule's window on that curve, and scores each rule by its gap to the best swept
-window on STS-B dev. Writes ``decision.{json,md}`` and ``windows.png`` (score per window next to the ID curve).
+Reads each backbone's window sweep (``doc_levers.py windows BACKBONE --out results/windows`` writes it to
+``results/windows/BACKBONE/windows_BACKBONE.json``) and its checked-in ID curve (``results/id_curve/BACKBONE/``),
+places every candidate rule's window on that curve, and scores each rule by its gap to the best swept window on
+STS-B dev. Writes ``decision.{json,md}`` and ``windows.png`` (score per window next to the ID curve) to ``--out``.
 
     python experiments/window_rule/window_rule.py smollm2,qwen25,gemma3
 """
@@ -24,14 +25,11 @@ from kvemb_st.window_rule import (
     select_window,
 )
 
+from kvemb_lab.backbones import run_assets
 from kvemb_lab.evaluation import markdown_table, write_json
 from kvemb_lab.paths import RESULTS
 
-CURVES = {
-    "smollm2": RESULTS / "id_curve_smollm2.json",
-    "qwen25": RESULTS / "qwen25" / "id_curve.json",
-    "gemma3": RESULTS / "gemma3" / "id_curve.json",
-}
+CURVES = {backbone: RESULTS / "id_curve" / backbone / "id_curve.json" for backbone in ("smollm2", "qwen25", "gemma3")}
 TOLERANCE = 0.005  # the issue's target: within 0.005 of the best swept window
 DEFAULT_BIAS = 3.0
 DEPTH_FRACTION = 0.7  # rule D's centre, relative depth; written in RULE.md before the runs
@@ -76,6 +74,11 @@ def decide(gaps: dict[str, list[float]]) -> str:
     return min(gaps, key=lambda r: (-sum(g <= TOLERANCE for g in gaps[r]), max(gaps[r]), r != "A"))
 
 
+def sweep_path(out: Path, backbone: str) -> Path:
+    """Where ``doc_levers.py windows BACKBONE --out OUT`` wrote the backbone's sweep."""
+    return out / backbone / f"windows_{backbone}.json"
+
+
 def sweep_rows(path: Path, bias: float = DEFAULT_BIAS) -> dict[str, dict[str, Any]]:
     rows = json.loads(path.read_text())["rows"]
     return {f"{r['start']}-{r['end']}": r for r in rows if r["prefix_bias"] == bias}
@@ -92,7 +95,7 @@ def evaluate(backbones: Sequence[str], out: Path) -> dict[str, Any]:
     rows = []
     for backbone in backbones:
         curve, points = id_curve(backbone)
-        swept = sweep_rows(out / f"windows_{backbone}.json")
+        swept = sweep_rows(sweep_path(out, backbone))
         best = max(swept.values(), key=lambda r: r["sts_dev"])
         for name, (_, rule) in RULES.items():
             window = span(rule(curve, points))
@@ -107,7 +110,7 @@ def evaluate(backbones: Sequence[str], out: Path) -> dict[str, Any]:
     summary = [{"rule": name, "definition": RULES[name][0], "within": sum(g <= TOLERANCE for g in gaps),
                 "largest_gap": max(gaps), "adopted": name == chosen} for name, gaps in per_rule.items()]  # fmt: skip
     result = {"backbones": list(backbones), "tolerance": TOLERANCE, "chosen": chosen, "summary": summary, "rows": rows}
-    write_json(out / "decision.json", result)
+    write_json(out / "decision.json", result, run_assets(backbones))
     (out / "decision.md").write_text(
         f"Adopted rule: **{chosen}** ({RULES[chosen][0]}).\n\n"
         + markdown_table(summary, ["rule", "definition", "within", "largest_gap", "adopted"], 4)
@@ -126,7 +129,7 @@ def plot(backbones: Sequence[str], out: Path) -> None:
     FigureCanvasAgg(figure)
     for k, backbone in enumerate(backbones):
         axis = figure.add_subplot(1, len(backbones), k + 1)
-        for row in sweep_rows(out / f"windows_{backbone}.json").values():
+        for row in sweep_rows(sweep_path(out, backbone)).values():
             xs = [row["start"] - 0.4, row["end"] + 0.4]
             axis.plot(xs, [row["sts_dev"]] * 2, color="tab:blue", lw=2, label="STS-B dev")
             axis.plot(xs, [row["lee_pearson"]] * 2, color="tab:green", lw=2, ls="--", label="Lee")

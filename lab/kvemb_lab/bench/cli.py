@@ -33,7 +33,7 @@ over the same templated, uncut texts (``tools/bench_tokenize.py``'s measurement)
 
 All ratios are against ``plain`` (or the plain tokenizer call) from the same run::
 
-    python tools/bench.py                                  # writes results/bench_smollm2.{json,md}
+    python tools/bench.py                                  # writes results/bench/smollm2/bench_smollm2.{json,md}
     python tools/bench.py --lengths 64,512 --repeats 3     # a quick look
     python tools/bench.py --shape llama3-8b --dtype bf16 --device cuda --grid 128x64,512x16,2048x4,8192x1
 """
@@ -50,10 +50,12 @@ import torch
 from kvemb_st import kernel_check
 
 from kvemb_lab.assets import smollm2_folder
+from kvemb_lab.backbones import run_assets
 from kvemb_lab.bench.measure import measure_point, measure_tokenization, profile_ops, text_of_length, worker
 from kvemb_lab.bench.report import device_name, markdown, profile_markdown, this_command, write
 from kvemb_lab.bench.shapes import SHAPES, describe
 from kvemb_lab.bench.variants import DTYPES, VARIANTS, load_models
+from kvemb_lab.paths import RESULTS
 
 DEFAULT_BATCH = {64: 4, 512: 4, 2048: 1, 4096: 1}
 ISSUE_GRID = "128x64,512x16,2048x4,8192x1"
@@ -86,14 +88,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         row = measure_point(args, models, length, batch, out_dir)
         result["rows"].append(row)
         result["attention_paths"] = kernel_check.summary()
-        write(result, args.out)
+        write(result, args.out, args.assets)
         print(f"{length}x{batch}: " + ", ".join(
             f"{v} forward {row['forward_ratio'][v]['median']:.3f}x encode {row['encode_ratio'][v]['median']:.3f}x"
             for v in row["forward_ratio"]
         ), flush=True)  # fmt: skip
     if args.tokenize:
         result["tokenization"] = measure_tokenization(args, models)
-        write(result, args.out)
+        write(result, args.out, args.assets)
     print("attention path of the re-routed layers:\n" + result["attention_paths"], flush=True)
     return result
 
@@ -145,7 +147,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokenize", type=parse_tokenize, default="32x600@512", metavar="NxT@M",
                         help="tokenization column: N texts of ~T templated tokens at max_seq_length M")  # fmt: skip
     parser.add_argument("--no-tokenize", dest="tokenize", action="store_const", const=None)
-    parser.add_argument("--out", default=None, help="output path without extension (default: results/bench_<model>)")
+    parser.add_argument("--out", default=None,
+                        help="output path without extension (default: results/bench/<model>/bench_<model>)")
     parser.add_argument("--profile", type=int, metavar="TOKENS", help="instead: per-op CPU profile of plain vs kv")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
@@ -159,11 +162,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.variants = args.variants.split(",")
     if args.variants[0] != "plain" or not set(args.variants) <= set(VARIANTS):
         parser.error(f"--variants {','.join(args.variants)}: start with plain, choose from {', '.join(VARIANTS)}")
+    uses_smollm2 = not (args.base if not args.shape else args.tokenizer)  # its weights or its tokenizer
+    args.assets = run_assets(["smollm2"] if uses_smollm2 else [], [])
     if not args.shape:
         args.base = args.base or str(smollm2_folder())
     args.tokenizer = args.tokenizer or (str(smollm2_folder()) if args.shape else None)
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
-    args.out = args.out or f"results/bench_{args.shape or 'smollm2'}"
+    name = args.shape or "smollm2"
+    args.out = args.out or str(RESULTS / "bench" / name / f"bench_{name}")
     if not args.worker:
         lengths = [int(x) for x in (args.lengths or "64,512,2048,4096").split(",")]
         args.grid = args.grid or [(n, args.batch or DEFAULT_BATCH.get(n, 1)) for n in lengths]
@@ -181,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.profile:
         table = profile_markdown(profile_ops(args), args.profile)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out + f"_profile_{args.profile}.md").write_text(table)
         print(table)
         return

@@ -6,10 +6,13 @@ import json
 import platform
 import shlex
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from kvemb_lab.provenance import provenance
 
 
 def this_command() -> str:
@@ -20,8 +23,9 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu ({platform.machine()})"
 
 
-def write(result: dict[str, Any], out: str) -> None:
-    Path(out + ".json").write_text(json.dumps(result, indent=2) + "\n")
+def write(result: dict[str, Any], out: str, assets: Iterable[str] = ()) -> None:
+    """``out.json`` (as measured, with its provenance) and ``out.md``."""
+    Path(out + ".json").write_text(json.dumps({**result, "provenance": provenance(assets)}, indent=2) + "\n")
     Path(out + ".md").write_text(markdown(result))
 
 
