@@ -291,7 +291,8 @@ def test_smollm2_build_offline_prints_its_layers(tmp_path, capsys, monkeypatch):
     selection = json.loads((tmp_path / "smollm2" / "kvemb_config.json").read_text())["layer_selection"]
     assert len(selection["id_curve"]) == 30
     assert min(selection["near_minimum"]) >= 6 and selection["anchor_layer"] in layers  # minima past the skipped 20%
-    assert (tmp_path / "smollm2" / "1_PostProcessing" / "statistics.safetensors").is_file()  # the default whitening
+    routes = tmp_path / "smollm2" / "1_Router"  # the default whitening: one fit for encode, one for the sides
+    assert all((routes / route / "statistics.safetensors").is_file() for route in ROUTES)
 
 
 TEXTS = ["A man plays a guitar on the street.", "Rates rose again this quarter.", "Cats sleep most of the day."]
