@@ -43,3 +43,12 @@ def test_commit_and_dirty_follow_the_checkout(tmp_path):
     (tmp_path / "b.txt").write_text("b")  # an untracked file: the commit alone no longer reproduces the run
     assert provenance(repository=tmp_path)["dirty"] is True
     assert str(tmp_path) not in json.dumps(provenance(repository=tmp_path))
+
+
+def test_public_names_and_commands_hold_no_machine_path():
+    from kvemb_lab.provenance import public_command, public_name
+
+    assert public_name("/root/.cache/kvemb_st/gemma-3-270m") == "gemma-3-270m"
+    assert public_name("relative/folder") == "relative/folder" and public_name(None) is None
+    command = public_command(["--base", "/root/x/qwen", "--out=/work/r", "load:/work/models/m-kvemb", "mean"])
+    assert command == "--base qwen --out=r load:m-kvemb mean"

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shlex
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -68,6 +67,7 @@ from kvemb_lab.evaluation import (
     write_json,
 )
 from kvemb_lab.paths import RESULTS
+from kvemb_lab.provenance import public_command, public_name
 
 TEMPLATE_KEYS = ("template", "query_template", "document_template")
 LOAD = "load"  # spec "load:FOLDER": a saved model (with its post-processing and sides), run as it is
@@ -231,10 +231,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             tasks.extend(build_tasks(args, names, tokenizer))
         return tasks
 
-    command = "python experiments/eval_sts/eval_sts.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python experiments/eval_sts/eval_sts.py " + public_command(argv if argv is not None else sys.argv[1:])
     result = {
         "command": command,
-        "base": base,
+        "base": public_name(base),
         "tasks": names,
         "split": args.split,
         "pairs": None if "sts" not in names else len(sts_pairs(args.split, args.limit, args.seed)),

@@ -50,6 +50,7 @@ import torch
 from kvemb_st import kernel_check
 
 from kvemb_lab.assets import smollm2_folder
+from kvemb_lab.provenance import public_name
 from kvemb_lab.backbones import run_assets
 from kvemb_lab.bench.measure import measure_point, measure_tokenization, profile_ops, text_of_length, worker
 from kvemb_lab.bench.report import device_name, markdown, profile_markdown, this_command, write
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     kv = models["kv"][0].config if "kv" in models else None
     result: dict[str, Any] = {
         "command": this_command(),
-        "base": args.base,
+        "base": public_name(args.base),
         "shape": {"name": args.shape, **SHAPES[args.shape]._asdict()} if args.shape else None,
         "backbone": describe(models["plain"][0].auto_model),
         "kv_config": {

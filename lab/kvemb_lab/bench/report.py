@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import platform
-import shlex
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -12,11 +11,11 @@ from typing import Any
 
 import torch
 
-from kvemb_lab.provenance import provenance
+from kvemb_lab.provenance import provenance, public_command
 
 
 def this_command() -> str:
-    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    return "python " + public_command(sys.argv)
 
 
 def device_name(device: str) -> str:
