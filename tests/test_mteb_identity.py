@@ -88,3 +88,12 @@ def test_model_meta_carries_what_mteb_cannot_read_itself(tiny_llama):
     assert meta.training_datasets == {"STSBenchmark"}  # STS-B train: not zero-shot on mteb's STSBenchmark
     assert meta.revision != before  # another pipeline, another revision
     assert not meta.is_zero_shot_on([mteb.get_task("STSBenchmark")])
+
+
+def test_a_card_without_a_metadata_header_names_no_base(tmp_path):
+    """A hand-written README.md (no YAML header) must not stop a folder from loading: it just names no base."""
+    folder = tmp_path / "kv"
+    folder.mkdir()
+    (folder / "README.md").write_text("# My model\n\nNotes, no metadata.\n", encoding="utf-8")
+    source = folder_source(str(folder), None)
+    assert (source.name, source.hub_commit, source.card_base_model) == ("kv", None, None)

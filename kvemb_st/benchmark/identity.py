@@ -71,7 +71,7 @@ def folder_source(model_name_or_path: str, resolved_file: str | None) -> Source:
 def _card_base_model(path: str) -> str | None:
     """``base_model`` of a card's metadata (``kvemb build --base-model-id`` writes it for a local base)."""
     try:
-        value = metadata_load(path).get("base_model") if os.path.isfile(path) else None
+        value = (metadata_load(path) or {}).get("base_model") if os.path.isfile(path) else None  # no header: None
     except (ValueError, yaml.YAMLError):  # a broken card header names no base; the model itself is unaffected
         return None
     value = value[0] if isinstance(value, list) and value else value
