@@ -88,3 +88,25 @@ def test_model_meta_carries_what_mteb_cannot_read_itself(tiny_llama):
     assert meta.training_datasets == {"STSBenchmark"}  # STS-B train: not zero-shot on mteb's STSBenchmark
     assert meta.revision != before  # another pipeline, another revision
     assert not meta.is_zero_shot_on([mteb.get_task("STSBenchmark")])
+
+
+def test_a_card_without_a_metadata_header_names_no_base(tmp_path):
+    """A hand-written README.md (no YAML header) must not stop a folder from loading: it just names no base."""
+    folder = tmp_path / "kv"
+    folder.mkdir()
+    (folder / "README.md").write_text("# My model\n\nNotes, no metadata.\n", encoding="utf-8")
+    source = folder_source(str(folder), None)
+    assert (source.name, source.hub_commit, source.card_base_model) == ("kv", None, None)
+
+
+def test_side_statistics_fitted_on_stsb_train_are_not_zero_shot_on_it(tiny_llama):
+    """The calibration records of a Router's routes count as training data like a plain PostProcessing's."""
+    from kvemb_st.side_router import side_router
+
+    stsb_train = read_calibration_file(DEFAULT_CALIBRATION_FILE)
+    record = {"name": "my calibration", "hash": calibration_hash(stsb_train), "count": len(stsb_train)}
+    for default, document in ((record, None), (None, record)):  # the STS-B set on either route
+        model = kvemb_st.from_base(tiny_llama, layers="1-2", sides={"document": {"pooling": "mean"}})
+        routes = {"document": PostProcessing("center", 64, calibration=document)}
+        model.append(side_router(PostProcessing("center", 64, calibration=default), routes, {"document": "document"}))
+        assert mteb_model_meta(model).training_datasets == {"STSBenchmark"}

@@ -212,3 +212,19 @@ def test_side_router_refuses_bad_routes():
         side_router(module, {"document": module}, {"query": "query"})
     with pytest.raises(ValueError, match="none named 'default'"):
         side_router(module, {"default": module}, {})
+
+
+def test_kvemb_load_refuses_a_foreign_class_on_any_route_whatever_its_name(saved, tmp_path):
+    """A class is allowed by its full import path, never by its name: a module elsewhere called PostProcessing, on
+    one route only, is refused before anything is imported."""
+    folder = tmp_path / "model"
+    shutil.copytree(saved[0], folder)
+
+    def one_foreign_route(config):
+        route = sorted(config["types"])[-1]
+        config["types"][route] = "evil_kvemb_router_test.postprocessing.PostProcessing"
+
+    _edit_router(folder, one_foreign_route)
+    with pytest.raises(ValueError, match=r"routes to modules \['evil_kvemb_router_test.postprocessing.PostProcessing'\]"):
+        kvemb_st.load(str(folder))
+    assert "evil_kvemb_router_test" not in sys.modules

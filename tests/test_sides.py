@@ -222,3 +222,11 @@ def test_every_side_knob_is_a_config_key_a_flag_and_validated_by_side():
     assert side.pool_layers == (1, 3) and side.to_dict()["pool_layers"] == [1, 3]
     with pytest.raises(AttributeError):
         side.pooling = "last"  # frozen
+
+
+@pytest.mark.parametrize("prompt", ["<kvemb-side:query> Represent it: ", " <kvemb-side:query>", "Topic <kvemb-side:document>",
+                                    "<kvemb-side:query><kvemb-side:document>"])  # fmt: skip
+def test_a_tag_with_more_text_is_refused_not_half_read(same_template, prompt):
+    """Only a whole prompt is a tag: a tag with an instruction around it would lose the instruction silently."""
+    with pytest.raises(ValueError, match="looks like a side tag but is none"):
+        same_template.encode(TEXTS, prompt=prompt)

@@ -71,8 +71,7 @@ def folder_source(model_name_or_path: str, resolved_file: str | None) -> Source:
 def _card_base_model(path: str) -> str | None:
     """``base_model`` of a card's metadata (``kvemb build --base-model-id`` writes it for a local base)."""
     try:
-        metadata = metadata_load(path) if os.path.isfile(path) else None  # None: a card without a metadata header
-        value = (metadata or {}).get("base_model")
+        value = (metadata_load(path) or {}).get("base_model") if os.path.isfile(path) else None  # no header: None
     except (ValueError, yaml.YAMLError):  # a broken card header names no base; the model itself is unaffected
         return None
     value = value[0] if isinstance(value, list) and value else value
@@ -129,7 +128,7 @@ def training_datasets(model: Any) -> set[str]:
     stsb = {calibration_hash(read_calibration_file(path)) for path in STSB_TRAIN_SETS}
     hashes: set[str] = set()
     names: list[str] = []
-    for module in model:
+    for module in _with_routes(model):
         config = getattr(module, "config", None)
         selection = getattr(config, "layer_selection", None) or {}
         hashes.add(str(selection.get("calibration_hash", "")))
@@ -139,6 +138,16 @@ def training_datasets(model: Any) -> set[str]:
             names.append(str(part.get("name", "")))
     by_name = any(STSB_SET_NAME in name or name.startswith(f"{DEFAULT_CALIBRATION_FILE.name} shipped") for name in names)
     return {"STSBenchmark"} if hashes & stsb or by_name else set()
+
+
+def _with_routes(model: Any) -> list[Any]:
+    """The model's modules, each followed by the modules of its routes (a Router of side statistics keeps the
+    calibration records in its routes)."""
+    modules = []
+    for module in model:
+        routes = getattr(module, "sub_modules", None)  # a Router's: route name -> its modules
+        modules += [module, *(m for route in (routes or {}).values() for m in route)]
+    return modules
 
 
 def mteb_model_meta(model: Any) -> Any:
