@@ -105,6 +105,23 @@ def test_rows_from_cached_raw_vectors_equal_the_models_run_directly_and_a_rerun_
     assert "/work" not in json.dumps(written) and "/tmp" not in json.dumps(written)  # names, never machine paths
 
 
+def test_the_cache_keeps_each_side_apart(tiny_llama, tmp_path):
+    """The same texts through the default, query and document sides: each side's own vectors, cached or not."""
+    from kvemb_lab.vector_cache import CachedEncode
+
+    sides = {"query": {"template": 'Query: "{text}" means in one word:"'}, "document": {"template": '"{text}" means:"'}}
+    texts = ["a cat sat on the mat", "stock prices fell sharply", "a cat sat on the mat"]
+    reference = kvemb_st.from_base(tiny_llama, layers="1-2", sides=sides)
+    cached = kvemb_st.from_base(tiny_llama, layers="1-2", sides=sides)
+    encode = CachedEncode(cached, tmp_path)
+    for _ in range(2):  # the second round reads every vector from the cache
+        for call in ("encode", "encode_query", "encode_document"):
+            assert getattr(cached, call)(texts) == pytest.approx(getattr(reference, call)(texts), abs=1e-5), call
+    assert (encode.counts.embedded, encode.counts.cached) == (6, 3 + 9)  # 2 unique texts x 3 sides; then all cached
+    with pytest.raises(ValueError, match="does not support precision='int8'"):
+        cached.encode(texts, precision="int8")
+
+
 def test_type_means_and_the_markdown_table():
     types = {"STS12": "STS", "STS13": "STS", "SciFact": "Retrieval", "Banking77Classification": "Classification",
              "EmotionClassification": "Classification"}  # fmt: skip
