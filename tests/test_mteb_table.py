@@ -20,7 +20,7 @@ from kvemb_st.build import build
 from kvemb_st.module import KVEmbedding
 
 mteb = pytest.importorskip("mteb")
-table_module = pytest.importorskip("kvemb_lab.mteb_table", reason="the lab package is not on the path (pip install -e ./lab)")
+table_module = pytest.importorskip("kvemb_lab.mteb_table", reason="the lab package is not installed (pip install -e ./lab)")
 TablePlan, fit_build_whitening, render_markdown, run_table, type_means = (
     table_module.TablePlan, table_module.fit_build_whitening, table_module.render_markdown, table_module.run_table,
     table_module.type_means,

@@ -111,7 +111,8 @@ class TablePlan:
     @property
     def mode(self) -> str:
         """The table's name beside its rows: ``table`` (capped test), ``table_full``, ``table_dev``."""
-        return "table" + ("_dev" if self.splits == "dev" else "") + ("_full" if self.sampling.max_examples is None else "")
+        full = self.sampling.max_examples is None
+        return "table" + ("_dev" if self.splits == "dev" else "") + ("_full" if full else "")
 
     def row_dir(self, row: str) -> Path:
         return self.output / ("dev" if self.splits == "dev" else "") / row
@@ -132,7 +133,8 @@ class Table:
 
     def __post_init__(self) -> None:
         plan = self.plan
-        self.provenance = self.provenance or provenance({"base_model": plan.base_folder.name, "kv_build": plan.kv_folder.name})
+        assets = {"base_model": plan.base_folder.name, "kv_build": plan.kv_folder.name}
+        self.provenance = self.provenance or provenance(assets)
 
     @property
     def json_path(self) -> Path:
@@ -150,7 +152,9 @@ class Table:
         record = self.rows.get(row, {})
         return record.get("revision") == revision and task in record.get("scores", {})
 
-    def record(self, row: str, model: str, revision: str, task: str, score: float, seconds: float, embedded: int) -> None:
+    def record(
+        self, row: str, model: str, revision: str, task: str, score: float, seconds: float, embedded: int
+    ) -> None:
         record = self.rows.setdefault(row, {})
         if record.get("revision") != revision:  # another model under the row's name: its old scores do not count
             record.clear()
@@ -192,7 +196,7 @@ def render_markdown(data: Mapping[str, Any]) -> str:
         scores, means = record.get("scores", {}), data["means"][row]
         cells = [cell(scores.get(t)) for t in tasks] + [cell(means[k]) for k in (*TASK_TYPES, "overall")]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    lines += ["", "Main score per task (mteb's own), mean per task type and over all tasks (– : not measured yet).", ""]
+    lines += ["", "Main score per task (mteb's own), mean per task type and over all tasks (–: not yet measured).", ""]
     lines += ["| row | model | revision | seconds | texts embedded |", "|---|---|---|---|---|"]
     for row, record in data["rows"].items():
         seconds, embedded = sum(record.get("seconds", {}).values()), sum(record.get("embedded", {}).values())

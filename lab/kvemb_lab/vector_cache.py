@@ -44,7 +44,9 @@ class VectorCache:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path)
-        self._db.execute("CREATE TABLE IF NOT EXISTS vectors (side TEXT, text TEXT, vector BLOB, PRIMARY KEY (side, text))")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS vectors (side TEXT, text TEXT, vector BLOB, PRIMARY KEY (side, text))"
+        )
         self._db.commit()
 
     def get(self, side: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
@@ -53,7 +55,8 @@ class VectorCache:
         for start in range(0, len(unique), 500):  # sqlite's limit on bound parameters
             part = unique[start : start + 500]
             marks = ",".join("?" * len(part))
-            rows = self._db.execute(f"SELECT text, vector FROM vectors WHERE side = ? AND text IN ({marks})", [side, *part])
+            query = f"SELECT text, vector FROM vectors WHERE side = ? AND text IN ({marks})"
+            rows = self._db.execute(query, [side, *part])
             found.update((key, np.frombuffer(blob, dtype=np.float32)) for key, blob in rows)
         return found
 
@@ -143,7 +146,8 @@ class CachedEncode:
             self.cache.put(key, part, vectors)
             found.update(zip(part, np.asarray(vectors, dtype=np.float32)))
             self.counts.embedded += len(part)
-        raw = np.stack([found[k] for k in keys]) if keys else np.zeros((0, self.raw.get_embedding_dimension()), np.float32)
+        empty = np.zeros((0, self.raw.get_embedding_dimension()), np.float32)
+        raw = np.stack([found[k] for k in keys]) if keys else empty
         post = self.model[-1] if isinstance(self.model[-1], PostProcessing) else None
         vectors = post.transform(raw, side=side) if post is not None else raw
         if normalize_embeddings:
