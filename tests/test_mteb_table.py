@@ -144,3 +144,12 @@ def test_type_means_and_the_markdown_table():
 def test_a_plan_refuses_a_held_out_task_on_dev_splits(tmp_path):
     with pytest.raises(ValueError, match=r"STS13.*dev tasks"):
         TablePlan("tiny", tmp_path, tmp_path, tmp_path, tmp_path, tmp_path, "cmd", tasks=("STS13",), splits="dev")
+
+
+@needs_data
+def test_dev_plans_score_the_validation_splits_where_rule_md_says(tmp_path):
+    dev = TablePlan("tiny", tmp_path, tmp_path, DATA, tmp_path / "out", tmp_path, "cmd", splits="dev")
+    assert dev.tasks == ("STSBenchmark", "STS12", "SICK-R", "Banking77Classification", "EmotionClassification")
+    assert dev.mode == "table_dev" and dev.row_dir("kv") == tmp_path / "out" / "dev" / "kv"
+    splits = {name: list(dev.load_task(name)[0].eval_splits) for name in ("STSBenchmark", "EmotionClassification", "STS12")}
+    assert splits == {"STSBenchmark": ["validation"], "EmotionClassification": ["validation"], "STS12": ["test"]}

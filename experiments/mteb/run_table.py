@@ -20,7 +20,7 @@ from pathlib import Path
 from kvemb_st import assets
 from kvemb_st.benchmark.local_tasks import Sampling
 
-from kvemb_lab.mteb_table import CAPPED, DEV_SPLITS, METHODS, POSTS, TASKS, TablePlan, run_table
+from kvemb_lab.mteb_table import CAPPED, METHODS, POSTS, TablePlan, run_table
 
 BASE_FOLDERS = {"smollm2": assets.smollm2_folder, "gemma3": assets.gemma3_folder, "qwen25": assets.qwen25_folder}
 
@@ -54,12 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
     split = lambda text: tuple(word.strip() for word in text.split(",") if word.strip())  # noqa: E731
-    default_tasks = tuple(DEV_SPLITS) if args.splits == "dev" else TASKS
     plan = TablePlan(
         backbone=args.backbone, base_folder=Path(BASE_FOLDERS[args.backbone]()), kv_folder=args.kv_folder,
         data_dir=args.data_dir, output=args.output / args.backbone, cache_dir=args.cache_dir,
         command=recorded_command(argv), methods=split(args.methods), posts=split(args.post),
-        tasks=split(args.tasks) if args.tasks else default_tasks, splits=args.splits,
+        tasks=split(args.tasks) if args.tasks else None, splits=args.splits,
         sampling=Sampling() if args.full else CAPPED, batch_size=args.batch_size,
     )  # fmt: skip
     table = run_table(plan, log=lambda line: print(line, flush=True))

@@ -92,7 +92,7 @@ class TablePlan:
     command: str
     methods: tuple[str, ...] = METHODS
     posts: tuple[str, ...] = POSTS
-    tasks: tuple[str, ...] = TASKS
+    tasks: tuple[str, ...] | None = None  # None: all 14, or RULE.md's dev tasks with splits="dev"
     splits: str = "test"  # "test", or "dev" (RULE.md's dev tasks, validation splits where they have them)
     sampling: Sampling = CAPPED
     batch_size: int = 32
@@ -103,6 +103,8 @@ class TablePlan:
             raise ValueError(f"unknown methods/post-processing {unknown}; methods: {METHODS}, post-processing: {POSTS}")
         if self.splits not in ("test", "dev"):
             raise ValueError(f"splits must be 'test' or 'dev', got {self.splits!r}")
+        if self.tasks is None:
+            object.__setattr__(self, "tasks", tuple(DEV_SPLITS) if self.splits == "dev" else TASKS)
         bad = [t for t in self.tasks if t not in TASKS or (self.splits == "dev" and t not in DEV_SPLITS)]
         if bad:
             allowed = list(DEV_SPLITS) if self.splits == "dev" else list(TASKS)
