@@ -135,6 +135,8 @@ class Table:
 
     def __post_init__(self) -> None:
         plan = self.plan
+        # every task's type from mteb's metadata (no data loaded), so a type's mean waits for all of its tasks
+        self.types = {name: import_mteb().get_task(name).metadata.type for name in plan.tasks} | self.types
         assets = {"base_model": plan.base_folder.name, "kv_build": plan.kv_folder.name}
         self.provenance = self.provenance or provenance(assets)
 
@@ -148,7 +150,6 @@ class Table:
             old = json.loads(self.json_path.read_text(encoding="utf-8"))
             if old.get("sampling") == self.plan.sampling.record() and old.get("splits") == self.plan.splits:
                 self.rows = old.get("rows", {})
-                self.types.update(old.get("task_types", {}))
 
     def done(self, row: str, revision: str, task: str) -> bool:
         record = self.rows.get(row, {})
@@ -167,7 +168,7 @@ class Table:
 
     def to_dict(self) -> dict[str, Any]:
         plan = self.plan
-        types = {t: self.types[t] for t in plan.tasks if t in self.types}
+        types = {t: self.types[t] for t in plan.tasks}
         return {
             "backbone": plan.backbone, "splits": plan.splits, "command": plan.command,
             "sampling": plan.sampling.record(), "sampling_rule": SAMPLING_RULE if plan.sampling.record() else None,
@@ -238,7 +239,6 @@ def run_row(model: Any, row: str, table: Table, encode: CachedEncode, log: Any =
         if table.done(row, revision, name):
             continue
         task, origin = plan.load_task(name)
-        table.types[name] = task.metadata.type
         summary_path = _summary_path(model, plan.row_dir(row), plan.sampling)
         earlier = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
         embedded, start = encode.counts.embedded, time.perf_counter()

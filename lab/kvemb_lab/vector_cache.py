@@ -25,7 +25,7 @@ from kvemb_st.api import KVSentenceTransformer
 from kvemb_st.benchmark.identity import content_revision
 from kvemb_st.postprocessing import PostProcessing
 
-DEFAULT_CHUNK = 256  # texts embedded between two commits: what a stopped run can lose
+DEFAULT_CHUNK = 128  # texts embedded between two commits: what a stopped run can lose
 # ST's encode arguments the cached encode honours only at these values (mteb and add_postprocessing use them).
 FIXED_ARGUMENTS = {
     "output_value": "sentence_embedding", "precision": "float32", "device": None, "truncate_dim": None,
