@@ -231,27 +231,23 @@ def _summary_path(model: Any, folder: Path, sampling: Sampling) -> Path:
     return import_mteb().ResultCache(cache_path=folder).get_task_result_path(SUMMARY_FILE, meta).parent / SUMMARY_FILE
 
 
-def run_row(model: Any, row: str, table: Table, encode: CachedEncode, log: Any = print) -> None:
-    """Every task of the plan for one row, skipping those the table already holds for this model revision."""
+def run_task(model: Any, row: str, name: str, table: Table, encode: CachedEncode, log: Any = print) -> None:
+    """One task for one row, unless the table already holds it for this model revision."""
     plan = table.plan
-    revision = model.model_card_data.base_model_revision
-    for name in plan.tasks:
-        if table.done(row, revision, name):
-            continue
-        task, origin = plan.load_task(name)
-        summary_path = _summary_path(model, plan.row_dir(row), plan.sampling)
-        earlier = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
-        embedded, start = encode.counts.embedded, time.perf_counter()
-        summary = run_tasks(
-            model, [(task, origin)], plan.row_dir(row), sampling=plan.sampling, batch_size=plan.batch_size,
-            show_progress_bar=False, command=plan.command,
-        )  # fmt: skip
-        seconds = time.perf_counter() - start
-        _merge_summary(summary_path, earlier)
-        table.record(row, summary.model, summary.revision, name, summary.scores[name], seconds,
-                     encode.counts.embedded - embedded)  # fmt: skip
-        log(f"{plan.backbone} {row} {name}: {summary.scores[name]:.4f} ({seconds:.0f} s, "
-            f"{encode.counts.embedded - embedded} texts embedded)")  # fmt: skip
+    if table.done(row, model.model_card_data.base_model_revision, name):
+        return
+    task, origin = plan.load_task(name)
+    summary_path = _summary_path(model, plan.row_dir(row), plan.sampling)
+    earlier = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
+    embedded, start = encode.counts.embedded, time.perf_counter()
+    summary = run_tasks(
+        model, [(task, origin)], plan.row_dir(row), sampling=plan.sampling, batch_size=plan.batch_size,
+        show_progress_bar=False, command=plan.command,
+    )  # fmt: skip
+    seconds, embedded = time.perf_counter() - start, encode.counts.embedded - embedded
+    _merge_summary(summary_path, earlier)
+    table.record(row, summary.model, summary.revision, name, summary.scores[name], seconds, embedded)
+    log(f"{plan.backbone} {row} {name}: {summary.scores[name]:.4f} ({seconds:.0f} s, {embedded} texts embedded)")
 
 
 def load_method(plan: TablePlan, method: str) -> tuple[Any, PostProcessing | None]:
@@ -264,26 +260,34 @@ def load_method(plan: TablePlan, method: str) -> tuple[Any, PostProcessing | Non
     post = model[-1] if isinstance(model[-1], PostProcessing) else None
     if post is None:
         raise ValueError(f"the kv build folder {plan.kv_folder.name} has no PostProcessing: not a default build")
-    del model[-1]
-    refresh_revision(model)
+    use_post(model, None)
     return model, post
 
 
+def use_post(model: Any, post: PostProcessing | None) -> None:
+    """Make ``post`` (or none) the model's last module; the model is another one then, with its own revision."""
+    if isinstance(model[-1], PostProcessing):
+        del model[-1]
+    if post is not None:
+        model.append(post)
+    refresh_revision(model)
+
+
 def run_table(plan: TablePlan, log: Any = print) -> Table:
-    """Run every (method, post-processing) row of ``plan``; the table is rewritten after every task."""
+    """Every (method, post-processing) row of ``plan``, task by task: a method's rows advance together (the
+    whitened row costs no forward pass), and the table is rewritten after every task."""
     table = Table(plan)
     table.resume()
+    posts = [p for p in POSTS if p in plan.posts]
     for method in plan.methods:
         model, post = load_method(plan, method)
         encode = CachedEncode(model, plan.cache_dir)
-        for kind in (p for p in POSTS if p in plan.posts):  # none first: whitening is appended to the same model
-            if kind == "whiten":
-                if post is not None:
-                    model.append(post)
-                    refresh_revision(model)
-                else:
-                    fit_build_whitening(model, plan.batch_size)  # its calibration texts go through the cache too
-            run_row(model, row_name(method, kind), table, encode, log)
+        if post is None and "whiten" in posts:  # a baseline: fitted as kvemb build fits it, through the cache
+            post = fit_build_whitening(model, plan.batch_size)[-1]
+            use_post(model, None)
+        for name in plan.tasks:
+            for kind in posts:
+                use_post(model, post if kind == "whiten" else None)
+                run_task(model, row_name(method, kind), name, table, encode, log)
         encode.cache.close()
-        table.write()
     return table
