@@ -1,0 +1,293 @@
+"""The MTEB table of issue 26: every method, with and without the default whitening, on one backbone's 14 tasks.
+
+Scores are mteb's own (``kvemb_st.benchmark``: mteb's task objects fed from the local copy, ``mteb.evaluate``,
+mteb's result files per row under ``<output>/<row>/``); nothing here computes a metric. What this module adds:
+the rows (``kvemb_st.from_base(base, method=m)`` for the baselines, the default build folder for ``kv``), the
+whitening fitted on the baselines exactly as ``kvemb build`` fits it, one cached forward pass per text and side
+shared by a method's two rows (:mod:`kvemb_lab.vector_cache`), and the table (main score per task, mean per task
+type, overall mean) rewritten after every task, so a stopped run keeps what it finished and resumes there.
+The subsampling and the choice rules are fixed in ``experiments/mteb/RULE.md``, written before any run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvemb_st.benchmark import import_mteb
+from kvemb_st.benchmark.identity import mteb_model_meta, refresh_revision
+from kvemb_st.benchmark.local_tasks import SAMPLING_RULE, Sampling, load_local_task
+from kvemb_st.benchmark.run import SUMMARY_FILE, run_tasks
+from kvemb_st.postprocessing import PostProcessing
+
+from kvemb_lab.table_provenance import provenance
+from kvemb_lab.vector_cache import CachedEncode
+
+BASELINES = ("mean", "last", "prompteol", "echo", "token_prepending")
+METHODS = ("kv", *BASELINES)
+POSTS = ("none", "whiten")
+TASKS = (
+    "STSBenchmark", "STS12", "STS13", "STS14", "STS15", "STS16", "SICK-R", "BIOSSES", "SciFact",
+    "Banking77Classification", "EmotionClassification", "AmazonCounterfactualClassification",
+    "TweetSentimentExtractionClassification", "ImdbClassification",
+)  # fmt: skip
+# RULE.md's dev tasks and the split each is scored on (None: the task's own test split).
+DEV_SPLITS: dict[str, list[str] | None] = {
+    "STSBenchmark": ["validation"], "STS12": None, "SICK-R": None, "Banking77Classification": None,
+    "EmotionClassification": ["validation"],
+}  # fmt: skip
+TASK_TYPES = ("STS", "Retrieval", "Classification")
+CAPPED = Sampling(1000, 0)  # RULE.md: every evaluated split capped at 1,000 examples, seed 0
+
+
+def row_name(method: str, post: str) -> str:
+    return method if post == "none" else f"{method}_{post}"
+
+
+def type_means(scores: Mapping[str, float], types: Mapping[str, str]) -> dict[str, float | None]:
+    """Mean main score per task type and over all tasks (``overall``); ``None`` where a task of it is missing."""
+
+    def mean(names: Sequence[str]) -> float | None:
+        return sum(scores[n] for n in names) / len(names) if names and all(n in scores for n in names) else None
+
+    means = {kind: mean([n for n, t in types.items() if t == kind]) for kind in TASK_TYPES}
+    return {**means, "overall": mean(list(types))}
+
+
+def fit_build_whitening(model: Any, batch_size: int = 32) -> Any:
+    """Append the whitening ``kvemb build`` appends by default, fitted the same way (same texts, document side)."""
+    from kvemb_st.build import (
+        DEFAULT_DOCUMENT_CALIBRATION,
+        DEFAULT_DOCUMENT_STATISTICS,
+        DEFAULT_POSTPROCESS,
+        _calibration_name,  # MERGER: the build's name for a calibration set; worth making public
+    )
+    from kvemb_st.calibration import load_calibration
+    from kvemb_st.postprocessing import add_postprocessing
+
+    with_documents = "document" in model[0].config.sides
+    return add_postprocessing(
+        model, load_calibration(None, None), DEFAULT_POSTPROCESS, None, batch_size,
+        calibration_name=_calibration_name(None),
+        document_texts=load_calibration(DEFAULT_DOCUMENT_CALIBRATION, None) if with_documents else (),
+        document_name=_calibration_name(DEFAULT_DOCUMENT_CALIBRATION) if with_documents else None,
+        document_statistics=DEFAULT_DOCUMENT_STATISTICS and with_documents,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TablePlan:
+    """What one table run measures and where it writes (``output`` = ``results/mteb/<backbone>``)."""
+
+    backbone: str
+    base_folder: Path
+    kv_folder: Path
+    data_dir: Path
+    output: Path
+    cache_dir: Path
+    command: str
+    methods: tuple[str, ...] = METHODS
+    posts: tuple[str, ...] = POSTS
+    tasks: tuple[str, ...] | None = None  # None: all 14, or RULE.md's dev tasks with splits="dev"
+    splits: str = "test"  # "test", or "dev" (RULE.md's dev tasks, validation splits where they have them)
+    sampling: Sampling = CAPPED
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS] + [p for p in self.posts if p not in POSTS]
+        if unknown:
+            raise ValueError(f"unknown methods/post-processing {unknown}; methods: {METHODS}, post-processing: {POSTS}")
+        if self.splits not in ("test", "dev"):
+            raise ValueError(f"splits must be 'test' or 'dev', got {self.splits!r}")
+        if self.tasks is None:
+            object.__setattr__(self, "tasks", tuple(DEV_SPLITS) if self.splits == "dev" else TASKS)
+        bad = [t for t in self.tasks if t not in TASKS or (self.splits == "dev" and t not in DEV_SPLITS)]
+        if bad:
+            allowed = list(DEV_SPLITS) if self.splits == "dev" else list(TASKS)
+            raise ValueError(f"tasks {bad} are not in this table ({self.splits} tasks: {allowed})")
+
+    @property
+    def mode(self) -> str:
+        """The table's name beside its rows: ``table`` (capped test), ``table_full``, ``table_dev``."""
+        full = self.sampling.max_examples is None
+        return "table" + ("_dev" if self.splits == "dev" else "") + ("_full" if full else "")
+
+    def row_dir(self, row: str) -> Path:
+        return self.output / ("dev" if self.splits == "dev" else "") / row
+
+    def load_task(self, name: str) -> tuple[Any, Any]:
+        splits = DEV_SPLITS.get(name) if self.splits == "dev" else None
+        return load_local_task(name, self.data_dir, eval_splits=splits, sampling=self.sampling)
+
+
+@dataclass
+class Table:
+    """The rows measured so far, written as ``<mode>.json`` and ``<mode>.md`` after every task."""
+
+    plan: TablePlan
+    types: dict[str, str] = field(default_factory=dict)
+    rows: dict[str, dict[str, Any]] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)  # of the code that runs: taken once, at the start
+
+    def __post_init__(self) -> None:
+        plan = self.plan
+        # every task's type from mteb's metadata (no data loaded), so a type's mean waits for all of its tasks
+        self.types = {name: import_mteb().get_task(name).metadata.type for name in plan.tasks} | self.types
+        assets = {"base_model": plan.base_folder.name, "kv_build": plan.kv_folder.name}
+        self.provenance = self.provenance or provenance(assets)
+
+    @property
+    def json_path(self) -> Path:
+        return self.plan.output / f"{self.plan.mode}.json"
+
+    def resume(self) -> None:
+        """Keep the rows of an earlier run of the same table (same sampling and splits)."""
+        if self.json_path.is_file():
+            old = json.loads(self.json_path.read_text(encoding="utf-8"))
+            if old.get("sampling") == self.plan.sampling.record() and old.get("splits") == self.plan.splits:
+                self.rows = old.get("rows", {})
+
+    def done(self, row: str, revision: str, task: str) -> bool:
+        record = self.rows.get(row, {})
+        return record.get("revision") == revision and task in record.get("scores", {})
+
+    def record(
+        self, row: str, model: str, revision: str, task: str, score: float, seconds: float, embedded: int
+    ) -> None:
+        record = self.rows.setdefault(row, {})
+        if record.get("revision") != revision:  # another model under the row's name: its old scores do not count
+            record.clear()
+        record.update(model=model, revision=revision)
+        for key, value in (("scores", score), ("seconds", round(seconds, 1)), ("embedded", embedded)):
+            record.setdefault(key, {})[task] = value
+        self.write()
+
+    def to_dict(self) -> dict[str, Any]:
+        plan = self.plan
+        types = {t: self.types[t] for t in plan.tasks}
+        return {
+            "backbone": plan.backbone, "splits": plan.splits, "command": plan.command,
+            "sampling": plan.sampling.record(), "sampling_rule": SAMPLING_RULE if plan.sampling.record() else None,
+            "task_types": types, "rows": self.rows,
+            "means": {row: type_means(r.get("scores", {}), types) for row, r in self.rows.items()},
+            "provenance": self.provenance,
+        }  # fmt: skip
+
+    def write(self) -> None:
+        data = self.to_dict()
+        self.plan.output.mkdir(parents=True, exist_ok=True)
+        self.json_path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        self.json_path.with_suffix(".md").write_text(render_markdown(data), encoding="utf-8")
+
+
+def render_markdown(data: Mapping[str, Any]) -> str:
+    """The table as Markdown: one line per row, main score per task, type means, overall; then timings."""
+    tasks = list(data["task_types"])
+    short = [t.removesuffix("Classification").replace("AmazonCounterfactual", "AmazonCF") for t in tasks]
+    head = ["row", *short, *TASK_TYPES, "overall"]
+
+    def cell(value: float | None) -> str:
+        return "–" if value is None else f"{value:.4f}"
+
+    lines = [f"# MTEB table: {data['backbone']} ({data['splits']} splits)", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row, record in data["rows"].items():
+        scores, means = record.get("scores", {}), data["means"][row]
+        cells = [cell(scores.get(t)) for t in tasks] + [cell(means[k]) for k in (*TASK_TYPES, "overall")]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    lines += ["", "Main score per task (mteb's own), mean per task type and over all tasks (–: not yet measured).", ""]
+    lines += ["| row | model | revision | seconds | texts embedded |", "|---|---|---|---|---|"]
+    for row, record in data["rows"].items():
+        seconds, embedded = sum(record.get("seconds", {}).values()), sum(record.get("embedded", {}).values())
+        lines.append(f"| {row} | {record.get('model')} | {record.get('revision')} | {seconds:.0f} | {embedded} |")
+    sampling = data["sampling"]
+    lines += ["", f"Sampling: {json.dumps(sampling) if sampling else 'none (every example)'}"]
+    if data.get("sampling_rule"):
+        lines.append(f"({data['sampling_rule']}; rules: experiments/mteb/RULE.md)")
+    lines += ["", f"Command: `{data['command']}`", "", "Provenance: `" + json.dumps(data["provenance"]) + "`", ""]
+    return "\n".join(lines)
+
+
+def _merge_summary(path: Path, earlier: dict[str, Any] | None) -> None:
+    """run_tasks writes the summary of the one task it ran: keep the earlier tasks of the row beside it."""
+    if earlier is None or not path.is_file():
+        return
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    if (earlier.get("revision"), earlier.get("sampling")) != (summary.get("revision"), summary.get("sampling")):
+        return
+    for key in ("scores", "main_scores", "data"):
+        summary[key] = {**earlier.get(key, {}), **summary.get(key, {})}
+    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+
+
+def _summary_path(model: Any, folder: Path, sampling: Sampling) -> Path:
+    """Where run_tasks writes the row's summary: mteb's folder of the model's results (as run_tasks finds it)."""
+    meta = mteb_model_meta(model)
+    meta = meta.model_copy(update={"experiment_kwargs": sampling.record()}) if sampling.record() else meta
+    return import_mteb().ResultCache(cache_path=folder).get_task_result_path(SUMMARY_FILE, meta).parent / SUMMARY_FILE
+
+
+def run_task(model: Any, row: str, name: str, table: Table, encode: CachedEncode, log: Any = print) -> None:
+    """One task for one row, unless the table already holds it for this model revision."""
+    plan = table.plan
+    if table.done(row, model.model_card_data.base_model_revision, name):
+        return
+    task, origin = plan.load_task(name)
+    summary_path = _summary_path(model, plan.row_dir(row), plan.sampling)
+    earlier = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
+    embedded, start = encode.counts.embedded, time.perf_counter()
+    summary = run_tasks(
+        model, [(task, origin)], plan.row_dir(row), sampling=plan.sampling, batch_size=plan.batch_size,
+        show_progress_bar=False, command=plan.command,
+    )  # fmt: skip
+    seconds, embedded = time.perf_counter() - start, encode.counts.embedded - embedded
+    _merge_summary(summary_path, earlier)
+    table.record(row, summary.model, summary.revision, name, summary.scores[name], seconds, embedded)
+    log(f"{plan.backbone} {row} {name}: {summary.scores[name]:.4f} ({seconds:.0f} s, {embedded} texts embedded)")
+
+
+def load_method(plan: TablePlan, method: str) -> tuple[Any, PostProcessing | None]:
+    """The method's model without post-processing, and the kv build's own PostProcessing (``None`` otherwise)."""
+    import kvemb_st
+
+    if method != "kv":
+        return kvemb_st.from_base(str(plan.base_folder), method=method), None
+    model = kvemb_st.load(str(plan.kv_folder))
+    post = model[-1] if isinstance(model[-1], PostProcessing) else None
+    if post is None:
+        raise ValueError(f"the kv build folder {plan.kv_folder.name} has no PostProcessing: not a default build")
+    use_post(model, None)
+    return model, post
+
+
+def use_post(model: Any, post: PostProcessing | None) -> None:
+    """Make ``post`` (or none) the model's last module; the model is another one then, with its own revision."""
+    if isinstance(model[-1], PostProcessing):
+        del model[-1]
+    if post is not None:
+        model.append(post)
+    refresh_revision(model)
+
+
+def run_table(plan: TablePlan, log: Any = print) -> Table:
+    """Every (method, post-processing) row of ``plan``, task by task: a method's rows advance together (the
+    whitened row costs no forward pass), and the table is rewritten after every task."""
+    table = Table(plan)
+    table.resume()
+    posts = [p for p in POSTS if p in plan.posts]
+    for method in plan.methods:
+        model, post = load_method(plan, method)
+        encode = CachedEncode(model, plan.cache_dir)
+        if post is None and "whiten" in posts:  # a baseline: fitted as kvemb build fits it, through the cache
+            post = fit_build_whitening(model, plan.batch_size)[-1]
+            use_post(model, None)
+        for name in plan.tasks:
+            for kind in posts:
+                use_post(model, post if kind == "whiten" else None)
+                run_task(model, row_name(method, kind), name, table, encode, log)
+        encode.cache.close()
+    return table

@@ -1,0 +1,156 @@
+"""Raw vectors cached on disk, so every text is embedded once per (model, side) and raw and whitened scores share it.
+
+The MTEB table scores each method twice, without post-processing and with whitening. The whitened vector of a
+text is its raw vector through the model's own :class:`~kvemb_st.postprocessing.PostProcessing` transform for the
+side the call reached, so one forward pass serves both rows; and since each embedded chunk is committed at once,
+a stopped run resumes with everything it had embedded. A cache file belongs to one raw model (its name and
+content revision); a row is the side (the embedding module's own ``side_of``, plus any extra prompt) and the
+sha256 of the text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kvemb_st.api import KVSentenceTransformer
+from kvemb_st.benchmark.identity import content_revision
+from kvemb_st.postprocessing import PostProcessing
+
+DEFAULT_CHUNK = 128  # texts embedded between two commits: what a stopped run can lose
+# ST's encode arguments the cached encode honours only at these values (mteb and add_postprocessing use them).
+FIXED_ARGUMENTS = {
+    "output_value": "sentence_embedding", "precision": "float32", "device": None, "truncate_dim": None,
+    "pool": None, "chunk_size": None,
+}  # fmt: skip
+
+
+def text_key(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class VectorCache:
+    """One sqlite file of float32 vectors keyed by (side, sha256 of the text); every write is committed."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path)
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS vectors (side TEXT, text TEXT, vector BLOB, PRIMARY KEY (side, text))"
+        )
+        self._db.commit()
+
+    def get(self, side: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        found: dict[str, np.ndarray] = {}
+        unique = list(dict.fromkeys(keys))
+        for start in range(0, len(unique), 500):  # sqlite's limit on bound parameters
+            part = unique[start : start + 500]
+            marks = ",".join("?" * len(part))
+            query = f"SELECT text, vector FROM vectors WHERE side = ? AND text IN ({marks})"
+            rows = self._db.execute(query, [side, *part])
+            found.update((key, np.frombuffer(blob, dtype=np.float32)) for key, blob in rows)
+        return found
+
+    def put(self, side: str, keys: Sequence[str], vectors: np.ndarray) -> None:
+        rows = [(side, key, np.ascontiguousarray(v, dtype=np.float32).tobytes()) for key, v in zip(keys, vectors)]
+        self._db.executemany("INSERT OR REPLACE INTO vectors VALUES (?, ?, ?)", rows)
+        self._db.commit()
+
+    def __len__(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM vectors").fetchone()[0])
+
+    def close(self) -> None:
+        self._db.close()
+
+
+@dataclass
+class CacheCounts:
+    """Texts served from the cache and texts embedded by a forward pass, since the encode was installed."""
+
+    cached: int = 0
+    embedded: int = 0
+
+
+def raw_model(model: Any) -> KVSentenceTransformer:
+    """The model's embedding module alone (no post-processing): the pipeline whose vectors are cached."""
+    return KVSentenceTransformer(
+        modules=[model[0]], prompts=dict(model.prompts), default_prompt_name=model.default_prompt_name,
+        similarity_fn_name="cosine", device=str(model.device),
+    )  # fmt: skip
+
+
+class CachedEncode:
+    """Replaces ``model.encode`` (so ``encode_query``/``encode_document`` go through it too): raw vectors come from
+    the cache or one forward pass of the embedding module, then the model's PostProcessing (if it has one now) is
+    applied for the call's side, as its ``forward`` would. The cache file is named by the raw pipeline's name and
+    content revision (post-processing left out), so a changed knob or base model never reads another's vectors."""
+
+    def __init__(self, model: Any, cache_dir: str | Path, chunk: int = DEFAULT_CHUNK) -> None:
+        self.model, self.chunk = model, chunk
+        self.raw = raw_model(model)
+        name = str(self.raw.model_card_data.model_name or "model").replace("/", "--")
+        self.cache = VectorCache(Path(cache_dir) / f"{name}-{content_revision(self.raw)}.sqlite")
+        self.counts = CacheCounts()
+        model.encode = self  # an instance attribute: ST's encode_query/encode_document call self.encode
+
+    def side_key(self, prompt: str | None, task: str | None) -> tuple[str | None, str]:
+        """The side the embedding module will use and the cache's name for it (an extra prompt text is part of it)."""
+        module = self.model[0]
+        side = module.side_of(prompt, task)
+        extra = None if side is not None and prompt == module.prompts[side] else prompt
+        return side, (side or "default") + (f"+prompt:{text_key(extra)[:16]}" if extra else "")
+
+    def __call__(
+        self,
+        inputs: str | Sequence[str],
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        batch_size: int = 32,
+        show_progress_bar: bool | None = None,
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
+        normalize_embeddings: bool = False,
+        task: str | None = None,
+        **fixed: Any,
+    ) -> np.ndarray | torch.Tensor:
+        for name, value in fixed.items():
+            if name not in FIXED_ARGUMENTS or value != FIXED_ARGUMENTS[name]:
+                raise ValueError(f"the cached encode does not support {name}={value!r} (supported: {FIXED_ARGUMENTS})")
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        if prompt is None:
+            name = prompt_name if prompt_name is not None else self.model.default_prompt_name
+            if name is not None and name not in self.model.prompts:
+                raise ValueError(f"prompt name {name!r} is not one of the model's prompts {sorted(self.model.prompts)}")
+            prompt = self.model.prompts.get(name) if name is not None else None
+        side, key = self.side_key(prompt, task)
+        keys = [text_key(text) for text in texts]
+        found = self.cache.get(key, keys)
+        missing = list(dict.fromkeys(k for k in keys if k not in found))
+        self.counts.cached += len(texts) - len(missing)
+        by_key = dict(zip(keys, texts))
+        for start in range(0, len(missing), self.chunk):
+            part = missing[start : start + self.chunk]
+            vectors = self.raw.encode(
+                [by_key[k] for k in part], prompt=prompt, task=task, batch_size=batch_size,
+                show_progress_bar=bool(show_progress_bar), convert_to_numpy=True,
+            )  # fmt: skip
+            self.cache.put(key, part, vectors)
+            found.update(zip(part, np.asarray(vectors, dtype=np.float32)))
+            self.counts.embedded += len(part)
+        empty = np.zeros((0, self.raw.get_embedding_dimension()), np.float32)
+        raw = np.stack([found[k] for k in keys]) if keys else empty
+        post = self.model[-1] if isinstance(self.model[-1], PostProcessing) else None
+        vectors = post.transform(raw, side=side) if post is not None else raw
+        if normalize_embeddings:
+            vectors = F.normalize(torch.from_numpy(vectors), dim=-1).numpy()
+        result: np.ndarray | torch.Tensor = torch.from_numpy(vectors) if convert_to_tensor else vectors
+        return result[0] if isinstance(inputs, str) else result
