@@ -18,6 +18,7 @@ from sentence_transformers import SentenceTransformer, util
 
 from kvemb_st.build import build
 from kvemb_st.layer_spec import format_layer_spec
+from kvemb_st.side_router import route_of
 
 
 CORPUS = [
@@ -56,7 +57,8 @@ def main() -> None:
     print(f"base model: {base}")
     built = build(base, args.output, layers=args.layers, overwrite=True, local_files_only=args.base is None,
                   base_model_id=None if args.base else SMOLLM2_ID, progress=False)  # fmt: skip
-    print(f"re-routed layers {format_layer_spec(built.selection.layers)}, post-processing: {built.model[1].mode}")
+    whitening = route_of(built.model[1], None).mode  # a Router: one fit for encode, one for the query/document sides
+    print(f"re-routed layers {format_layer_spec(built.selection.layers)}, post-processing: {whitening}")
     print(f"saved (config + whitening statistics, no weights) to {args.output}")
 
     # Reload the way any sentence-transformers user would; kvemb_st.load(...) works without the flag.

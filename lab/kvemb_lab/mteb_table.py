@@ -24,7 +24,9 @@ from kvemb_st.benchmark.local_tasks import SAMPLING_RULE, Sampling, load_local_t
 from kvemb_st.benchmark.run import SUMMARY_FILE, run_tasks
 from kvemb_st.postprocessing import PostProcessing
 
-from kvemb_lab.table_provenance import provenance
+from kvemb_lab.assets import STS_DISTRIBUTION
+from kvemb_lab.backbones import run_assets
+from kvemb_lab.provenance import provenance
 from kvemb_lab.vector_cache import CachedEncode
 
 BASELINES = ("mean", "last", "prompteol", "echo", "token_prepending")
@@ -137,8 +139,8 @@ class Table:
         plan = self.plan
         # every task's type from mteb's metadata (no data loaded), so a type's mean waits for all of its tasks
         self.types = {name: import_mteb().get_task(name).metadata.type for name in plan.tasks} | self.types
-        assets = {"base_model": plan.base_folder.name, "kv_build": plan.kv_folder.name}
-        self.provenance = self.provenance or provenance(assets)
+        models = {"base_model": plan.base_folder.name, "kv_build": plan.kv_folder.name}
+        self.provenance = self.provenance or {**provenance(run_assets([plan.backbone], data=(STS_DISTRIBUTION,)))  # STSBenchmark, "models": models}
 
     @property
     def json_path(self) -> Path:
