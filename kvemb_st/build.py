@@ -167,9 +167,9 @@ def build(
         with_documents = document_calibration is not None and "document" in module.config.sides
         add_postprocessing(
             model, post_texts, postprocess, components, batch_size,
-            calibration_name=_calibration_name(postprocess_calibration), eigenvalue_floor=eigenvalue_floor,
+            calibration_name=calibration_name_of(postprocess_calibration), eigenvalue_floor=eigenvalue_floor,
             document_texts=load_calibration(document_calibration, calibration_limit) if with_documents else (),
-            document_name=_calibration_name(document_calibration) if with_documents else None,
+            document_name=calibration_name_of(document_calibration) if with_documents else None,
             document_statistics=document_statistics and with_documents,
         )  # fmt: skip
 
@@ -201,7 +201,7 @@ def build(
     return BuildResult(output_dir=output, model=model, selection=chosen, repo_url=repo_url)
 
 
-def _calibration_name(calibration: str | os.PathLike[str] | Sequence[str] | None) -> str | None:
+def calibration_name_of(calibration: str | os.PathLike[str] | Sequence[str] | None) -> str | None:
     """How the card names the calibration set: named sets, a user file's name, or ``None`` for a list."""
     if calibration is None:
         return f"{DEFAULT_CALIBRATION_FILE.name} shipped with kvemb-st {__version__}"

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sentence_transformers.base.modules import Router
+
 from kvemb_st.benchmark import import_mteb
 from kvemb_st.benchmark.identity import mteb_model_meta, refresh_revision
 from kvemb_st.benchmark.local_tasks import SAMPLING_RULE, Sampling, load_local_task
@@ -25,7 +27,7 @@ from kvemb_st.benchmark.run import SUMMARY_FILE, run_tasks
 from kvemb_st.postprocessing import PostProcessing
 
 from kvemb_lab.assets import STS_DISTRIBUTION
-from kvemb_lab.backbones import run_assets
+from kvemb_lab.backbones import BACKBONES, run_assets
 from kvemb_lab.provenance import provenance
 from kvemb_lab.vector_cache import CachedEncode
 
@@ -66,17 +68,17 @@ def fit_build_whitening(model: Any, batch_size: int = 32) -> Any:
         DEFAULT_DOCUMENT_CALIBRATION,
         DEFAULT_DOCUMENT_STATISTICS,
         DEFAULT_POSTPROCESS,
-        _calibration_name,  # MERGER: the build's name for a calibration set; worth making public
+        calibration_name_of,
     )
     from kvemb_st.calibration import load_calibration
-    from kvemb_st.postprocessing import add_postprocessing
+    from kvemb_st.postprocessing_fit import add_postprocessing
 
     with_documents = "document" in model[0].config.sides
     return add_postprocessing(
         model, load_calibration(None, None), DEFAULT_POSTPROCESS, None, batch_size,
-        calibration_name=_calibration_name(None),
+        calibration_name=calibration_name_of(None),
         document_texts=load_calibration(DEFAULT_DOCUMENT_CALIBRATION, None) if with_documents else (),
-        document_name=_calibration_name(DEFAULT_DOCUMENT_CALIBRATION) if with_documents else None,
+        document_name=calibration_name_of(DEFAULT_DOCUMENT_CALIBRATION) if with_documents else None,
         document_statistics=DEFAULT_DOCUMENT_STATISTICS and with_documents,
     )  # fmt: skip
 
@@ -140,7 +142,9 @@ class Table:
         # every task's type from mteb's metadata (no data loaded), so a type's mean waits for all of its tasks
         self.types = {name: import_mteb().get_task(name).metadata.type for name in plan.tasks} | self.types
         models = {"base_model": plan.base_folder.name, "kv_build": plan.kv_folder.name}
-        self.provenance = self.provenance or {**provenance(run_assets([plan.backbone], data=(STS_DISTRIBUTION,)))  # STSBenchmark, "models": models}
+        known = [plan.backbone] if plan.backbone in BACKBONES else []  # a test's tiny model has no asset package
+        assets = run_assets(known, data=(STS_DISTRIBUTION,))  # the STSBenchmark files
+        self.provenance = self.provenance or {**provenance(assets), "models": models}
 
     @property
     def json_path(self) -> Path:
@@ -252,23 +256,24 @@ def run_task(model: Any, row: str, name: str, table: Table, encode: CachedEncode
     log(f"{plan.backbone} {row} {name}: {summary.scores[name]:.4f} ({seconds:.0f} s, {embedded} texts embedded)")
 
 
-def load_method(plan: TablePlan, method: str) -> tuple[Any, PostProcessing | None]:
-    """The method's model without post-processing, and the kv build's own PostProcessing (``None`` otherwise)."""
+def load_method(plan: TablePlan, method: str) -> tuple[Any, PostProcessing | Router | None]:
+    """The method's model without post-processing, and the kv build's own post-processing module (a PostProcessing,
+    or the Router of its per-side statistics; ``None`` for a baseline)."""
     import kvemb_st
 
     if method != "kv":
         return kvemb_st.from_base(str(plan.base_folder), method=method), None
     model = kvemb_st.load(str(plan.kv_folder))
-    post = model[-1] if isinstance(model[-1], PostProcessing) else None
+    post = model[-1] if isinstance(model[-1], (PostProcessing, Router)) else None
     if post is None:
         raise ValueError(f"the kv build folder {plan.kv_folder.name} has no PostProcessing: not a default build")
     use_post(model, None)
     return model, post
 
 
-def use_post(model: Any, post: PostProcessing | None) -> None:
+def use_post(model: Any, post: PostProcessing | Router | None) -> None:
     """Make ``post`` (or none) the model's last module; the model is another one then, with its own revision."""
-    if isinstance(model[-1], PostProcessing):
+    if isinstance(model[-1], (PostProcessing, Router)):
         del model[-1]
     if post is not None:
         model.append(post)

@@ -4,7 +4,7 @@ The MTEB table scores each method twice, without post-processing and with whiten
 text is its raw vector through the model's own :class:`~kvemb_st.postprocessing.PostProcessing` transform for the
 side the call reached, so one forward pass serves both rows; and since each embedded chunk is committed at once,
 a stopped run resumes with everything it had embedded. A cache file belongs to one raw model (its name and
-content revision); a row is the side (the embedding module's own ``side_of``, plus any extra prompt) and the
+content revision); a row is the side (the embedding module's own ``side_for``, plus any extra prompt) and the
 sha256 of the text.
 """
 
@@ -20,10 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sentence_transformers.base.modules import Router
 
 from kvemb_st.api import KVSentenceTransformer
 from kvemb_st.benchmark.identity import content_revision
 from kvemb_st.postprocessing import PostProcessing
+from kvemb_st.side_router import route_of
 
 DEFAULT_CHUNK = 128  # texts embedded between two commits: what a stopped run can lose
 # ST's encode arguments the cached encode honours only at these values (mteb and add_postprocessing use them).
@@ -31,6 +33,14 @@ FIXED_ARGUMENTS = {
     "output_value": "sentence_embedding", "precision": "float32", "device": None, "truncate_dim": None,
     "pool": None, "chunk_size": None,
 }  # fmt: skip
+
+
+def post_module(model: Any, side: str | None) -> PostProcessing | None:
+    """The post-processing the model's last module applies to ``side``'s vectors (a Router: that side's route)."""
+    last = model[-1]
+    if isinstance(last, Router):
+        return route_of(last, side)
+    return last if isinstance(last, PostProcessing) else None
 
 
 def text_key(text: str) -> str:
@@ -104,9 +114,7 @@ class CachedEncode:
 
     def side_key(self, prompt: str | None, task: str | None) -> tuple[str | None, str]:
         """The side the embedding module will use and the cache's name for it (an extra prompt text is part of it)."""
-        module = self.model[0]
-        side = module.side_of(prompt, task)
-        extra = None if side is not None and prompt == module.prompts[side] else prompt
+        side, extra = self.model[0].side_for(prompt, task)
         return side, (side or "default") + (f"+prompt:{text_key(extra)[:16]}" if extra else "")
 
     def __call__(
@@ -148,8 +156,8 @@ class CachedEncode:
             self.counts.embedded += len(part)
         empty = np.zeros((0, self.raw.get_embedding_dimension()), np.float32)
         raw = np.stack([found[k] for k in keys]) if keys else empty
-        post = self.model[-1] if isinstance(self.model[-1], PostProcessing) else None
-        vectors = post.transform(raw, side=side) if post is not None else raw
+        post = post_module(self.model, side)
+        vectors = post.transform(raw) if post is not None else raw
         if normalize_embeddings:
             vectors = F.normalize(torch.from_numpy(vectors), dim=-1).numpy()
         result: np.ndarray | torch.Tensor = torch.from_numpy(vectors) if convert_to_tensor else vectors
