@@ -224,9 +224,3 @@ class TruncationLog:
         while self._next <= self.texts:
             self._next *= 10
         return True
-
-
-def dropped_tokens(texts: Sequence[str], template: Template, tokenizer: Any, kept: torch.Tensor, budget: int) -> int:
-    """Tokens of the templated ``texts`` left out by truncation, given the tokens ``kept`` of each row."""
-    lengths = _token_counts(tokenizer, [template.format(text) for text in texts])
-    return sum(n - int(k) for n, k in zip(lengths, kept.tolist()) if n > budget)

@@ -19,7 +19,7 @@ from transformers.utils import logging
 
 from kvemb_st.backbone import load_backbone
 from kvemb_st.benchmark.identity import Source, assign_identity, base_source, folder_source
-from kvemb_st.chunking import TruncationLog, dropped_tokens, split_long_texts
+from kvemb_st.chunking import TruncationLog, split_long_texts
 from kvemb_st.config import CONFIG_FILE_NAME, ConfigError, KVEmbeddingConfig, is_hub_id
 from kvemb_st.folder import CheckedConfigMixin
 from kvemb_st.inputs import validate_texts
@@ -27,7 +27,7 @@ from kvemb_st.methods import HiddenStates, get_method
 from kvemb_st.pooling import Readout
 from kvemb_st.side import SIDE_NAMES, side_tag, tagged_side
 from kvemb_st.template import Template, resolve_template
-from kvemb_st.template_tokenizer import TemplateTokenizer
+from kvemb_st.template_tokenizer import TemplateTokenizer, Truncation
 from kvemb_st.version import __version__
 
 logger = logging.get_logger(__name__)
@@ -197,20 +197,17 @@ class KVEmbedding(CheckedConfigMixin, InputModule):
                 features["chunks"] = plan
         else:
             features, truncated = self._template_tokenizer.encode(texts, template, text_mask=text_mask)
-            if truncated:
-                self._warn_truncation(texts, template, features["attention_mask"], truncated)
+            if truncated.texts:
+                self._warn_truncation(truncated)
         features["task"] = task
         return features
 
-    def _warn_truncation(
-        self, texts: list[str], template: Template, attention_mask: torch.Tensor, truncated: int
-    ) -> None:
+    def _warn_truncation(self, truncated: Truncation) -> None:
         """Say how much truncation dropped: at the first truncated text, then at 10, 100, ... (see TruncationLog)."""
-        tokens = dropped_tokens(texts, template, self.tokenizer, attention_mask.sum(1), self.max_seq_length)
-        if self._truncation.add(truncated, tokens):
+        if self._truncation.add(truncated.texts, truncated.tokens):
             logger.warning(
-                f"{truncated} text(s) in this batch exceed max_seq_length={self.max_seq_length} tokens with the "
-                f"template: {tokens} token(s) were cut from their ends (the template's instruction kept whole); "
+                f"{truncated.texts} text(s) in this batch exceed max_seq_length={self.max_seq_length} tokens with the "
+                f"template: {truncated.tokens} token(s) were cut from their ends (the template's instruction kept whole); "
                 f"{self._truncation.texts} text(s) and {self._truncation.tokens} token(s) so far for this model. "
                 "Set long_inputs='chunk' to embed every token. (Shown again at 10, 100, ... truncated texts.)"
             )

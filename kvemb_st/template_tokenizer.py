@@ -17,7 +17,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -153,6 +153,14 @@ def _padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor
     return torch.from_numpy(input_ids), torch.from_numpy(attention_mask.astype(np.int64))
 
 
+class Truncation(NamedTuple):
+    """What truncation left out of one batch: the texts cut, and the templated tokens dropped from them (counted
+    from the tokenization ``encode`` does anyway, so the warning costs no second pass)."""
+
+    texts: int
+    tokens: int
+
+
 class TemplateTokenizer:
     """Tokenize templated texts with right padding, truncating only the text part to ``max_length`` tokens.
 
@@ -187,8 +195,8 @@ class TemplateTokenizer:
 
     def encode(
         self, texts: Sequence[str], template: Template, text_mask: bool = False
-    ) -> tuple[dict[str, torch.Tensor], int]:
-        """Return ``{"input_ids", "attention_mask"}`` and the number of texts that had to be truncated.
+    ) -> tuple[dict[str, torch.Tensor], Truncation]:
+        """Return ``{"input_ids", "attention_mask"}`` and what truncation left out (:class:`Truncation`).
 
         With ``text_mask`` also ``text_mask``: the tokens that carry characters of the text (of its last copy,
         for templates that repeat it), i.e. the template's own tokens left out.
@@ -215,7 +223,7 @@ class TemplateTokenizer:
         if text_mask:
             spans = [_spans(row) for row in parts]
             features["text_mask"] = self._last_copy_mask(texts, template, spans, attention_mask)
-        return features, len(over)
+        return features, Truncation(len(over), sum(len(rows[i]) - len(encoded[i]) for i in over))
 
     def _excess(self, length: int, template: Template) -> int:
         """Text tokens to cut for ``length`` templated tokens to fit: each one removes ``copies`` tokens."""

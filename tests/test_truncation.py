@@ -25,11 +25,12 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from kvemb_st.config import COMPRESSION_TEMPLATE, PROMPTEOL_TEMPLATE
 from kvemb_st.template import Template, resolve_template
-from kvemb_st.template_tokenizer import TemplateTokenizer
+from kvemb_st.template_tokenizer import TemplateTokenizer, Truncation
 
 
 class ReferenceTemplateTokenizer:
-    """The per-text truncation that ``TemplateTokenizer`` replaced (its ``encode``, copied unchanged)."""
+    """The per-text truncation that ``TemplateTokenizer`` replaced (its ``encode``, copied unchanged but for the
+    count of dropped tokens it now also returns)."""
 
     def __init__(self, tokenizer, max_length: int) -> None:
         self.tokenizer = tokenizer
@@ -39,14 +40,15 @@ class ReferenceTemplateTokenizer:
 
     def encode(
         self, texts: Sequence[str], template: Template, text_mask: bool = False
-    ) -> tuple[dict[str, torch.Tensor], int]:
+    ) -> tuple[dict[str, torch.Tensor], Truncation]:
         texts = list(texts)
         encoded = self.tokenizer([template.format(text) for text in texts])["input_ids"]
-        truncated = 0
+        truncated = dropped = 0
         for i, ids in enumerate(encoded):
             if len(ids) > self.max_length:
                 texts[i], encoded[i] = self._truncate(texts[i], template, len(ids))
                 truncated += 1
+                dropped += len(ids) - len(encoded[i])
         empty = [i for i, ids in enumerate(encoded) if not ids]
         if empty:
             raise ValueError(
@@ -63,7 +65,7 @@ class ReferenceTemplateTokenizer:
         features = {"input_ids": input_ids, "attention_mask": attention_mask}
         if text_mask:
             features["text_mask"] = self._last_copy_mask(texts, template, attention_mask)
-        return features, truncated
+        return features, Truncation(truncated, dropped)
 
     def _last_copy_mask(self, texts: list[str], template: Template, attention_mask: torch.Tensor) -> torch.Tensor:
         formatted = [template.format(text) for text in texts]
