@@ -19,7 +19,7 @@ import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -201,6 +201,14 @@ def _pack(text: str, spans: np.ndarray, region: _Region) -> list[_Region]:
             else:
                 packed.append([piece_start, piece_end, count])
     return [(i, *_strip(text, a, b), cap) for a, b, _ in packed] or [(i, start, start, cap)]  # only whitespace: ""
+
+
+class Truncation(NamedTuple):
+    """What ``long_inputs="truncate"`` left out of one batch: the texts cut and the templated tokens dropped from
+    them (counted by :class:`~kvemb_st.template_tokenizer.TemplateTokenizer` from the tokenization it does anyway)."""
+
+    texts: int
+    tokens: int
 
 
 class TruncationLog:

@@ -19,7 +19,7 @@ from transformers.utils import logging
 
 from kvemb_st.backbone import load_backbone
 from kvemb_st.benchmark.identity import Source, assign_identity, base_source, folder_source
-from kvemb_st.chunking import TruncationLog, split_long_texts
+from kvemb_st.chunking import Truncation, TruncationLog, split_long_texts
 from kvemb_st.config import CONFIG_FILE_NAME, ConfigError, KVEmbeddingConfig, is_hub_id
 from kvemb_st.folder import CheckedConfigMixin
 from kvemb_st.inputs import validate_texts
@@ -27,7 +27,7 @@ from kvemb_st.methods import HiddenStates, get_method
 from kvemb_st.pooling import Readout
 from kvemb_st.side import SIDE_NAMES, side_tag, tagged_side
 from kvemb_st.template import Template, resolve_template
-from kvemb_st.template_tokenizer import TemplateTokenizer, Truncation
+from kvemb_st.template_tokenizer import TemplateTokenizer
 from kvemb_st.version import __version__
 
 logger = logging.get_logger(__name__)

@@ -17,11 +17,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 
+from kvemb_st.chunking import Truncation
 from kvemb_st.template import Template
 
 _OVERLAP = 4
@@ -151,14 +152,6 @@ def _padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor
     input_ids = np.full(attention_mask.shape, pad, dtype=np.int64)
     input_ids[attention_mask] = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=lengths.sum())
     return torch.from_numpy(input_ids), torch.from_numpy(attention_mask.astype(np.int64))
-
-
-class Truncation(NamedTuple):
-    """What truncation left out of one batch: the texts cut, and the templated tokens dropped from them (counted
-    from the tokenization ``encode`` does anyway, so the warning costs no second pass)."""
-
-    texts: int
-    tokens: int
 
 
 class TemplateTokenizer:

@@ -25,7 +25,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from kvemb_st.config import COMPRESSION_TEMPLATE, PROMPTEOL_TEMPLATE
 from kvemb_st.template import Template, resolve_template
-from kvemb_st.template_tokenizer import TemplateTokenizer, Truncation
+from kvemb_st.chunking import Truncation
+from kvemb_st.template_tokenizer import TemplateTokenizer
 
 
 class ReferenceTemplateTokenizer:
