@@ -57,6 +57,7 @@ def test_shape_tiny_bench_reports_every_point_and_column(smollm2_tokenizer_dir, 
     tokenization = result["tokenization"]
     assert (tokenization["texts"], tokenization["cut"]["max_length"]) == (3, 48)
     assert tokenization["cut"]["cut"] == 3 and tokenization["fit"]["cut"] == 0  # same texts, cut and uncut
+    assert tokenization["cut"]["tokens_dropped"] >= 3 * (60 - 48) and tokenization["fit"]["tokens_dropped"] == 0
     for case in ("fit", "cut"):
         assert math.isfinite(tokenization[case]["ratio"]) and tokenization[case]["ratio"] > 0, case
     table = (tmp_path / "bench.md").read_text()
