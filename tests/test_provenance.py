@@ -46,9 +46,14 @@ def test_commit_and_dirty_follow_the_checkout(tmp_path):
 
 
 def test_public_names_and_commands_hold_no_machine_path():
-    from kvemb_lab.provenance import public_command, public_name
+    from kvemb_st.public_paths import public_command, public_name
 
+    from kvemb_lab import provenance as lab_provenance
+
+    assert (lab_provenance.public_command, lab_provenance.public_name) == (public_command, public_name)  # one helper
     assert public_name("/root/.cache/kvemb_st/gemma-3-270m") == "gemma-3-270m"
+    assert public_name("../shared/mteb") == "mteb" and public_name("~/models/m-kvemb") == "m-kvemb"
     assert public_name("relative/folder") == "relative/folder" and public_name(None) is None
-    command = public_command(["--base", "/root/x/qwen", "--out=/work/r", "load:/work/models/m-kvemb", "mean"])
-    assert command == "--base qwen --out=r load:m-kvemb mean"
+    command = public_command(["--base", "/root/x/qwen", "--out=/work/r", "load:/work/models/m-kvemb", "mean",
+                              "--data-dir", "../shared/mteb", "--tasks", "STS12,SciFact", "kv:layers=20-29"])
+    assert command == "--base qwen --out=r load:m-kvemb mean --data-dir mteb --tasks STS12,SciFact kv:layers=20-29"

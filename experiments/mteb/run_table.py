@@ -13,12 +13,12 @@ kept and every text already embedded is read from ``--cache-dir``.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
 from kvemb_st import assets
 from kvemb_st.benchmark.local_tasks import Sampling
+from kvemb_st.public_paths import public_command
 
 from kvemb_lab.mteb_table import CAPPED, METHODS, POSTS, TablePlan, run_table
 
@@ -41,15 +41,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def recorded_command(argv: list[str]) -> str:
-    """The command as the table records it: every path option reduced to its folder's name."""
-    words = list(argv)
-    for i, word in enumerate(words[:-1]):
-        if word in ("--kv-folder", "--data-dir", "--cache-dir"):
-            words[i + 1] = Path(words[i + 1]).name
-    return shlex.join(["python", "experiments/mteb/run_table.py", *words])
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
@@ -57,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = TablePlan(
         backbone=args.backbone, base_folder=Path(BASE_FOLDERS[args.backbone]()), kv_folder=args.kv_folder,
         data_dir=args.data_dir, output=args.output / args.backbone, cache_dir=args.cache_dir,
-        command=recorded_command(argv), methods=split(args.methods), posts=split(args.post),
+        command=public_command(["python", "experiments/mteb/run_table.py", *argv]), methods=split(args.methods), posts=split(args.post),
         tasks=split(args.tasks) if args.tasks else None, splits=args.splits,
         sampling=Sampling() if args.full else CAPPED, batch_size=args.batch_size,
     )  # fmt: skip

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import shlex
 from pathlib import Path
 
 from kvemb_st.benchmark.local_tasks import LOCAL_TASKS, Sampling
+from kvemb_st.public_paths import public_command
 
 DESCRIPTION = (
     "Evaluate a saved model on MTEB tasks with mteb's own evaluator: a summary table of the main score per task, "
@@ -29,17 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def recorded_command(args: argparse.Namespace) -> str:
-    """The command as the summary records it: local paths reduced to their folder names, never a machine path."""
-
-    def name(path: str) -> str:
-        return Path(path).resolve().name if Path(path).exists() else path
-
-    words = ["kvemb", "eval", name(args.folder), "--tasks", args.tasks]
+    """The command as the summary records it, never a machine path (:func:`~kvemb_st.public_paths.public_command`)."""
+    words = ["kvemb", "eval", args.folder, "--tasks", args.tasks]
     if args.data_dir:
-        words += ["--data-dir", name(args.data_dir)]
+        words += ["--data-dir", args.data_dir]
     if args.max_examples is not None:
         words += ["--max-examples", str(args.max_examples), "--seed", str(args.seed)]
-    return shlex.join(words + ["--card"] * args.card)
+    return public_command(words + ["--card"] * args.card)
 
 
 def run_eval(args: argparse.Namespace) -> int:

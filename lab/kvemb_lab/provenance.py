@@ -4,12 +4,15 @@ recorded."""
 
 from __future__ import annotations
 
-import shlex
 import subprocess
 from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from kvemb_st.public_paths import public_command, public_name
+
+__all__ = ["asset_pin", "package_version", "provenance", "public_command", "public_name"]
 
 PACKAGES = ("torch", "transformers", "sentence-transformers", "mteb", "kvemb-st")
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -56,23 +59,3 @@ def provenance(assets: Iterable[str] = (), repository: Path = REPOSITORY) -> dic
         "versions": {name: package_version(name) for name in PACKAGES},
         "assets": [asset_pin(name) for name in assets],
     }
-
-
-def public_name(value: str | None) -> str | None:
-    """A path as a result file may record it: its folder or file name, never where it lies on this machine
-    (``/root/.cache/kvemb_st/gemma-3-270m`` -> ``gemma-3-270m``); anything that is not an absolute path is kept."""
-    if value is None or not Path(value).is_absolute():
-        return value
-    return Path(value).name
-
-
-def public_command(words: Iterable[str]) -> str:
-    """A command line with every absolute path (also in ``--opt=PATH`` and ``spec:PATH``) cut to its name."""
-
-    def cut(word: str) -> str:
-        head, sep, tail = word.rpartition("=") if "=" in word else word.rpartition(":")
-        if sep and Path(tail).is_absolute():
-            return f"{head}{sep}{public_name(tail)}"
-        return public_name(word) or word
-
-    return shlex.join(cut(word) for word in words)
