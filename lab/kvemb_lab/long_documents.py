@@ -1,87 +1,134 @@
-"""Texts longer than the token budget: truncation (the package's behaviour) vs chunks averaged, on dev documents.
+"""Texts longer than the token budget: truncation vs the module's chunking, on dev documents (rule:
+``experiments/long_documents/RULE.md``).
 
-Each Lee document and newsgroups post is embedded by the document side (i) whole (``--full`` tokens), (ii) cut
-to ``--budget`` tokens as the model does, and (iii) split at sentence boundaries into chunks of at most
-``--budget`` templated tokens, each embedded, the unit vectors averaged. The document side's own whitening, as the
-default build fits it (the calibration sentences through ``encode_document``, at the full budget), is applied to all
-three; queries go through ``encode_query``. Scores: Lee Pearson over all
-1,225 pairs, newsgroups-dev 5-NN and subject -> body retrieval-dev nDCG@10, plus how many texts were long.
+A saved default build is run as users get it, at each ``--budgets`` value of ``max_seq_length``: its document side
+``truncate``-s (its setting), and the same folder with the document side's ``long_inputs="chunk"`` gives the chunk
+rows of every text exactly as the module splits them (:meth:`KVEmbedding.preprocess`). From those row vectors, one
+forward pass per budget, every way of combining them is scored: chunk weights ``equal`` / ``tokens``, combined
+``before`` the side's post-processing (what the module does) or ``after`` it (each chunk post-processed, then the
+unit vectors averaged). Scores: Lee Pearson over all 1,225 pairs, newsgroups-dev 5-NN, subject -> body
+retrieval-dev nDCG@10, plus how many texts were over the budget.
 
-    python experiments/long_documents/long_documents.py smollm2 --budget 128
+    python experiments/long_documents/long_documents.py smollm2 --folder MODELS/smollm2-kvemb --budgets 128,512
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import shutil
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
+import torch
 
-from kvemb_st.calibration import load_calibration
-from kvemb_st.postprocessing_fit import fit_postprocessing
+import kvemb_st
+from kvemb_st.side_router import route_of
 
 from kvemb_lab.backbones import BACKBONES, run_assets
 from kvemb_lab.doc_scoring import Scorer
 from kvemb_lab.evaluation import write_json
-from kvemb_lab.general_calibration import split_sentences
-from kvemb_lab.side_scripts import side_model, side_script_parser
+from kvemb_lab.provenance import public_command, public_name
+from kvemb_lab.side_scripts import RESULTS
+
+SIDE = "document"
+CHUNK_CANDIDATES = tuple(f"chunk/{w}/{at}" for at in ("before", "after") for w in ("equal", "tokens"))
 
 
-def chunks(text: str, fits) -> list[str]:
-    """Consecutive sentences packed greedily while ``fits(chunk)``; a sentence too long alone is its own chunk
-    (and is cut by the model)."""
-    out: list[str] = []
-    for sentence in split_sentences(text):
-        if out and fits(f"{out[-1]} {sentence}"):
-            out[-1] = f"{out[-1]} {sentence}"
-        else:
-            out.append(sentence)
-    return out or [text]
+class ChunkRows:
+    """Unit row vectors of a side's chunk rows, with the text each row belongs to and its token weight."""
+
+    def __init__(self, vectors: np.ndarray, owners: np.ndarray, weights: np.ndarray, texts: int) -> None:
+        self.vectors, self.owners, self.weights, self.texts = vectors, owners, weights, texts
+
+    def combine(self, weighting: str, post: Callable[[np.ndarray], np.ndarray] | None, at: str) -> np.ndarray:
+        """One unit vector per text: the weighted mean of its rows, post-processed ``before`` or ``after`` it."""
+        rows = post(self.vectors) if post is not None and at == "after" else self.vectors
+        weights = self.weights if weighting == "tokens" else np.ones_like(self.weights)
+        summed = np.zeros((self.texts, rows.shape[1]))
+        np.add.at(summed, self.owners, rows * weights[:, None])
+        unit = summed / np.linalg.norm(summed, axis=1, keepdims=True)
+        return post(unit) if post is not None and at == "before" else unit
+
+    @property
+    def long(self) -> int:
+        """How many texts were split (had more than one row)."""
+        return int((np.bincount(self.owners, minlength=self.texts) > 1).sum())
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = side_script_parser(__doc__, "JSON of the model's sides, e.g. the default build's", "long_inputs")
-    parser.add_argument("--layers", default=None, help="re-routed layers (default: the backbone's build window)")
-    parser.add_argument("--budget", type=int, default=128)
-    parser.add_argument("--full", type=int, default=512)
+def chunk_rows(model, texts: Sequence[str], side: str = SIDE, batch_size: int = 8) -> ChunkRows:
+    """The chunk rows of ``texts`` as ``model``'s side splits them (its ``long_inputs`` must be ``chunk``), each
+    embedded by the module alone (unit vectors, before any post-processing)."""
+    module = model[0]
+    vectors, owners, weights = [], [], []
+    for start in range(0, len(texts), batch_size):
+        batch = list(texts[start : start + batch_size])
+        features = module.preprocess(batch, task=side)
+        plan = features.pop("chunks", None)
+        features = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+        with torch.inference_mode():
+            rows = module.forward(features)["sentence_embedding"].float().cpu().numpy()
+        vectors.append(rows)
+        owners.extend(start + o for o in (plan.owners if plan else range(len(batch))))
+        weights.extend(plan.weights if plan else [1] * len(batch))
+    return ChunkRows(np.concatenate(vectors), np.array(owners), np.array(weights, dtype=np.float64), len(texts))
+
+
+def with_side_setting(folder: Path, target: Path, side: str, **setting: str) -> Path:
+    """A copy of a saved folder (config and statistics only) whose ``side`` has ``setting`` in its config."""
+    shutil.copytree(folder, target)
+    config_path = target / "kvemb_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config.setdefault("sides", {}).setdefault(side, {}).update(setting)
+    config_path.write_text(json.dumps(config, indent=4), encoding="utf-8")
+    return target
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("backbone", choices=sorted(BACKBONES))
+    parser.add_argument("--folder", type=Path, required=True, help="the backbone's default build (kvemb build)")
+    parser.add_argument("--budgets", default="128,512", help="max_seq_length values, comma-separated")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "kvemb_st" / "probe")
+    parser.add_argument("--out", type=Path, default=RESULTS / "long_inputs", help="topic folder (default: %(default)s)")
     args = parser.parse_args(argv)
-    backbone = BACKBONES[args.backbone]
-    model = side_model(args, args.layers, max_seq_length=args.full)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    budgets = [int(b) for b in args.budgets.split(",")]
     scorer = Scorer(args.cache, args.backbone)
     documents = {"lee": scorer.lee_texts, "newsgroups": scorer.news_texts}
-    options = dict(batch_size=8, convert_to_numpy=True, show_progress_bar=False)
-    whiten = fit_postprocessing(model.encode_document(load_calibration(), **options), "whiten").transform
-    queries = whiten(model.encode_query(scorer.subjects, **options))
-    module = model[0]
-    template = module.config.side("document").template
-
-    def fits(chunk: str) -> bool:
-        return len(module.tokenizer(template.replace("{text}", chunk))["input_ids"]) <= args.budget
-
+    options = dict(batch_size=args.batch_size, convert_to_numpy=True, show_progress_bar=False)
+    model = kvemb_st.load(str(args.folder))
+    with tempfile.TemporaryDirectory() as tmp:
+        chunked = kvemb_st.load(str(with_side_setting(args.folder, Path(tmp) / "chunk", SIDE, long_inputs="chunk")))
+    post = route_of(model[1], SIDE).transform if len(model) > 1 else None
     rows = []
-    long = {name: sum(not fits(t) for t in items) for name, items in documents.items()}
-    for mode in ("full", "truncate", "chunk"):
-        module.max_seq_length = args.full if mode == "full" else args.budget
-        vectors = {}
-        for name, items in documents.items():
-            if mode != "chunk":
-                vectors[name] = model.encode_document(items, **options)
-                continue
-            pieces = [chunks(text, fits) for text in items]
-            flat = model.encode_document([p for piece in pieces for p in piece], **options)
-            bounds = np.cumsum([0, *map(len, pieces)])
-            mean = np.stack([flat[a:b].mean(0) for a, b in zip(bounds[:-1], bounds[1:])])
-            vectors[name] = mean / np.linalg.norm(mean, axis=1, keepdims=True)
-        lee, news = whiten(vectors["lee"]), whiten(vectors["newsgroups"])
-        row = {"mode": mode, "budget": args.full if mode == "full" else args.budget,
-               **scorer.documents(lee, news), **scorer.retrieval(queries, news)}  # fmt: skip
-        rows.append(row)
-        print(row, flush=True)
-    result = {"backbone": args.backbone, "sides": json.loads(args.sides), "long_texts": long,
-              "command": "python experiments/long_documents/long_documents.py " + " ".join(argv or sys.argv[1:]), "rows": rows}
-    write_json(args.out / args.backbone / f"long_documents_{args.backbone}_{args.budget}.json", result,
-               run_assets([args.backbone]))
+    for budget in budgets:
+        model[0].max_seq_length = chunked[0].max_seq_length = budget
+        queries = model.encode_query(scorer.subjects, **options)
+        vectors = {"truncate": {name: model.encode_document(texts, **options) for name, texts in documents.items()}}
+        parts = {name: chunk_rows(chunked, texts, batch_size=args.batch_size) for name, texts in documents.items()}
+        for candidate in CHUNK_CANDIDATES:
+            _, weighting, at = candidate.split("/")
+            vectors[candidate] = {name: part.combine(weighting, post, at) for name, part in parts.items()}
+        for candidate, vecs in vectors.items():
+            row = {"candidate": candidate, "budget": budget, "long_texts": {n: p.long for n, p in parts.items()},
+                   **scorer.documents(vecs["lee"], vecs["newsgroups"]), **scorer.retrieval(queries, vecs["newsgroups"])}  # fmt: skip
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    result = {
+        "backbone": args.backbone,
+        "folder": public_name(str(args.folder)),
+        "command": public_command(["python", "experiments/long_documents/long_documents.py", *(argv or sys.argv[1:])]),
+        "rows": rows,
+    }
+    write_json(args.out / args.backbone / f"long_documents_{args.backbone}.json", result, run_assets([args.backbone]))
+    return result
 
 
 if __name__ == "__main__":
