@@ -16,10 +16,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from kvemb_st import assets
 from kvemb_st.benchmark.local_tasks import Sampling
 from kvemb_st.public_paths import public_command
 
+from kvemb_lab import assets
 from kvemb_lab.mteb_table import CAPPED, METHODS, POSTS, TablePlan, run_table
 
 BASE_FOLDERS = {"smollm2": assets.smollm2_folder, "gemma3": assets.gemma3_folder, "qwen25": assets.qwen25_folder}
