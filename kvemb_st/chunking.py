@@ -76,14 +76,19 @@ class ChunkPlan:
     texts: int
 
     def forward(
-        self, features: dict[str, Any], embed: Callable[[dict[str, Any]], dict[str, torch.Tensor]], weighting: str
+        self,
+        features: dict[str, Any],
+        embed: Callable[[dict[str, Any]], dict[str, torch.Tensor]],
+        weighting: str,
+        combine: str = "before",
     ) -> dict[str, Any]:
         """Embed the rows of ``features`` in groups of at most :attr:`texts` rows, then one vector per text.
 
         A forward never holds more rows than the batch had texts, so ``batch_size`` bounds memory as it does
         without chunking. ``embed`` maps a group's features to its ``token_embeddings`` and unit
         ``sentence_embedding``. The token-level outputs of a text are its rows' real tokens joined, so that
-        ``output_value="token_embeddings"`` still gives one entry per text.
+        ``output_value="token_embeddings"`` still gives one entry per text. With ``combine="after"`` the unit row
+        vectors also go on as ``features["chunk_rows"]`` (:class:`ChunkRows`), for a post-processing module.
         """
         vectors, tokens = [], {}
         for group in self._groups(features):
@@ -94,7 +99,11 @@ class ChunkPlan:
                 if isinstance(value, torch.Tensor):
                     tokens.setdefault(key, []).extend(row[keep] for row, keep in zip(value, mask))
         joined = {key: self._join(rows) for key, rows in tokens.items()}
-        return {**features, **joined, "sentence_embedding": self.combine(torch.cat(vectors), weighting)}
+        rows = torch.cat(vectors)
+        out = {**features, **joined, "sentence_embedding": self.combine(rows, weighting)}
+        if combine == "after":
+            out[CHUNK_ROWS] = ChunkRows(self, rows, weighting)
+        return out
 
     def combine(self, vectors: torch.Tensor, weighting: str) -> torch.Tensor:
         """The unit mean of each text's unit chunk vectors, each weighted 1 (``"equal"``) or by its tokens."""
@@ -123,6 +132,25 @@ class ChunkPlan:
         for k in range(self.texts):
             bounds[k + 1] += bounds[k]
         return pad_sequence([torch.cat(rows[a:b]) for a, b in zip(bounds, bounds[1:])], batch_first=True)
+
+
+CHUNK_ROWS = "chunk_rows"
+"""The features key under which the chunk row vectors of a batch travel when they are combined after the
+post-processing."""
+
+
+class ChunkRows(NamedTuple):
+    """The unit chunk-row vectors of one batch, for ``chunk_combine="after"``: a post-processing module transforms
+    :attr:`vectors` row by row and :meth:`combine` averages the results per text. Without such a module nothing
+    reads them, and the vector combined before stands: with no transform in between, before and after agree."""
+
+    plan: ChunkPlan
+    vectors: torch.Tensor
+    weighting: str
+
+    def combine(self, transform: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """One unit vector per text: the weighted mean of its rows' unit ``transform``-ed vectors."""
+        return self.plan.combine(F.normalize(transform(self.vectors), dim=-1), self.weighting)
 
 
 def split_long_texts(

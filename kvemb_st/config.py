@@ -101,9 +101,12 @@ class KVEmbeddingConfig:
         long_inputs: A text over ``max_seq_length`` is ``truncate``-d (its end is cut, the template kept whole,
             and a warning counts what was dropped) or ``chunk``-ed (split at sentence boundaries, then by tokens
             for a sentence too long alone, into chunks that each fit with the template; the unit chunk vectors
-            are averaged into the text's vector before any post-processing). See :mod:`kvemb_st.chunking`.
+            are averaged into the text's vector: ``chunk_weights``, ``chunk_combine``). See :mod:`kvemb_st.chunking`.
         chunk_weights: Weight of each chunk vector in that average: ``equal``, or its ``tokens`` (how many
             tokens its text adds to the templated input). Used with ``long_inputs="chunk"`` only.
+        chunk_combine: Where that average is taken: ``before`` the post-processing module (which then sees one
+            vector per text) or ``after`` it (each chunk vector post-processed, then the unit vectors averaged).
+            Without a post-processing module the two are the same. Used with ``long_inputs="chunk"`` only.
         layer_selection: Metadata of automatic layer selection (ID curve, calibration hash, window);
             informational, written by ``kvemb build``.
         kvemb_st_version: Package version that wrote the config.
@@ -125,6 +128,7 @@ class KVEmbeddingConfig:
     max_seq_length: int = 512
     long_inputs: str = "truncate"
     chunk_weights: str = "equal"
+    chunk_combine: str = "before"
     layer_selection: dict[str, Any] | None = None
     kvemb_st_version: str = __version__
 

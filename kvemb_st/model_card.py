@@ -183,7 +183,8 @@ def describe_long_inputs(side: Side) -> str:
     if side.long_inputs == "truncate":
         return "truncated (the text's end is cut, the template never)"
     weights = "weighted by their tokens" if side.chunk_weights == "tokens" else "with equal weights"
-    return f"split at sentence boundaries into chunks that fit, whose vectors are averaged {weights}"
+    where = ", each post-processed first" if side.chunk_combine == "after" else ""
+    return f"split at sentence boundaries into chunks that fit, whose vectors are averaged {weights}{where}"
 
 
 def _sides_rows(config: KVEmbeddingConfig) -> str:
@@ -200,7 +201,7 @@ def _sides_rows(config: KVEmbeddingConfig) -> str:
 
 def _describe_side(side: Side) -> str:
     """The readout, then any other knob of the side but its template (``name `value```)."""
-    described = ("template", *READOUT_KEYS, "long_inputs", "chunk_weights")  # long inputs: describe_long_inputs
+    described = ("template", *READOUT_KEYS, "long_inputs", "chunk_weights", "chunk_combine")  # see describe_long_inputs
     others = [f"{key} `{value}`" for key, value in side.to_dict().items() if key not in described]
     return "; ".join([describe_readout(side.readout), *others])
 

@@ -25,7 +25,7 @@ from kvemb_st.folder import CheckedConfigMixin
 from kvemb_st.inputs import validate_texts
 from kvemb_st.methods import HiddenStates, get_method
 from kvemb_st.pooling import Readout
-from kvemb_st.side import SIDE_NAMES, side_tag, tagged_side
+from kvemb_st.side import SIDE_NAMES, Side, side_tag, tagged_side
 from kvemb_st.template import Template, resolve_template
 from kvemb_st.template_tokenizer import TemplateTokenizer
 from kvemb_st.version import __version__
@@ -36,12 +36,10 @@ REQUIREMENT = {"kvemb-st": f">={__version__}"}
 
 
 class _Prepared(NamedTuple):
-    """A side made ready for encoding: its template parsed (and checked against the tokenizer), its readout."""
+    """A side made ready for encoding: its template parsed (and checked against the tokenizer), and the side."""
 
     template: Template
-    readout: Readout
-    long_inputs: str  # "truncate" | "chunk": a text over max_seq_length (see kvemb_st.chunking)
-    chunk_weights: str  # "equal" | "tokens": how its chunk vectors are averaged
+    side: Side
 
 
 class KVEmbedding(CheckedConfigMixin, InputModule):
@@ -95,7 +93,7 @@ class KVEmbedding(CheckedConfigMixin, InputModule):
             self.method.prepare_template(template, tokenizer)  # fail at load time, not at the first encode
             where = f"{config_source or 'config'}: {name or 'default'} side"
             side.readout.check_fits(backbone.config.num_hidden_layers, where)
-            self._sides[name] = _Prepared(template, side.readout, side.long_inputs, side.chunk_weights)
+            self._sides[name] = _Prepared(template, side)
         self._template_tokenizer = TemplateTokenizer(tokenizer, config.max_seq_length)
         self._truncation = TruncationLog()
 
@@ -189,8 +187,8 @@ class KVEmbedding(CheckedConfigMixin, InputModule):
         task, prompt = self.side_for(prompt, task)
         own = self._sides.get(task, self._sides[None])
         template = self.method.prepare_template(resolve_template(own.template, prompt), self.tokenizer)
-        text_mask = text_mask or own.readout.span == "text"
-        if own.long_inputs == "chunk":
+        text_mask = text_mask or own.side.readout.span == "text"
+        if own.side.long_inputs == "chunk":
             rows, plan = split_long_texts(texts, template, self.tokenizer, self.max_seq_length)
             features, _ = self._template_tokenizer.encode(rows, template, text_mask=text_mask)  # every row fits
             if plan is not None:
@@ -214,14 +212,16 @@ class KVEmbedding(CheckedConfigMixin, InputModule):
 
     def forward(self, features: dict[str, torch.Tensor], task: str | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
         """One unit vector per input text. ``task`` (from ``encode``) or ``features["task"]`` (from :meth:`preprocess`)
-        picks the side; the chunk rows of a long text are combined here, before any post-processing module, so that
-        every module after this one sees one row per text."""
+        picks the side; the chunk rows of a long text are combined here, so that every module after this one sees
+        one row per text (with ``chunk_combine="after"`` the rows ride along for the post-processing module to
+        combine once it has transformed them, see :class:`~kvemb_st.chunking.ChunkRows`)."""
         task = features.get("task") if task is None else task
         own = self._sides.get(task, self._sides[None])
         plan = features.pop("chunks", None)
         if plan is not None:
-            return plan.forward(features, lambda group: self._embed(group, own.readout), own.chunk_weights)
-        features.update(self._embed(features, own.readout))
+            embed = lambda group: self._embed(group, own.side.readout)  # noqa: E731
+            return plan.forward(features, embed, own.side.chunk_weights, own.side.chunk_combine)
+        features.update(self._embed(features, own.side.readout))
         return features
 
     def _embed(self, features: dict[str, torch.Tensor], readout: Readout) -> dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from sentence_transformers.base.modules import Router
 from sentence_transformers.base.modules.module import Module
 
+from kvemb_st.chunking import CHUNK_ROWS
 from kvemb_st.folder import REMEDY, CheckedConfigMixin, damaged, load_float32_tensors
 from kvemb_st.side_router import side_router
 
@@ -145,7 +146,13 @@ class PostProcessing(CheckedConfigMixin, Module):
             return self.transform_tensor(x, normalize).cpu().numpy()
 
     def forward(self, features: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, torch.Tensor]:
-        features["sentence_embedding"] = self.transform_tensor(features["sentence_embedding"])
+        """Transform each vector; chunk rows left for this module (``chunk_combine="after"``) are transformed one by
+        one and then averaged per text, replacing the vector the embedding module combined before."""
+        rows = features.pop(CHUNK_ROWS, None)
+        if rows is not None:
+            features["sentence_embedding"] = rows.combine(self.transform_tensor)
+        else:
+            features["sentence_embedding"] = self.transform_tensor(features["sentence_embedding"])
         return features
 
     # ------------------------------------------------------------------------------------- save / load

@@ -37,6 +37,8 @@ LONG_INPUTS = ("truncate", "chunk")
 """What happens to a text over ``max_seq_length`` (see :mod:`kvemb_st.chunking`)."""
 CHUNK_WEIGHTS = ("equal", "tokens")
 """How the chunk vectors of one text are averaged."""
+CHUNK_COMBINE = ("before", "after")
+"""Where the chunk vectors of one text are averaged: before the post-processing module or after it."""
 
 
 class SideError(ValueError):
@@ -101,6 +103,9 @@ class Side:
                             choices=LONG_INPUTS)  # fmt: skip
     chunk_weights: str = knob("weight of each chunk vector in the average ('chunk' only): 'equal' or its 'tokens'",
                               _choice(CHUNK_WEIGHTS), "equal", choices=CHUNK_WEIGHTS)  # fmt: skip
+    chunk_combine: str = knob("where the chunk vectors are averaged ('chunk' only): 'before' the post-processing, "
+                              "or 'after' it (each chunk post-processed)", _choice(CHUNK_COMBINE), "before",
+                              choices=CHUNK_COMBINE)  # fmt: skip
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -14,6 +14,7 @@ from sentence_transformers import SentenceTransformer
 
 import kvemb_st
 from kvemb_st.chunking import sentence_spans, split_long_texts
+from kvemb_st.postprocessing_fit import add_postprocessing
 from kvemb_st.config import ECHO_TEMPLATE, PROMPTEOL_TEMPLATE, ConfigError, KVEmbeddingConfig
 from kvemb_st import model_card
 from kvemb_st.template import Template
@@ -68,6 +69,58 @@ def test_vector_is_the_mean_of_its_chunks_embedded_alone(model, encode, weighted
     reference = (alone * weights[:, None]).sum(0)
     reference /= np.linalg.norm(reference)
     np.testing.assert_allclose(getattr(model, encode)([text])[0], reference, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def whitened(tiny_llama):
+    """Documents chunked and combined after the whitening (by tokens), queries combined before it."""
+    sides = {"document": {"long_inputs": "chunk", "chunk_weights": "tokens", "chunk_combine": "after"},
+             "query": {"long_inputs": "chunk", "chunk_weights": "tokens"}}  # fmt: skip
+    model = kvemb_st.from_base(tiny_llama, layers=[1, 2], max_seq_length=BUDGET, sides=sides)
+    calibration = [f"Calibration {i}: the {w} was {v} today." for i, (w, v) in
+                   enumerate((w, v) for w in ("kite", "river", "market", "train") for v in ("late", "calm", "new"))]  # fmt: skip
+    return add_postprocessing(model, calibration * 2, "whiten")
+
+
+def test_combined_after_post_processing_averages_each_chunk_post_processed(whitened, model):
+    """The reference: each chunk embedded alone (it fits), whitened by the model's module, re-normalised, averaged
+    by tokens; combining before the whitening (the query side) whitens the average instead."""
+    text = long_text()
+    pieces = chunks_of(whitened, text)
+    raw = model.encode(pieces)  # the same forward and readout, no post-processing: each chunk's unit raw vector
+    whitening = whitened[1]
+    overhead = tokens(whitened, "")
+    weights = np.array([tokens(whitened, piece) - overhead for piece in pieces], dtype=np.float64)[:, None]
+    each = whitening.transform(raw)
+    after = (each * weights).sum(0)
+    before = (raw * weights).sum(0)
+    before = whitening.transform((before / np.linalg.norm(before))[None])[0]
+    np.testing.assert_allclose(whitened.encode_document([text])[0], after / np.linalg.norm(after), atol=1e-5)
+    np.testing.assert_allclose(whitened.encode_query([text])[0], before, atol=1e-5)
+    assert not np.allclose(after / np.linalg.norm(after), before, atol=1e-3)  # the two places differ here
+
+
+def test_combined_after_without_post_processing_is_combined_before(tiny_llama):
+    texts = [long_text(), SHORT[0]]
+    vectors = {
+        combine: kvemb_st.from_base(tiny_llama, layers=[1, 2], max_seq_length=BUDGET, long_inputs="chunk",
+                                    chunk_combine=combine).encode(texts)
+        for combine in ("before", "after")
+    }  # fmt: skip
+    np.testing.assert_allclose(vectors["after"], vectors["before"], atol=1e-6)
+
+
+def test_combined_after_is_batch_invariant_and_round_trips(whitened, tmp_path):
+    text = long_text()
+    alone = whitened.encode_document([text])[0]
+    mixed = whitened.encode_document([SHORT[0], text, long_text(sentences=12), *SHORT[1:]], batch_size=3)
+    np.testing.assert_allclose(mixed[1], alone, atol=1e-5)
+    np.testing.assert_allclose(mixed[[0, 3, 4]], whitened.encode_document(SHORT), atol=1e-5)
+    whitened.save(str(tmp_path))
+    for loaded in (kvemb_st.load(str(tmp_path)), SentenceTransformer(str(tmp_path), trust_remote_code=True)):
+        assert loaded[0].config.side("document").chunk_combine == "after"
+        np.testing.assert_allclose(loaded.encode_document([text])[0], alone, atol=1e-5)
+        np.testing.assert_allclose(loaded.encode([text], prompt_name="document")[0], alone, atol=1e-5)
 
 
 def test_batch_invariance(model):
@@ -126,6 +179,8 @@ def test_chunks_end_at_sentence_ends(model):
         ({"chunk_weights": "mean"}, "'chunk_weights'"),
         ({"sides": {"document": {"long_inputs": True}}}, "'sides.document.long_inputs'"),
         ({"sides": {"query": {"chunk_weights": "length"}}}, "'sides.query.chunk_weights'"),
+        ({"chunk_combine": "during"}, "'chunk_combine'"),
+        ({"sides": {"document": {"chunk_combine": 1}}}, "'sides.document.chunk_combine'"),
     ],
 )
 def test_bad_values_are_clear_errors(knobs, key):
@@ -172,7 +227,13 @@ def test_model_card_says_what_happens_to_long_texts(monkeypatch):
     )
     assert "a longer text is truncated" in card
     assert "`encode_document` side" in card and "averaged with equal weights" in card
-    assert "averaged weighted by their tokens" in card
+    assert "averaged weighted by their tokens" in card and "post-processed first" not in card
+    after = KVEmbeddingConfig(base_model="some/model", method="mean", sides={"document": {**SIDES["document"],
+                                                                                            "chunk_combine": "after"}})  # fmt: skip
+    card = model_card.render_model_card(
+        after, dimension=64, num_layers=4, model_id="me/model", command="kvemb build", has_plot=False
+    )
+    assert "averaged with equal weights, each post-processed first" in card
 
 
 def test_truncation_warning_counts_texts_and_tokens(tiny_llama, caplog):

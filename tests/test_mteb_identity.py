@@ -41,6 +41,24 @@ def test_one_config_has_one_revision_through_every_loader(tiny_llama, tmp_path):
     assert identity(SentenceTransformer(str(folder), trust_remote_code=True)) == ("my-model", revision)
 
 
+def test_a_knob_at_its_default_does_not_change_the_revision_but_any_other_value_does(tiny_llama, tmp_path):
+    """A folder written before a knob existed (its config lacks the key) keeps its revision, so results filed under
+    it stay valid; setting the knob to anything else is another model."""
+    import json
+
+    folder = tmp_path / "model"
+    kvemb_st.from_base(tiny_llama, layers="1-2").save(str(folder))
+    revision = identity(kvemb_st.load(str(folder)))[1]
+    config_path = folder / "kvemb_config.json"
+    config = json.loads(config_path.read_text())
+    for key in ("long_inputs", "chunk_weights", "chunk_combine"):  # knobs added after kvemb-st 0.1's first folders
+        del config[key]
+    config_path.write_text(json.dumps(config))
+    assert identity(kvemb_st.load(str(folder)))[1] == revision
+    config_path.write_text(json.dumps({**config, "chunk_weights": "tokens"}))
+    assert identity(kvemb_st.load(str(folder)))[1] != revision
+
+
 def test_two_folders_of_one_name_never_share_a_cache_entry(tiny_llama, tmp_path):
     """Same folder name, other knobs: another revision, so mteb's cache cannot hand over the first score."""
     first, second = tmp_path / "a" / "model", tmp_path / "b" / "model"

@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields, is_dataclass
 from typing import Any
 
 import torch
@@ -92,13 +92,27 @@ def content_revision(model: Any) -> str:
     """
     digest = hashlib.sha256()
     for module in model:
-        config = dict(module.get_config_dict()) if hasattr(module, "get_config_dict") else {}
-        config.pop("kvemb_st_version", None)
+        config = _hashed_config(module)
         digest.update(f"{type(module).__name__}\n{json.dumps(_jsonable(config), sort_keys=True, default=str)}\n".encode())
         if not hasattr(module, "auto_model"):  # the backbone's weights are identified by name + revision above
             for name, tensor in sorted(module.state_dict().items()):
                 digest.update(name.encode() + tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()[:REVISION_LENGTH]
+
+
+def _hashed_config(module: Any) -> dict[str, Any]:
+    """A module's config as its revision hashes it: without the writing package's version, and without a knob of
+    a dataclass config that holds its default -- so a knob added by a later version, whose default keeps the old
+    behaviour, leaves the revision of every existing folder (and the results filed under it) as it was."""
+    config = dict(module.get_config_dict()) if hasattr(module, "get_config_dict") else {}
+    config.pop("kvemb_st_version", None)
+    knobs = getattr(module, "config", None)
+    if is_dataclass(knobs):
+        for f in fields(knobs):
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
+            if default is not MISSING and f.name in config and config[f.name] == default:
+                del config[f.name]
+    return config
 
 
 def _jsonable(value: Any) -> Any:
