@@ -23,13 +23,14 @@ def public_name(value: str | None) -> str | None:
     return value
 
 
+def public_word(word: str) -> str:
+    """One command-line word with such a path, also in ``--opt=PATH`` or ``spec:PATH``, cut to its name."""
+    head, sep, tail = word.rpartition("=") if "=" in word else word.rpartition(":")
+    if sep and public_name(tail) != tail:
+        return f"{head}{sep}{public_name(tail)}"
+    return public_name(word) or word
+
+
 def public_command(words: Iterable[str]) -> str:
-    """A command line with every such path (also in ``--opt=PATH`` and ``spec:PATH``) cut to its name."""
-
-    def cut(word: str) -> str:
-        head, sep, tail = word.rpartition("=") if "=" in word else word.rpartition(":")
-        if sep and public_name(tail) != tail:
-            return f"{head}{sep}{public_name(tail)}"
-        return public_name(word) or word
-
-    return shlex.join(cut(word) for word in words)
+    """A command line with every such path cut to its name (:func:`public_word`)."""
+    return shlex.join(public_word(word) for word in words)

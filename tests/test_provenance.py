@@ -3,10 +3,13 @@ machine path."""
 
 from __future__ import annotations
 
+
 import json
+import re
 import shutil
 import subprocess
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +60,16 @@ def test_public_names_and_commands_hold_no_machine_path():
     command = public_command(["--base", "/root/x/qwen", "--out=/work/r", "load:/work/models/m-kvemb", "mean",
                               "--data-dir", "../shared/mteb", "--tasks", "STS12,SciFact", "kv:layers=20-29"])
     assert command == "--base qwen --out=r load:m-kvemb mean --data-dir mteb --tasks STS12,SciFact kv:layers=20-29"
+
+
+MACHINE_PATH = re.compile(r"""(?<![\w.~-])/(?:root|home|work|tmp|Users|mnt|var|opt|check)/""")
+
+
+def test_no_published_file_names_a_machine_path():
+    """Results, docs and the README name folders, never where they lay on the machine that ran them."""
+    root = Path(__file__).resolve().parents[1]
+    published = [root / "README.md", *(root / "docs").rglob("*.md"), *(root / "results").rglob("*.json"),
+                 *(root / "results").rglob("*.md")]  # fmt: skip
+    leaks = [f"{path.relative_to(root)}: {match.group(0)}" for path in published
+             for match in [MACHINE_PATH.search(path.read_text(encoding="utf-8"))] if match]  # fmt: skip
+    assert not leaks, leaks

@@ -40,6 +40,7 @@ import kvemb_st
 from kvemb_st.config import NAMED_TEMPLATES
 from kvemb_st.methods import METHODS
 from kvemb_st.pooling import Readout
+from kvemb_st.public_paths import public_word
 
 from kvemb_lab.assets import GENSIM_DISTRIBUTION, STS_DISTRIBUTION, smollm2_folder
 from kvemb_lab.backbones import run_assets
@@ -167,7 +168,7 @@ def evaluate_spec(
             if not math.isfinite(value):
                 raise RuntimeError(f"{spec} ({key}): {name} is {value}; the embeddings are degenerate")
         pooling, _, post = key.rpartition("/") if poolings else ("", "", key)
-        rows.append({"name": spec, "method": method, **({"pooling": pooling} if poolings else {}),
+        rows.append({"name": public_word(spec), "method": method, **({"pooling": pooling} if poolings else {}),
                      "postprocessing": post, **metrics, "seconds": seconds,
                      "config": model[0].get_config_dict(), "prompts": dict(model.prompts)})
     return rows
