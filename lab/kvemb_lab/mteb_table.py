@@ -115,6 +115,12 @@ class TablePlan:
             raise ValueError(f"tasks {bad} are not in this table ({self.splits} tasks: {allowed})")
 
     @property
+    def columns(self) -> tuple[str, ...]:
+        """Every task of this table, whichever of them this run measures: a run of some tasks keeps the others'
+        columns, and a type's mean waits for all of its tasks."""
+        return tuple(DEV_SPLITS) if self.splits == "dev" else TASKS
+
+    @property
     def mode(self) -> str:
         """The table's name beside its rows: ``table`` (capped test), ``table_full``, ``table_dev``."""
         full = self.sampling.max_examples is None
@@ -140,7 +146,7 @@ class Table:
     def __post_init__(self) -> None:
         plan = self.plan
         # every task's type from mteb's metadata (no data loaded), so a type's mean waits for all of its tasks
-        self.types = {name: import_mteb().get_task(name).metadata.type for name in plan.tasks} | self.types
+        self.types = {name: import_mteb().get_task(name).metadata.type for name in plan.columns} | self.types
         models = {"base_model": plan.base_folder.name, "kv_build": plan.kv_folder.name}
         known = [plan.backbone] if plan.backbone in BACKBONES else []  # a test's tiny model has no asset package
         assets = run_assets(known, data=(STS_DISTRIBUTION,))  # the STSBenchmark files
@@ -174,7 +180,7 @@ class Table:
 
     def to_dict(self) -> dict[str, Any]:
         plan = self.plan
-        types = {t: self.types[t] for t in plan.tasks}
+        types = {t: self.types[t] for t in plan.columns}
         return {
             "backbone": plan.backbone, "splits": plan.splits, "command": plan.command,
             "sampling": plan.sampling.record(), "sampling_rule": SAMPLING_RULE if plan.sampling.record() else None,
