@@ -170,7 +170,7 @@ def evaluate_spec(
         pooling, _, post = key.rpartition("/") if poolings else ("", "", key)
         rows.append({"name": public_word(spec), "method": method, **({"pooling": pooling} if poolings else {}),
                      "postprocessing": post, **metrics, "seconds": seconds,
-                     "config": model[0].get_config_dict(), "prompts": dict(model.prompts)})
+                     "config": {**model[0].get_config_dict(), "base_model": public_name(model[0].config.base_model)}, "prompts": dict(model.prompts)})
     return rows
 
 
