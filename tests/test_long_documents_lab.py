@@ -11,7 +11,7 @@ import kvemb_st
 from kvemb_st.postprocessing_fit import add_postprocessing
 from kvemb_st.side_router import route_of
 
-from kvemb_lab.long_documents import chunk_rows, with_side_setting
+from kvemb_lab.long_documents import chunk_rows, with_setting
 
 SIDES = {"query": {"template": "Query: {text}\nIn one word:"},
          "document": {"template": "Passage: {text}\nIn one word:", "pooling": "mean+last", "pool_span": "text"}}  # fmt: skip
@@ -33,7 +33,7 @@ def folder(tiny_llama, tmp_path_factory):
 
 @pytest.mark.parametrize("weighting", ["equal", "tokens"])
 def test_combined_before_post_processing_is_what_the_chunking_model_returns(folder, tmp_path, weighting):
-    chunked = kvemb_st.load(str(with_side_setting(folder, tmp_path / "chunk", "document", long_inputs="chunk",
+    chunked = kvemb_st.load(str(with_setting(folder, tmp_path / "chunk", "document", long_inputs="chunk",
                                                   chunk_weights=weighting)))  # fmt: skip
     rows = chunk_rows(chunked, TEXTS, batch_size=3)  # batches split the texts differently than encode does
     assert rows.long == 2 and len(rows.vectors) > len(TEXTS)
@@ -46,7 +46,7 @@ def test_combined_before_post_processing_is_what_the_chunking_model_returns(fold
 
 
 def test_combined_after_post_processing_averages_the_post_processed_rows(folder, tmp_path):
-    chunked = kvemb_st.load(str(with_side_setting(folder, tmp_path / "chunk", "document", long_inputs="chunk")))
+    chunked = kvemb_st.load(str(with_setting(folder, tmp_path / "chunk", "document", long_inputs="chunk")))
     rows = chunk_rows(chunked, TEXTS)
     post = route_of(chunked[1], "document").transform
     got = rows.combine("tokens", post, "after")

@@ -77,12 +77,13 @@ def chunk_rows(model, texts: Sequence[str], side: str = SIDE, batch_size: int = 
     return ChunkRows(np.concatenate(vectors), np.array(owners), np.array(weights, dtype=np.float64), len(texts))
 
 
-def with_side_setting(folder: Path, target: Path, side: str, **setting: str) -> Path:
-    """A copy of a saved folder (config and statistics only) whose ``side`` has ``setting`` in its config."""
+def with_setting(folder: Path, target: Path, side: str | None = None, **setting: str) -> Path:
+    """A copy of a saved folder (config and statistics only) with ``setting`` in its config: for ``side``, or at the
+    top level (every side that does not set the knob itself) when ``side`` is None. As a user would edit it."""
     shutil.copytree(folder, target)
     config_path = target / "kvemb_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    config.setdefault("sides", {}).setdefault(side, {}).update(setting)
+    (config if side is None else config.setdefault("sides", {}).setdefault(side, {})).update(setting)
     config_path.write_text(json.dumps(config, indent=4), encoding="utf-8")
     return target
 
@@ -105,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     options = dict(batch_size=args.batch_size, convert_to_numpy=True, show_progress_bar=False)
     model = kvemb_st.load(str(args.folder))
     with tempfile.TemporaryDirectory() as tmp:
-        chunked = kvemb_st.load(str(with_side_setting(args.folder, Path(tmp) / "chunk", SIDE, long_inputs="chunk")))
+        chunked = kvemb_st.load(str(with_setting(args.folder, Path(tmp) / "chunk", SIDE, long_inputs="chunk")))
     post = route_of(model[1], SIDE).transform if len(model) > 1 else None
     rows = []
     for budget in budgets:

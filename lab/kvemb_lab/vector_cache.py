@@ -105,6 +105,14 @@ class CachedEncode:
     content revision (post-processing left out), so a changed knob or base model never reads another's vectors."""
 
     def __init__(self, model: Any, cache_dir: str | Path, chunk: int = DEFAULT_CHUNK) -> None:
+        config = getattr(model[0], "config", None)
+        after = [name or "default" for name in (None, *getattr(config, "sides", ()))
+                 if config.side(name).long_inputs == "chunk" and config.side(name).chunk_combine == "after"]  # fmt: skip
+        if after:
+            raise ValueError(
+                f"side(s) {after} combine their chunk vectors after the post-processing, which needs every chunk's "
+                "vector; the cache holds one raw vector per text, so it cannot serve this model: run it uncached"
+            )
         self.model, self.chunk = model, chunk
         self.raw = raw_model(model)
         name = str(self.raw.model_card_data.model_name or "model").replace("/", "--")
