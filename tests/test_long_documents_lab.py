@@ -37,7 +37,7 @@ def test_combined_before_post_processing_is_what_the_chunking_model_returns(fold
                                                   chunk_weights=weighting)))  # fmt: skip
     rows = chunk_rows(chunked, TEXTS, batch_size=3)  # batches split the texts differently than encode does
     assert rows.long == 2 and len(rows.vectors) > len(TEXTS)
-    post = route_of(chunked[1], "document").transform
+    post = route_of(chunked[1], "document")
     expected = chunked.encode_document(TEXTS, batch_size=2, convert_to_numpy=True)
     np.testing.assert_allclose(rows.combine(weighting, post, "before"), expected, atol=2e-5)
     truncating = kvemb_st.load(str(folder)).encode_document(TEXTS, batch_size=2, convert_to_numpy=True)
@@ -48,11 +48,12 @@ def test_combined_before_post_processing_is_what_the_chunking_model_returns(fold
 def test_combined_after_post_processing_averages_the_post_processed_rows(folder, tmp_path):
     chunked = kvemb_st.load(str(with_setting(folder, tmp_path / "chunk", "document", long_inputs="chunk")))
     rows = chunk_rows(chunked, TEXTS)
-    post = route_of(chunked[1], "document").transform
+    post = route_of(chunked[1], "document")
     got = rows.combine("tokens", post, "after")
+    owners, weights, vectors = np.array(rows.plan.owners), np.array(rows.plan.weights), rows.vectors.numpy()
     for i in range(len(TEXTS)):
-        mine = np.flatnonzero(rows.owners == i)
-        each = post(rows.vectors[mine])  # unit rows, post-processed and re-normalised
-        mean = (each * rows.weights[mine, None]).sum(0)
+        mine = np.flatnonzero(owners == i)
+        each = post.transform(vectors[mine])  # unit rows, post-processed and re-normalised
+        mean = (each * weights[mine, None]).sum(0)
         np.testing.assert_allclose(got[i], mean / np.linalg.norm(mean), atol=1e-5)
     assert not np.allclose(got[0], rows.combine("tokens", post, "before")[0], atol=1e-3)

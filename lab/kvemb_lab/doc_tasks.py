@@ -31,7 +31,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -282,11 +282,19 @@ def _fact_needle(rng: random.Random, slot: tuple[str, str]) -> tuple[str, str]:
     return f"The best thing to do in {city} is to {activity}.", f"What is the best thing to do in {city}?"
 
 
-# kind -> (draw one slot per document, the needle sentence and its query for one slot). ``passkey`` is LongEmbed's
-# passkey (a number to find); ``needle`` its needle-in-a-haystack (a fact, asked about in words that differ).
-NEEDLE_KINDS: dict[str, tuple[Callable[[random.Random, int], list], Callable[[random.Random, Any], tuple[str, str]]]] = {
-    "passkey": (_passkey_slots, _passkey_needle),
-    "needle": (_fact_slots, _fact_needle),
+class NeedleKind(NamedTuple):
+    """How one kind of needle task draws a slot per document and turns a slot into its needle and query."""
+
+    slots: Callable[[random.Random, int], list]
+    needle: Callable[[random.Random, Any], tuple[str, str]]
+    most: int  # documents one task can hold: distinct slots
+
+
+# ``passkey`` is LongEmbed's passkey (a number to find); ``needle`` its needle-in-a-haystack (a fact, asked about in
+# words that differ).
+NEEDLE_KINDS = {
+    "passkey": NeedleKind(_passkey_slots, _passkey_needle, len(FIRST_NAMES) * len(LAST_NAMES)),
+    "needle": NeedleKind(_fact_slots, _fact_needle, min(len(CITIES), len(ACTIVITIES))),
 }
 
 
@@ -306,8 +314,7 @@ def build_passkey_task(
         raise ValueError(f"unknown needle kind {kind!r}; choose one of {sorted(NEEDLE_KINDS)}")
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("the passkey task needs a fast tokenizer (it uses offset mappings)")
-    draw_slots, make_needle = NEEDLE_KINDS[kind]
-    most = len(FIRST_NAMES) * len(LAST_NAMES) if kind == "passkey" else min(len(CITIES), len(ACTIVITIES))
+    draw_slots, make_needle, most = NEEDLE_KINDS[kind]
     if n_docs < 2 or n_docs > most:
         raise ValueError(f"n_docs must be between 2 and {most} for {kind!r}, got {n_docs}")
     fillers = list(passkey_fillers() if fillers is None else fillers)

@@ -46,6 +46,7 @@ from kvemb_lab.assets import GENSIM_DISTRIBUTION, STS_DISTRIBUTION, smollm2_fold
 from kvemb_lab.backbones import run_assets
 from kvemb_lab.calibration_sets import calibration_texts
 from kvemb_lab.doc_tasks import (
+    NEEDLE_KINDS,
     PASSKEY_LENGTHS,
     build_passkey_task,
     load_lee,
@@ -134,8 +135,9 @@ def build_tasks(args: argparse.Namespace, names: Sequence[str], tokenizer: Any) 
     if "retrieval" in names:
         task = load_newsgroup_retrieval(args.newsgroups_split, args.seed)
         tasks.append(retrieval_task(task, "retrieval", ("ndcg@10", "mrr@10")))
-    fillers = passkey_fillers() if {"passkey", "needle"} & set(names) else []
-    for kind in (k for k in ("passkey", "needle") if k in names):
+    kinds = [kind for kind in NEEDLE_KINDS if kind in names]
+    fillers = passkey_fillers() if kinds else []
+    for kind in kinds:
         for length in args.passkey_lengths:
             task = build_passkey_task(tokenizer, length, args.passkey_docs, args.seed, fillers, kind)
             tasks.append(retrieval_task(task.retrieval(), f"{kind}{length}", ("accuracy@1",), max_tokens=length))
@@ -170,7 +172,8 @@ def evaluate_spec(
         pooling, _, post = key.rpartition("/") if poolings else ("", "", key)
         rows.append({"name": public_word(spec), "method": method, **({"pooling": pooling} if poolings else {}),
                      "postprocessing": post, **metrics, "seconds": seconds,
-                     "config": {**model[0].get_config_dict(), "base_model": public_name(model[0].config.base_model)}, "prompts": dict(model.prompts)})
+                     "config": {**model[0].get_config_dict(), "base_model": public_name(model[0].config.base_model)},
+                     "prompts": dict(model.prompts)})
     return rows
 
 
@@ -247,8 +250,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         },
         "newsgroups_split": args.newsgroups_split if "newsgroups" in names else None,
         "passkey": ({"lengths": args.passkey_lengths, "docs": args.passkey_docs,
-                     "kinds": [k for k in ("passkey", "needle") if k in names]}
-                    if {"passkey", "needle"} & set(names) else None),  # fmt: skip
+                     "kinds": [kind for kind in NEEDLE_KINDS if kind in names]}
+                    if set(NEEDLE_KINDS) & set(names) else None),  # fmt: skip
         "calibration": args.calibration if None in calibration else None,
         "results": [],
     }

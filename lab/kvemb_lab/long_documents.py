@@ -19,13 +19,16 @@ import json
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import kvemb_st
+from kvemb_st.chunking import ChunkPlan, ChunkRows
+from kvemb_st.postprocessing import PostProcessing
 from kvemb_st.side_router import route_of
 
 from kvemb_lab.backbones import BACKBONES, run_assets
@@ -38,28 +41,31 @@ SIDE = "document"
 CHUNK_CANDIDATES = tuple(f"chunk/{w}/{at}" for at in ("before", "after") for w in ("equal", "tokens"))
 
 
-class ChunkRows:
-    """Unit row vectors of a side's chunk rows, with the text each row belongs to and its token weight."""
+@dataclass(frozen=True)
+class DocumentRows:
+    """A side's chunk rows of every text as the module splits them: the module's own :class:`ChunkPlan` over all
+    texts and the unit row vectors, combined here by the module's own code in every way a candidate asks."""
 
-    def __init__(self, vectors: np.ndarray, owners: np.ndarray, weights: np.ndarray, texts: int) -> None:
-        self.vectors, self.owners, self.weights, self.texts = vectors, owners, weights, texts
+    plan: ChunkPlan
+    vectors: torch.Tensor
 
-    def combine(self, weighting: str, post: Callable[[np.ndarray], np.ndarray] | None, at: str) -> np.ndarray:
-        """One unit vector per text: the weighted mean of its rows, post-processed ``before`` or ``after`` it."""
-        rows = post(self.vectors) if post is not None and at == "after" else self.vectors
-        weights = self.weights if weighting == "tokens" else np.ones_like(self.weights)
-        summed = np.zeros((self.texts, rows.shape[1]))
-        np.add.at(summed, self.owners, rows * weights[:, None])
-        unit = summed / np.linalg.norm(summed, axis=1, keepdims=True)
-        return post(unit) if post is not None and at == "before" else unit
+    def combine(self, weighting: str, post: PostProcessing | None, at: str) -> np.ndarray:
+        """One unit vector per text: its rows averaged (``weighting``), post-processed ``before`` or ``after`` that."""
+        if post is None:
+            unit = self.plan.combine(self.vectors, weighting)
+        elif at == "after":
+            unit = ChunkRows(self.plan, self.vectors, weighting).combine(post.transform_tensor)
+        else:
+            unit = post.transform_tensor(self.plan.combine(self.vectors, weighting))
+        return unit.cpu().numpy()
 
     @property
     def long(self) -> int:
         """How many texts were split (had more than one row)."""
-        return int((np.bincount(self.owners, minlength=self.texts) > 1).sum())
+        return int((np.bincount(self.plan.owners, minlength=self.plan.texts) > 1).sum())
 
 
-def chunk_rows(model, texts: Sequence[str], side: str = SIDE, batch_size: int = 8) -> ChunkRows:
+def chunk_rows(model, texts: Sequence[str], side: str = SIDE, batch_size: int = 8) -> DocumentRows:
     """The chunk rows of ``texts`` as ``model``'s side splits them (its ``long_inputs`` must be ``chunk``), each
     embedded by the module alone (unit vectors, before any post-processing)."""
     module = model[0]
@@ -70,11 +76,10 @@ def chunk_rows(model, texts: Sequence[str], side: str = SIDE, batch_size: int = 
         plan = features.pop("chunks", None)
         features = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
         with torch.inference_mode():
-            rows = module.forward(features)["sentence_embedding"].float().cpu().numpy()
-        vectors.append(rows)
+            vectors.append(module.forward(features)["sentence_embedding"].float().cpu())
         owners.extend(start + o for o in (plan.owners if plan else range(len(batch))))
-        weights.extend(plan.weights if plan else [1] * len(batch))
-    return ChunkRows(np.concatenate(vectors), np.array(owners), np.array(weights, dtype=np.float64), len(texts))
+        weights.extend(plan.weights if plan else [1] * len(batch))  # a text of one row: its weight does not matter
+    return DocumentRows(ChunkPlan(tuple(owners), tuple(weights), len(texts)), torch.cat(vectors))
 
 
 def with_setting(folder: Path, target: Path, side: str | None = None, **setting: str) -> Path:
@@ -107,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     model = kvemb_st.load(str(args.folder))
     with tempfile.TemporaryDirectory() as tmp:
         chunked = kvemb_st.load(str(with_setting(args.folder, Path(tmp) / "chunk", SIDE, long_inputs="chunk")))
-    post = route_of(model[1], SIDE).transform if len(model) > 1 else None
+    post = route_of(model[1], SIDE) if len(model) > 1 else None
     rows = []
     for budget in budgets:
         model[0].max_seq_length = chunked[0].max_seq_length = budget

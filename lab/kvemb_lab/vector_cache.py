@@ -106,8 +106,8 @@ class CachedEncode:
 
     def __init__(self, model: Any, cache_dir: str | Path, chunk: int = DEFAULT_CHUNK) -> None:
         config = getattr(model[0], "config", None)
-        after = [name or "default" for name in (None, *getattr(config, "sides", ()))
-                 if config.side(name).long_inputs == "chunk" and config.side(name).chunk_combine == "after"]  # fmt: skip
+        sides = {name or "default": config.side(name) for name in (None, *config.sides)} if config is not None else {}
+        after = [name for name, side in sides.items() if side.long_inputs == "chunk" and side.chunk_combine == "after"]
         if after:
             raise ValueError(
                 f"side(s) {after} combine their chunk vectors after the post-processing, which needs every chunk's "

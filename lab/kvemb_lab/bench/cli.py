@@ -50,13 +50,13 @@ import torch
 from kvemb_st import kernel_check
 
 from kvemb_lab.assets import smollm2_folder
-from kvemb_lab.provenance import public_name
 from kvemb_lab.backbones import run_assets
 from kvemb_lab.bench.measure import measure_point, measure_tokenization, profile_ops, text_of_length, worker
 from kvemb_lab.bench.report import device_name, markdown, profile_markdown, this_command, write
 from kvemb_lab.bench.shapes import SHAPES, describe
 from kvemb_lab.bench.variants import DTYPES, VARIANTS, load_models
 from kvemb_lab.paths import RESULTS
+from kvemb_lab.provenance import public_name
 
 DEFAULT_BATCH = {64: 4, 512: 4, 2048: 1, 4096: 1}
 ISSUE_GRID = "128x64,512x16,2048x4,8192x1"

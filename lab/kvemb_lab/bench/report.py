@@ -99,8 +99,8 @@ def markdown(result: dict[str, Any]) -> str:
         header = ["case", "max_seq_length", "texts cut", "tokens dropped", "one tokenizer call ms", "preprocess ms"]
         header.append("**preprocess / one call**")
         lines += _table(header, [
-            [case, str(cost["max_length"]), str(cost["cut"]), str(cost.get("tokens_dropped", "")), f"{cost['baseline_ms']:.1f}", f"{cost['encode_ms']:.1f}",
-             f"**{cost['ratio']:.2f}**"]
+            [case, str(cost["max_length"]), str(cost["cut"]), str(cost.get("tokens_dropped", "")),
+             f"{cost['baseline_ms']:.1f}", f"{cost['encode_ms']:.1f}", f"**{cost['ratio']:.2f}**"]
             for case, cost in ((c, tokenization[c]) for c in ("fit", "cut"))
         ])  # fmt: skip
     if result.get("attention_paths"):
