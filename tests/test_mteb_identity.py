@@ -6,6 +6,7 @@ different model the earlier model's score. Budget: ~15 s (tiny random models, mt
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -44,8 +45,6 @@ def test_one_config_has_one_revision_through_every_loader(tiny_llama, tmp_path):
 def test_a_knob_at_its_default_does_not_change_the_revision_but_any_other_value_does(tiny_llama, tmp_path):
     """A folder written before a knob existed (its config lacks the key) keeps its revision, so results filed under
     it stay valid; setting the knob to anything else is another model."""
-    import json
-
     folder = tmp_path / "model"
     kvemb_st.from_base(tiny_llama, layers="1-2").save(str(folder))
     revision = identity(kvemb_st.load(str(folder)))[1]

@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = TablePlan(
         backbone=args.backbone, base_folder=Path(BASE_FOLDERS[args.backbone]()), kv_folder=args.kv_folder,
         data_dir=args.data_dir, output=args.output / args.backbone, cache_dir=args.cache_dir,
-        command=public_command(["python", "experiments/mteb/run_table.py", *argv]), methods=split(args.methods), posts=split(args.post),
+        command=public_command(["python", "experiments/mteb/run_table.py", *argv]),
+        methods=split(args.methods), posts=split(args.post),
         tasks=split(args.tasks) if args.tasks else None, splits=args.splits,
         sampling=Sampling() if args.full else CAPPED, batch_size=args.batch_size,
     )  # fmt: skip

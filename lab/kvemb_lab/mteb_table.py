@@ -108,7 +108,7 @@ class TablePlan:
         if self.splits not in ("test", "dev"):
             raise ValueError(f"splits must be 'test' or 'dev', got {self.splits!r}")
         if self.tasks is None:
-            object.__setattr__(self, "tasks", tuple(DEV_SPLITS) if self.splits == "dev" else TASKS)
+            object.__setattr__(self, "tasks", self.columns)
         bad = [t for t in self.tasks if t not in TASKS or (self.splits == "dev" and t not in DEV_SPLITS)]
         if bad:
             allowed = list(DEV_SPLITS) if self.splits == "dev" else list(TASKS)
