@@ -158,3 +158,16 @@ def test_dev_plans_score_the_validation_splits_where_rule_md_says(tmp_path):
     assert dev.mode == "table_dev" and dev.row_dir("kv") == tmp_path / "out" / "dev" / "kv"
     splits = {name: list(dev.load_task(name)[0].eval_splits) for name in ("STSBenchmark", "EmotionClassification", "STS12")}
     assert splits == {"STSBenchmark": ["validation"], "EmotionClassification": ["validation"], "STS12": ["test"]}
+
+
+def test_a_candidate_builds_rows_carry_its_name_and_bad_names_are_refused(tmp_path):
+    from kvemb_lab.mteb_table import row_of
+
+    args = ("tiny", tmp_path, tmp_path, tmp_path, tmp_path, tmp_path, "cmd")
+    candidate = TablePlan(*args, kv_row="kv_bias1", splits="dev")
+    assert [row_of(candidate, m, p) for m in ("kv", "mean") for p in ("none", "whiten")] == [
+        "kv_bias1", "kv_bias1_whiten", "mean", "mean_whiten"
+    ]  # fmt: skip
+    for bad in ("bias1", "kv_whiten", "kv_none", "kv-bias", "mean"):
+        with pytest.raises(ValueError, match="kv_row"):
+            TablePlan(*args, kv_row=bad)

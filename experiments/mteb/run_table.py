@@ -38,6 +38,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--splits", choices=("test", "dev"), default="test")
     parser.add_argument("--full", action="store_true", help="every example (default: RULE.md's cap of 1,000, seed 0)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--kv-row", default="kv", help="row name of --kv-folder: kv_<candidate> for a candidate build")
     return parser.parse_args(argv)
 
 
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         command=public_command(["python", "experiments/mteb/run_table.py", *argv]),
         methods=split(args.methods), posts=split(args.post),
         tasks=split(args.tasks) if args.tasks else None, splits=args.splits,
-        sampling=Sampling() if args.full else CAPPED, batch_size=args.batch_size,
+        sampling=Sampling() if args.full else CAPPED, batch_size=args.batch_size, kv_row=args.kv_row,
     )  # fmt: skip
     table = run_table(plan, log=lambda line: print(line, flush=True))
     print(table.json_path.with_suffix(".md").read_text(encoding="utf-8"))

@@ -12,6 +12,7 @@ The subsampling and the choice rules are fixed in ``experiments/mteb/RULE.md``, 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +51,11 @@ CAPPED = Sampling(1000, 0)  # RULE.md: every evaluated split capped at 1,000 exa
 
 def row_name(method: str, post: str) -> str:
     return method if post == "none" else f"{method}_{post}"
+
+
+def row_of(plan: "TablePlan", method: str, post: str) -> str:
+    """The row a method fills: the kv build's rows carry the plan's ``kv_row`` (a candidate's name)."""
+    return row_name(plan.kv_row if method == "kv" else method, post)
 
 
 def type_means(scores: Mapping[str, float], types: Mapping[str, str]) -> dict[str, float | None]:
@@ -100,11 +106,14 @@ class TablePlan:
     splits: str = "test"  # "test", or "dev" (RULE.md's dev tasks, validation splits where they have them)
     sampling: Sampling = CAPPED
     batch_size: int = 32
+    kv_row: str = "kv"  # the rows of kv_folder: "kv" for the default build, another name for a candidate build
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS] + [p for p in self.posts if p not in POSTS]
         if unknown:
             raise ValueError(f"unknown methods/post-processing {unknown}; methods: {METHODS}, post-processing: {POSTS}")
+        if not re.fullmatch(r"kv(_[a-z0-9]+)*", self.kv_row) or self.kv_row.endswith(tuple(f"_{p}" for p in POSTS)):
+            raise ValueError(f"kv_row {self.kv_row!r}: name a kv build's rows 'kv' or 'kv_<candidate>' (a-z, 0-9)")
         if self.splits not in ("test", "dev"):
             raise ValueError(f"splits must be 'test' or 'dev', got {self.splits!r}")
         if self.tasks is None:
@@ -301,6 +310,6 @@ def run_table(plan: TablePlan, log: Any = print) -> Table:
         for name in plan.tasks:
             for kind in posts:
                 use_post(model, post if kind == "whiten" else None)
-                run_task(model, row_name(method, kind), name, table, encode, log)
+                run_task(model, row_of(plan, method, kind), name, table, encode, log)
         encode.cache.close()
     return table
