@@ -171,3 +171,19 @@ def test_a_candidate_builds_rows_carry_its_name_and_bad_names_are_refused(tmp_pa
     for bad in ("bias1", "kv_whiten", "kv_none", "kv-bias", "mean"):
         with pytest.raises(ValueError, match="kv_row"):
             TablePlan(*args, kv_row=bad)
+
+
+def test_two_folders_with_the_same_raw_model_share_one_cache_file(tiny_llama, tmp_path):
+    """The raw model's content revision is the cache's key: a build that differs only in its post-processing (or
+    its folder name) reads the vectors another already embedded; another knob gets a file of its own."""
+    from kvemb_lab.vector_cache import CachedEncode
+
+    first, renamed, other = (kvemb_st.from_base(tiny_llama, layers=layers) for layers in ("1-2", "1-2", "1"))
+    renamed.model_card_data.model_name = "another-folder"
+    texts = ["a cat sat on the mat", "stock prices fell sharply"]
+    first_cache = CachedEncode(first, tmp_path)
+    first.encode(texts)
+    shared = CachedEncode(renamed, tmp_path)
+    renamed.encode(texts)
+    assert shared.cache.path == first_cache.cache.path and shared.counts.embedded == 0
+    assert CachedEncode(other, tmp_path).cache.path != first_cache.cache.path

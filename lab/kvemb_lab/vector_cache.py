@@ -3,8 +3,8 @@
 The MTEB table scores each method twice, without post-processing and with whitening. The whitened vector of a
 text is its raw vector through the model's own :class:`~kvemb_st.postprocessing.PostProcessing` transform for the
 side the call reached, so one forward pass serves both rows; and since each embedded chunk is committed at once,
-a stopped run resumes with everything it had embedded. A cache file belongs to one raw model (its name and
-content revision); a row is the side (the embedding module's own ``side_for``, plus any extra prompt) and the
+a stopped run resumes with everything it had embedded. A cache file belongs to one raw model (its content
+revision; the file name also carries the model's name, for people); a row is the side (the embedding module's own ``side_for``, plus any extra prompt) and the
 sha256 of the text.
 """
 
@@ -98,11 +98,22 @@ def raw_model(model: Any) -> KVSentenceTransformer:
     )  # fmt: skip
 
 
+def cache_path(raw: Any, cache_dir: str | Path) -> Path:
+    """``<name>-<content revision>.sqlite``; the revision alone identifies the raw model (it hashes the configs, base
+    model included), so a file of another name with the same revision is the same vectors: two builds that differ
+    only in their post-processing (another calibration set, say) share one pass of embedding."""
+    revision = content_revision(raw)
+    existing = sorted(Path(cache_dir).glob(f"*-{revision}.sqlite"))
+    name = str(raw.model_card_data.model_name or "model").replace("/", "--")
+    return existing[0] if existing else Path(cache_dir) / f"{name}-{revision}.sqlite"
+
+
 class CachedEncode:
     """Replaces ``model.encode`` (so ``encode_query``/``encode_document`` go through it too): raw vectors come from
     the cache or one forward pass of the embedding module, then the model's PostProcessing (if it has one now) is
-    applied for the call's side, as its ``forward`` would. The cache file is named by the raw pipeline's name and
-    content revision (post-processing left out), so a changed knob or base model never reads another's vectors."""
+    applied for the call's side, as its ``forward`` would. The cache file is found by the raw pipeline's content
+    revision (post-processing left out, see :func:`cache_path`), so a changed knob or base model never reads another's
+    vectors."""
 
     def __init__(self, model: Any, cache_dir: str | Path, chunk: int = DEFAULT_CHUNK) -> None:
         config = getattr(model[0], "config", None)
@@ -115,8 +126,7 @@ class CachedEncode:
             )
         self.model, self.chunk = model, chunk
         self.raw = raw_model(model)
-        name = str(self.raw.model_card_data.model_name or "model").replace("/", "--")
-        self.cache = VectorCache(Path(cache_dir) / f"{name}-{content_revision(self.raw)}.sqlite")
+        self.cache = VectorCache(cache_path(self.raw, cache_dir))
         self.counts = CacheCounts()
         model.encode = self  # an instance attribute: ST's encode_query/encode_document call self.encode
 
