@@ -74,6 +74,7 @@ def test_rows_from_cached_raw_vectors_equal_the_models_run_directly_and_a_rerun_
 ):
     first = run_table(plan(tiny_llama, kv_folder, tmp_path / "a", tmp_path / "cache"), log=lambda line: None)
     assert set(first.rows) == {"kv", "kv_whiten", "mean", "mean_whiten"}
+    assert {record["command"] for record in first.rows.values()} == {"test"}  # each row names the run that wrote it
     assert forward_calls  # the first run embedded
     rows = {row: record["scores"] for row, record in first.rows.items()}
 

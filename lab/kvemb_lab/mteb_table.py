@@ -182,7 +182,7 @@ class Table:
         record = self.rows.setdefault(row, {})
         if record.get("revision") != revision:  # another model under the row's name: its old scores do not count
             record.clear()
-        record.update(model=model, revision=revision)
+        record.update(model=model, revision=revision, command=self.plan.command)  # rows of one table: several runs
         for key, value in (("scores", score), ("seconds", round(seconds, 1)), ("embedded", embedded)):
             record.setdefault(key, {})[task] = value
         self.write()
