@@ -166,12 +166,13 @@ def _with_routes(model: Any) -> list[Any]:
 
 def mteb_model_meta(model: Any) -> Any:
     """mteb's ``ModelMeta`` of ``model``: what mteb reads itself, plus loader, parameters and training data."""
-    from kvemb_st.benchmark import import_mteb
+    from kvemb_st.benchmark import import_mteb, quiet_mteb
 
     import_mteb()
     from mteb.models import ModelMeta, SentenceTransformerEncoderWrapper
 
-    meta = ModelMeta.from_sentence_transformer_model(model)
+    with quiet_mteb():
+        meta = ModelMeta.from_sentence_transformer_model(model)
     return meta.model_copy(
         update=dict(
             loader=SentenceTransformerEncoderWrapper,

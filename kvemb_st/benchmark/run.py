@@ -12,35 +12,17 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvemb_st.benchmark import import_mteb
+from kvemb_st.benchmark import import_mteb, quiet_mteb
 from kvemb_st.benchmark.identity import mteb_model_meta
 from kvemb_st.benchmark.local_tasks import SAMPLING_RULE, DataOrigin, Sampling, load_local_task
 
 SUMMARY_FILE = "kvemb_summary.json"
 VERSIONED = ("kvemb-st", "mteb", "sentence-transformers", "transformers", "torch")
-# Raised by mteb's own code on every run (its calls to a renamed sentence-transformers method and to its own
-# deprecated argument); nothing about the model, and nothing a user of kvemb eval can change.
-MTEB_INTERNAL_WARNINGS = (
-    r"The `get_sentence_embedding_dimension` method has been renamed",
-    r"The fill_missing parameter is deprecated",
-)
-
-
-@contextmanager
-def _quiet_mteb() -> Iterator[None]:
-    with warnings.catch_warnings():
-        for message in MTEB_INTERNAL_WARNINGS:
-            warnings.filterwarnings("ignore", message=message)
-        yield
-
-
 @dataclass
 class RunSummary:
     """What one run measured: main score per task, the model's identity, the data and how it was sampled."""
@@ -109,7 +91,7 @@ def run_tasks(
     from mteb.models import SentenceTransformerEncoderWrapper
     from tqdm.auto import tqdm
 
-    with _quiet_mteb():
+    with quiet_mteb():
         meta = mteb_model_meta(model)
         wrapper = SentenceTransformerEncoderWrapper(model)
     if sampling.record():
@@ -127,7 +109,7 @@ def run_tasks(
     for task, origin in progress:
         name = task.metadata.name
         progress.set_postfix_str(name)
-        with _quiet_mteb():
+        with quiet_mteb():
             result = mteb.evaluate(
                 wrapper, task, cache=cache, overwrite_strategy="always", encode_kwargs={"batch_size": batch_size},
                 show_progress_bar=False,
