@@ -121,6 +121,30 @@ def test_document_tasks_and_post_processing_end_to_end(tiny_llama, tmp_path):
     assert "| postprocessing |" in table and "| echo | whiten:16 |" in table and "Lee" in table
 
 
+def test_a_cached_run_resumes_without_embedding_again_and_scores_the_same(tiny_llama, tmp_path, monkeypatch):
+    """--cache-dir: each batch's raw vectors are committed as embedded, so a second (or resumed) run embeds nothing."""
+    from kvemb_st.module import KVEmbedding
+
+    calls = []
+    forward = KVEmbedding.forward
+    counted = lambda self, features, *args, **kwargs: calls.append(1) or forward(self, features, *args, **kwargs)  # noqa: E731
+    monkeypatch.setattr(KVEmbedding, "forward", counted)
+    argv = ["--base", tiny_llama, "--tasks", "passkey", "--passkey-lengths", "64,200", "--passkey-docs", "3",
+            "--postprocess", "none,whiten:16", "--calibration", "sts-b-train", "--max-seq-length", "128",
+            "--batch-size", "2", "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    uncached = eval_sts.main([*argv[:-2], "--out", str(tmp_path / "a"), "mean", "kv:layers=1-2"])
+    calls.clear()
+    first = eval_sts.main([*argv, "--out", str(tmp_path / "b"), "mean", "kv:layers=1-2"])
+    assert calls  # the first cached run embedded
+    calls.clear()
+    second = eval_sts.main([*argv, "--out", str(tmp_path / "c"), "mean", "kv:layers=1-2"])
+    assert calls == []  # every vector, of both methods, came from the cache
+    metrics = lambda result: [{k: v for k, v in row.items() if k.endswith("@1")} for row in result["results"]]  # noqa: E731
+    assert metrics(first) == metrics(second) == pytest.approx(metrics(uncached))
+    with pytest.raises(ValueError, match="--poolings"):
+        eval_sts.main([*argv, "--poolings", "last,mean", "--out", str(tmp_path / "d"), "mean"])
+
+
 def test_harness_post_processing_equals_the_appended_module(tiny_llama):
     """A transform of precomputed vectors scores exactly like the model with ``add_postprocessing``."""
     lee = load_lee()

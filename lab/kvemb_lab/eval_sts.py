@@ -70,6 +70,7 @@ from kvemb_lab.evaluation import (
 )
 from kvemb_lab.paths import RESULTS
 from kvemb_lab.provenance import public_command, public_name
+from kvemb_lab.vector_cache import CachedEncode
 
 TEMPLATE_KEYS = ("template", "query_template", "document_template")
 LOAD = "load"  # spec "load:FOLDER": a saved model (with its post-processing and sides), run as it is
@@ -153,16 +154,28 @@ def evaluate_spec(
     batch_size: int = 32,
     max_seq_length: int | None = None,
     poolings: Sequence[Readout] | None = None,
+    cache_dir: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per (pooling and) post-processing; ``tasks`` may be a function of the model's tokenizer."""
+    """One row per (pooling and) post-processing; ``tasks`` may be a function of the model's tokenizer. With
+    ``cache_dir`` every raw vector is committed to a cache as each batch is embedded, so a stopped run resumes
+    where it stopped (:class:`~kvemb_lab.vector_cache.CachedEncode`)."""
     method, kwargs = parse_spec(spec)
     model = kvemb_st.load(kwargs["path"]) if method == LOAD else kvemb_st.from_base(base, **kwargs)
     if max_seq_length:
         model[0].max_seq_length = max_seq_length
     if callable(tasks):
         tasks = tasks(model[0].tokenizer)
+    cached = None
+    if cache_dir is not None:
+        if poolings:
+            raise ValueError("--cache-dir caches each model's own vectors; --poolings reads token states: use one")
+        cached = CachedEncode(model, cache_dir, chunk=batch_size)
     start = time.perf_counter()
-    results = evaluate_model(model, tasks, postprocessing, calibration, batch_size, poolings)
+    try:
+        results = evaluate_model(model, tasks, postprocessing, calibration, batch_size, poolings)
+    finally:
+        if cached is not None:
+            cached.cache.close()
     seconds = round(time.perf_counter() - start, 1)
     rows = []
     for key, metrics in results.items():
@@ -213,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: results/methods/smollm2, or results/methods/<name of --base>)")
     parser.add_argument("--name", default=None, help="file stem of the outputs (default: sts_<split> or docs)")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="raw vector cache: a stopped run resumes (long passkey runs); not with --poolings")
     args = parser.parse_args(argv)
     specs = [(spec, parse_spec(spec)) for spec in args.methods]  # fail on bad input before any work
     names = _names(args.tasks, TASKS, "--tasks") + (["paragraphs"] if args.docs else [])
@@ -259,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rows = result["results"]
     for spec, _ in specs:
         new = evaluate_spec(spec, base, tasks_for, postprocessing, calibration, args.batch_size, args.max_seq_length,
-                            poolings)
+                            poolings, args.cache_dir)
         for row in new:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float) and k != "seconds")
             print(f"{spec} [{row.get('pooling', '')}{'/' if poolings else ''}{row['postprocessing']}]: {shown}", flush=True)
