@@ -53,7 +53,7 @@ def row_name(method: str, post: str) -> str:
     return method if post == "none" else f"{method}_{post}"
 
 
-def row_of(plan: "TablePlan", method: str, post: str) -> str:
+def row_of(plan: TablePlan, method: str, post: str) -> str:
     """The row a method fills: the kv build's rows carry the plan's ``kv_row`` (a candidate's name)."""
     return row_name(plan.kv_row if method == "kv" else method, post)
 
