@@ -159,17 +159,15 @@ def evaluate_spec(
     """One row per (pooling and) post-processing; ``tasks`` may be a function of the model's tokenizer. With
     ``cache_dir`` every raw vector is committed to a cache as each batch is embedded, so a stopped run resumes
     where it stopped (:class:`~kvemb_lab.vector_cache.CachedEncode`)."""
+    if cache_dir is not None and poolings:
+        raise ValueError("--cache-dir caches each model's own vectors; --poolings reads token states: use one")
     method, kwargs = parse_spec(spec)
     model = kvemb_st.load(kwargs["path"]) if method == LOAD else kvemb_st.from_base(base, **kwargs)
     if max_seq_length:
         model[0].max_seq_length = max_seq_length
     if callable(tasks):
         tasks = tasks(model[0].tokenizer)
-    cached = None
-    if cache_dir is not None:
-        if poolings:
-            raise ValueError("--cache-dir caches each model's own vectors; --poolings reads token states: use one")
-        cached = CachedEncode(model, cache_dir, chunk=batch_size)
+    cached = CachedEncode(model, cache_dir, chunk=batch_size) if cache_dir is not None else None
     start = time.perf_counter()
     try:
         results = evaluate_model(model, tasks, postprocessing, calibration, batch_size, poolings)
