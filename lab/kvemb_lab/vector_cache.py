@@ -4,8 +4,8 @@ The MTEB table scores each method twice, without post-processing and with whiten
 text is its raw vector through the model's own :class:`~kvemb_st.postprocessing.PostProcessing` transform for the
 side the call reached, so one forward pass serves both rows; and since each embedded chunk is committed at once,
 a stopped run resumes with everything it had embedded. A cache file belongs to one raw model (its content
-revision; the file name also carries the model's name, for people); a row is the side (the embedding module's own ``side_for``, plus any extra prompt) and the
-sha256 of the text.
+revision; the file name also carries the model's name, for people); a row is the side (the embedding module's own
+``side_for``, plus any extra prompt) and the sha256 of the text.
 """
 
 from __future__ import annotations
