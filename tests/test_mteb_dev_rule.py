@@ -38,7 +38,21 @@ def test_scores_average_the_backbones_and_a_row_missing_one_is_not_scored():
     assert verdict.incomplete == {"kv_docside_whiten": ["b"]} and verdict.backbones == ["a", "b"]
     text = rule.render(verdict, [a, b], "cmd")
     assert "| kv_bias1_whiten | 0.7000 | 0.5000 | **0.6000** | 1 |" in text
-    assert "today's default (kv_whiten) stays" in text and "kv_docside_whiten: b" in text
+    assert "provisional, today's default (kv_whiten) leads" in text and "kv_docside_whiten: b" in text
+    assert "backbone qwen25, candidate window10, candidate docside, candidate broadmix" in text
+
+
+def test_the_outcome_is_final_only_with_every_backbone_and_candidate():
+    rows = {f"kv_{c}_whiten": (0.6, 0.6) for c in rule.CANDIDATES}
+    rows |= {"kv_whiten": (0.6, 0.6), "kv_bias1_whiten": (0.7, 0.7)}
+    tables = [table(b, rows) for b in rule.BACKBONES]
+    assert rule.decide(tables).pending == []
+    assert "**Outcome: kv_bias1_whiten replaces the default (+0.1000 on the dev mean).**" in rule.render(
+        rule.decide(tables), tables, "cmd")
+    partial = rule.decide(tables[:2])
+    assert partial.pending == ["backbone qwen25"] and partial.winner == "kv_bias1_whiten"
+    assert "provisional, kv_bias1_whiten leads (+0.1000 on the dev mean); not measured yet: backbone qwen25" in (
+        rule.render(partial, tables[:2], "cmd"))
 
 
 def test_a_test_split_table_is_refused():

@@ -6,7 +6,8 @@ on a backbone is its mean main score over the five dev tasks; its score is the m
 measured on, and only the backbones the default was measured on count. A candidate wins only if it beats the
 default by more than ``margin``; among candidates within ``margin`` of the best, the one with the fewest changes
 wins (then the higher score). Raw rows (no whitening) and baselines are listed, never chosen: the default build
-whitens. Nothing here reads a test split: the tables are the dev ones or the run is refused.
+whitens. Nothing here reads a test split: the tables are the dev ones or the run is refused. Until every backbone and
+every candidate the amendment names is measured, the outcome is provisional and says what it still lacks.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Any
 
 DEFAULT_ROW = "kv_whiten"
 MARGIN = 0.005
+BACKBONES = ("smollm2", "gemma3", "qwen25")
+CANDIDATES = ("bias1", "window10", "docside", "broadmix")  # RULE.md's amendment of the third session
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,12 @@ class Verdict:
     incomplete: dict[str, list[str]]  # rows left out: the backbones they miss
     per_backbone: dict[str, dict[str, float]]  # backbone -> row -> mean over the dev tasks (every complete row)
     backbones: list[str]
+
+    @property
+    def pending(self) -> list[str]:
+        """What the rule still lacks before its outcome is final: backbones and candidates not measured."""
+        lacking = [f"backbone {b}" for b in BACKBONES if b not in self.backbones]
+        return lacking + [f"candidate {c}" for c in CANDIDATES if f"kv_{c}_whiten" not in self.scores]
 
 
 def changes(row: str) -> int:
@@ -83,11 +92,15 @@ def render(verdict: Verdict, tables: Sequence[Mapping[str, Any]], command: str) 
         cells += [f"**{verdict.scores[row]:.4f}**" if scored else "–", str(changes(row)) if scored else ""]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     default = verdict.scores[DEFAULT_ROW]
-    outcome = (
-        f"today's default ({DEFAULT_ROW}) stays: no candidate beats it by more than {MARGIN}"
-        if verdict.winner == DEFAULT_ROW
-        else f"{verdict.winner} replaces the default (+{verdict.scores[verdict.winner] - default:.4f} on the dev mean)"
-    )
+    final = not verdict.pending
+    if verdict.winner == DEFAULT_ROW:
+        verb = "stays" if final else "leads"
+        outcome = f"today's default ({DEFAULT_ROW}) {verb}: no candidate beats it by more than {MARGIN}"
+    else:
+        gain = f"+{verdict.scores[verdict.winner] - default:.4f} on the dev mean"
+        outcome = f"{verdict.winner} {'replaces the default' if final else 'leads'} ({gain})"
+    if not final:
+        outcome = f"provisional, {outcome}; not measured yet: {', '.join(verdict.pending)}"
     tasks = sorted({t for table in tables for t in table["task_types"]})
     lines += [
         "",
