@@ -147,6 +147,20 @@ def test_type_means_and_the_markdown_table():
     assert "| row | STS12 | STS13 | SciFact | Banking77 | Emotion | STS | Retrieval | Classification | overall |" in text
 
 
+def test_two_runs_of_one_table_keep_each_others_rows(tmp_path):
+    """Two candidate builds scored at once into one table: each task recorded re-reads the rows the other wrote."""
+    Table = table_module.Table
+    args = ("tiny", tmp_path, tmp_path, tmp_path, tmp_path / "out", tmp_path, "cmd")
+    first = Table(TablePlan(*args, tasks=TASKS, kv_row="kv_a"))
+    second = Table(TablePlan(*args, tasks=TASKS, kv_row="kv_b"))
+    first.record("kv_a", "a", "r1", "BIOSSES", 0.5, 1.0, 3)
+    second.record("kv_b", "b", "r2", "BIOSSES", 0.6, 1.0, 3)
+    first.record("kv_a", "a", "r1", "SciFact", 0.2, 1.0, 3)  # started before kv_b existed; must not drop it
+    rows = json.loads(first.json_path.read_text(encoding="utf-8"))["rows"]
+    assert rows["kv_a"]["scores"] == {"BIOSSES": 0.5, "SciFact": 0.2} and rows["kv_b"]["scores"] == {"BIOSSES": 0.6}
+    assert sorted(path.name for path in first.json_path.parent.iterdir()) == ["table.json", "table.md"]
+
+
 def test_a_plan_refuses_a_held_out_task_on_dev_splits(tmp_path):
     with pytest.raises(ValueError, match=r"STS13.*dev tasks"):
         TablePlan("tiny", tmp_path, tmp_path, tmp_path, tmp_path, tmp_path, "cmd", tasks=("STS13",), splits="dev")

@@ -12,6 +12,7 @@ The subsampling and the choice rules are fixed in ``experiments/mteb/RULE.md``, 
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -179,6 +180,7 @@ class Table:
     def record(
         self, row: str, model: str, revision: str, task: str, score: float, seconds: float, embedded: int
     ) -> None:
+        self.resume()  # the rows another run of this table wrote meanwhile: two runs never drop each other's rows
         record = self.rows.setdefault(row, {})
         if record.get("revision") != revision:  # another model under the row's name: its old scores do not count
             record.clear()
@@ -199,10 +201,15 @@ class Table:
         }  # fmt: skip
 
     def write(self) -> None:
+        """Both files replaced whole (written aside, then renamed), so a run reading them never sees half."""
         data = self.to_dict()
         self.plan.output.mkdir(parents=True, exist_ok=True)
-        self.json_path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        self.json_path.with_suffix(".md").write_text(render_markdown(data), encoding="utf-8")
+        markdown = self.json_path.with_suffix(".md")
+        texts = {self.json_path: json.dumps(data, indent=2) + "\n", markdown: render_markdown(data)}
+        for path, text in texts.items():
+            aside = path.with_name(f".{path.name}.{os.getpid()}")
+            aside.write_text(text, encoding="utf-8")
+            os.replace(aside, path)
 
 
 def render_markdown(data: Mapping[str, Any]) -> str:
