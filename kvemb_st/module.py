@@ -263,6 +263,9 @@ class KVEmbedding(CheckedConfigMixin, InputModule):
         local_files_only: bool = False,
         model_kwargs: dict[str, Any] | None = None,
         base_model: str | None = None,
+        backend: str = "torch",
+        processor_kwargs: dict[str, Any] | None = None,
+        config_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> KVEmbedding:
         """Rebuild from a saved folder or Hub repo.
@@ -270,11 +273,14 @@ class KVEmbedding(CheckedConfigMixin, InputModule):
         ``revision``/``subfolder`` address the KV-Embedding repo only; the base model is loaded at the
         ``base_revision`` recorded in the config. ``trust_remote_code`` (passed by ST) is deliberately
         ignored for the base model. ``base_model`` overrides the config's base (e.g. a local copy).
+        ST's ``backend``, ``processor_kwargs`` and ``config_kwargs`` cannot be honoured (see
+        :func:`_refuse_unsupported_loading`): asked for, they are refused rather than ignored.
 
         A config that did not come from a local folder (i.e. was downloaded) must name its base by Hub
         id: a downloaded file has no business pointing the loader at paths on this machine.
         """
         source = os.path.join(model_name_or_path, subfolder, CONFIG_FILE_NAME)
+        _refuse_unsupported_loading(model_name_or_path, backend, processor_kwargs, config_kwargs)
         data = cls.load_config(
             model_name_or_path,
             subfolder=subfolder,
@@ -316,3 +322,28 @@ class KVEmbedding(CheckedConfigMixin, InputModule):
         )  # fmt: skip
         module.source = folder_source(model_name_or_path, resolved)
         return module
+
+
+def _refuse_unsupported_loading(
+    name: str, backend: str, processor_kwargs: dict[str, Any] | None, config_kwargs: dict[str, Any] | None
+) -> None:
+    """Refuse ST loading options this module cannot honour, instead of loading a model that quietly ignores them.
+
+    The re-routing lives in the PyTorch attention of the base model, so an exported ONNX / OpenVINO graph cannot
+    run it; the tokenizer and the base model's config are the ones the folder's layer window and statistics were
+    computed with, so neither is changed at load time.
+    """
+    if backend != "torch":
+        raise ValueError(
+            f"{name}: backend={backend!r} is not supported: KV-Embedding re-routes keys and values inside the "
+            "PyTorch attention of the base model, which an exported graph does not have. Load it with "
+            "backend='torch' (the default)."
+        )
+    for option, value, remedy in (
+        ("processor_kwargs", processor_kwargs, "the tokenizer is the base model's, as the folder's template and "
+         "max_seq_length use it; set max_seq_length on the loaded model, templates with kvemb build"),
+        ("config_kwargs", config_kwargs, "the base model's config is the one the folder's layers and statistics "
+         "were computed for; loading options such as dtype or device_map go in model_kwargs"),
+    ):  # fmt: skip
+        if value:
+            raise ValueError(f"{name}: {option}={value!r} is not supported: {remedy}.")

@@ -62,6 +62,20 @@ def test_sentence_transformer_refuses_without_trust_remote_code(tiny_kv, tmp_pat
         SentenceTransformer(str(tmp_path))
 
 
+@pytest.mark.parametrize(
+    ("option", "match"),
+    [
+        ({"backend": "onnx"}, r"backend='onnx' is not supported: .*backend='torch'"),
+        ({"processor_kwargs": {"padding_side": "left"}}, r"processor_kwargs=.*not supported: the tokenizer"),
+        ({"config_kwargs": {"num_hidden_layers": 1}}, r"config_kwargs=.*not supported: .*model_kwargs"),
+    ],
+)
+def test_st_loading_options_it_cannot_honour_are_refused_not_ignored(tiny_kv, tmp_path, option, match):
+    tiny_kv.save(str(tmp_path))
+    with pytest.raises(ValueError, match=match):
+        SentenceTransformer(str(tmp_path), trust_remote_code=True, **option)
+
+
 def test_query_and_document_templates_are_applied(tiny_kv):
     query, document, plain = tiny_kv.encode_query(TEXTS), tiny_kv.encode_document(TEXTS), tiny_kv.encode(TEXTS)
     assert abs(query - plain).max() > 1e-4 and abs(document - plain).max() > 1e-4
