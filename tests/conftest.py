@@ -14,6 +14,16 @@ from transformers import (
     Qwen3Config,
 )
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    """mteb's own warnings (kvemb_st.benchmark.MTEB_INTERNAL_WARNINGS), ignored where a test calls mteb directly, as a
+    user would: the product silences the same list around its own calls; nothing about the model."""
+    from kvemb_st.benchmark import MTEB_INTERNAL_WARNINGS
+
+    for message in MTEB_INTERNAL_WARNINGS:
+        config.addinivalue_line("filterwarnings", f"ignore:{message}")
+
+
 TINY = dict(
     hidden_size=64,
     intermediate_size=128,
