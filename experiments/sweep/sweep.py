@@ -45,7 +45,7 @@ from kvemb_st.methods import kv_routing
 from kvemb_st.module import KVEmbedding
 from kvemb_st.pooling import pool
 
-from kvemb_lab.assets import qwen25_folder, smollm2_folder
+from kvemb_lab.backbones import BACKBONES
 from kvemb_lab.evaluation import (
     build_document_task,
     markdown_table,
@@ -61,7 +61,6 @@ BIASES = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0)
 REFERENCE_DEPTH = 30
 REFERENCE_WINDOWS = ((10, 19), (15, 24), (18, 27), (20, 29), (22, 29), (24, 29), (15, 29))
 REFERENCE_START = (20, 29)
-BACKBONES = {"smollm2": smollm2_folder, "qwen25": qwen25_folder}
 POOLINGS = {  # name -> (mode, last_weight)
     "last": ("last", 0.5),
     "mean": ("mean", 0.5),
@@ -367,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.out = args.out or RESULTS / "sweep" / args.backbone
     torch.set_num_threads(args.threads)
-    backbone, tokenizer = load_backbone(args.base or str(BACKBONES[args.backbone]()))
+    backbone, tokenizer = load_backbone(args.base or str(BACKBONES[args.backbone].folder()))
     # The evaluators record metrics on a model card, so they need a model; it never encodes here.
     st_model = SentenceTransformer(
         modules=[KVEmbedding(KVEmbeddingConfig("(preloaded)", method="prompteol"), backbone, tokenizer)]

@@ -28,10 +28,11 @@ class Backbone:
     assets: tuple[str, ...]  # the weights' distributions, for a result file's provenance
 
 
+# In the order experiments/mteb/RULE.md names them (its dev rule reports the backbones in this order).
 BACKBONES = {
     "smollm2": Backbone(smollm2_folder, "20-29", "10-19", None, (SMOLLM2_DISTRIBUTION,)),
-    "qwen25": Backbone(qwen25_folder, "14-21", "6-13", 400, QWEN25.distributions),
     "gemma3": Backbone(gemma3_folder, "1-6", None, 400, GEMMA3.distributions),
+    "qwen25": Backbone(qwen25_folder, "14-21", "6-13", 400, QWEN25.distributions),
 }
 
 

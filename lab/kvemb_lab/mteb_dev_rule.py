@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvemb_lab.backbones import BACKBONES
+
 DEFAULT_ROW = "kv_whiten"
 MARGIN = 0.005
-BACKBONES = ("smollm2", "gemma3", "qwen25")
 CANDIDATES = ("bias1", "window10", "docside", "broadmix")  # RULE.md's amendment of the third session
 
 

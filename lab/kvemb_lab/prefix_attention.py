@@ -30,12 +30,11 @@ from kvemb_st.config import KVEmbeddingConfig
 from kvemb_st.methods import kv_routing
 from kvemb_st.module import KVEmbedding
 
-from kvemb_lab.assets import STS_DISTRIBUTION, gemma3_folder, load_sts_b, qwen25_folder, smollm2_folder
-from kvemb_lab.backbones import run_assets
+from kvemb_lab.assets import STS_DISTRIBUTION, load_sts_b
+from kvemb_lab.backbones import BACKBONES, run_assets
 from kvemb_lab.evaluation import write_json
 
 PROBE = "kvemb_prefix_probe"
-BACKBONES = {"smollm2": smollm2_folder, "qwen25": qwen25_folder, "gemma3": gemma3_folder}
 RECORD: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
 
 
@@ -104,7 +103,7 @@ def main() -> None:
                         help="write the JSON here too (results/bias_share/BACKBONE/BACKBONE_LAYERS.json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    folder = str(BACKBONES[args.backbone]())
+    folder = str(BACKBONES[args.backbone].folder())
     if args.source == "calibration":
         texts = load_calibration(limit=args.texts)
     else:
