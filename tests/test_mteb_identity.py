@@ -59,6 +59,20 @@ def test_a_knob_at_its_default_does_not_change_the_revision_but_any_other_value_
     assert identity(kvemb_st.load(str(folder)))[1] != revision
 
 
+def test_changing_a_default_moves_no_existing_revision(tiny_llama, monkeypatch):
+    """Results are filed under revisions, so a later default (prefix bias 1.0 instead of 3.0, say) must leave the
+    revision of every folder written under the old one as it was, and still tell the two values apart."""
+    from kvemb_st.config import KVEmbeddingConfig
+
+    old, new = (kvemb_st.from_base(tiny_llama, layers="1-2", prefix_bias=bias) for bias in (3.0, 1.0))
+    before = identity(old)[1], identity(new)[1]
+    for default in (3.0, 1.0, 7.0):
+        monkeypatch.setattr(KVEmbeddingConfig.__dataclass_fields__["prefix_bias"], "default", default)
+        refresh_revision(old), refresh_revision(new)
+        assert (identity(old)[1], identity(new)[1]) == before
+    assert before[0] != before[1]
+
+
 def test_two_folders_of_one_name_never_share_a_cache_entry(tiny_llama, tmp_path):
     """Same folder name, other knobs: another revision, so mteb's cache cannot hand over the first score."""
     first, second = tmp_path / "a" / "model", tmp_path / "b" / "model"

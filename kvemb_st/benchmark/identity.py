@@ -41,6 +41,10 @@ from kvemb_st.calibration import (
 
 HUB_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 REVISION_LENGTH = 12
+# Knobs whose default changed after revisions were first filed, with the default they had then: a knob is left out
+# of the hash when it holds that value, so changing a default never moves an existing folder's revision (nor orphans
+# the results filed under it), and a folder that keeps the new default still hashes apart from one at the old.
+FORMER_DEFAULTS: dict[tuple[str, str], Any] = {("KVEmbeddingConfig", "prefix_bias"): 3.0}
 # Calibration sets drawn from STS-B train, which mteb names by the task STSBenchmark (its train split).
 STSB_TRAIN_SETS = (DEFAULT_CALIBRATION_FILE, PARAGRAPH_CALIBRATION_FILE)
 STSB_SET_NAME = "sts-b-train"  # how a joined named set ("sts-b-train+general") names its STS-B part
@@ -102,14 +106,16 @@ def content_revision(model: Any) -> str:
 
 def _hashed_config(module: Any) -> dict[str, Any]:
     """A module's config as its revision hashes it: without the writing package's version, and without a knob of
-    a dataclass config that holds its default -- so a knob added by a later version, whose default keeps the old
-    behaviour, leaves the revision of every existing folder (and the results filed under it) as it was."""
+    a dataclass config that holds its default (its former default if it changed: :data:`FORMER_DEFAULTS`) -- so a
+    knob added by a later version, whose default keeps the old behaviour, leaves the revision of every existing
+    folder (and the results filed under it) as it was."""
     config = dict(module.get_config_dict()) if hasattr(module, "get_config_dict") else {}
     config.pop("kvemb_st_version", None)
     knobs = getattr(module, "config", None)
     if is_dataclass(knobs):
         for f in fields(knobs):
             default = f.default_factory() if f.default_factory is not MISSING else f.default
+            default = FORMER_DEFAULTS.get((type(knobs).__name__, f.name), default)
             if default is not MISSING and f.name in config and config[f.name] == default:
                 del config[f.name]
     return config
