@@ -21,6 +21,7 @@ from kvemb_st.version import __version__
 
 CONFIG_FILE_NAME = "kvemb_config.json"
 ROPE_MODES = ("keep", "start", "relative0")
+ROUTING_KNOBS = ("prefix_bias", "prefix_rope")  # read by method 'kv' only: inert (and kept at any value) for the rest
 PROMPTEOL_TEMPLATE = 'This sentence : "{text}" means in one word:"'
 COMPRESSION_TEMPLATE = "Context: {text}\nCompress the context in one word:"
 NAMED_TEMPLATES = {"prompteol": PROMPTEOL_TEMPLATE, "compression": COMPRESSION_TEMPLATE}

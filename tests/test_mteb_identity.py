@@ -65,11 +65,16 @@ def test_changing_a_default_moves_no_existing_revision(tiny_llama, monkeypatch):
     from kvemb_st.config import KVEmbeddingConfig
 
     old, new = (kvemb_st.from_base(tiny_llama, layers="1-2", prefix_bias=bias) for bias in (3.0, 1.0))
-    before = identity(old)[1], identity(new)[1]
+    baseline = kvemb_st.from_base(tiny_llama, method="prompteol")  # never reads the bias: its revision ignores it
+    models = (old, new, baseline)
+    before = [identity(model)[1] for model in models]
     for default in (3.0, 1.0, 7.0):
         monkeypatch.setattr(KVEmbeddingConfig.__dataclass_fields__["prefix_bias"], "default", default)
-        refresh_revision(old), refresh_revision(new)
-        assert (identity(old)[1], identity(new)[1]) == before
+        for model in models:
+            refresh_revision(model)
+        assert [identity(model)[1] for model in models] == before
+        # a baseline built under that default (the dataclass's __init__ keeps its own, so pass it as a new one would)
+        assert identity(kvemb_st.from_base(tiny_llama, method="prompteol", prefix_bias=default))[1] == before[2]
     assert before[0] != before[1]
 
 

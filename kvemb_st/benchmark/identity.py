@@ -38,6 +38,7 @@ from kvemb_st.calibration import (
     calibration_hash,
     read_calibration_file,
 )
+from kvemb_st.config import ROUTING_KNOBS, KVEmbeddingConfig
 
 HUB_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 REVISION_LENGTH = 12
@@ -108,10 +109,14 @@ def _hashed_config(module: Any) -> dict[str, Any]:
     """A module's config as its revision hashes it: without the writing package's version, and without a knob of
     a dataclass config that holds its default (its former default if it changed: :data:`FORMER_DEFAULTS`) -- so a
     knob added by a later version, whose default keeps the old behaviour, leaves the revision of every existing
-    folder (and the results filed under it) as it was."""
+    folder (and the results filed under it) as it was. The routing knobs of a baseline method, which never reads
+    them, are left out whatever their value."""
     config = dict(module.get_config_dict()) if hasattr(module, "get_config_dict") else {}
     config.pop("kvemb_st_version", None)
     knobs = getattr(module, "config", None)
+    if isinstance(knobs, KVEmbeddingConfig) and knobs.method != "kv":  # same vectors at any value: one revision
+        for name in ROUTING_KNOBS:
+            config.pop(name, None)
     if is_dataclass(knobs):
         for f in fields(knobs):
             default = f.default_factory() if f.default_factory is not MISSING else f.default
