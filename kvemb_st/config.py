@@ -82,7 +82,8 @@ class KVEmbeddingConfig:
             Empty means no re-routing (plain prompt-based embedding). Method ``kv`` only.
         tp_layers: Layers at whose input Token Prepending overwrites the placeholder's state (method
             ``token_prepending`` only); ``None`` = layers 1 .. 7/32 of the depth, the paper's setting.
-        prefix_bias: Added to the prefix slot's attention logit; larger values draw more attention to it.
+        prefix_bias: Added to the prefix slot's attention logit; larger values draw more attention to it. 1.0 since
+            MTEB's dev tasks chose it over 3.0 (``experiments/mteb/RULE.md``; folders written before keep their 3.0).
         prefix_rope: How the prefix key is positioned: ``keep`` (rotated at the final token's position),
             ``start`` (at position 0, like a real prepended token) or ``relative0`` (at each query's own
             position, i.e. relative distance 0).
@@ -118,7 +119,7 @@ class KVEmbeddingConfig:
     method: str = "kv"
     layers: list[int] = field(default_factory=list)
     tp_layers: list[int] | None = None
-    prefix_bias: float = 3.0
+    prefix_bias: float = 1.0
     prefix_rope: str = "relative0"
     pooling: str | None = None
     last_weight: float = DEFAULT_LAST_WEIGHT

@@ -81,7 +81,8 @@ def test_changing_a_default_moves_no_existing_revision(tiny_llama, monkeypatch):
 def test_two_folders_of_one_name_never_share_a_cache_entry(tiny_llama, tmp_path):
     """Same folder name, other knobs: another revision, so mteb's cache cannot hand over the first score."""
     first, second = tmp_path / "a" / "model", tmp_path / "b" / "model"
-    kvemb_st.from_base(tiny_llama, layers="1-2").save(str(first))
+    # two models whose mock-STS scores differ (the mock task has two pairs, so its Spearman is +1 or -1)
+    kvemb_st.from_base(tiny_llama, layers="1-2", prefix_bias=3.0).save(str(first))
     kvemb_st.from_base(tiny_llama, method="mean").save(str(second))
     cache = mteb.ResultCache(cache_path=tmp_path / "cache")
     models = [kvemb_st.load(str(first)), kvemb_st.load(str(second))]
