@@ -29,7 +29,7 @@ def gemma3() -> str:
 
 @pytest.fixture(scope="module")
 def model(gemma3):
-    return kvemb_st.from_base(gemma3, layers=[4, 5, 11])  # sliding 4, full 5 and 11; default knobs (relative0, bias 3)
+    return kvemb_st.from_base(gemma3, layers=[4, 5, 11], prefix_bias=3.0)  # sliding 4, full 5 and 11; bias 3: sharper
 
 
 def test_tokenizer_adds_bos_and_the_template_still_ends_the_input(model):

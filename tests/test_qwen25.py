@@ -27,7 +27,7 @@ def qwen25() -> str:
 
 @pytest.fixture(scope="module")
 def model(qwen25):
-    return kvemb_st.from_base(qwen25, layers=[5, 17])  # default knobs: RoPE relative0, bias 3, mean+last
+    return kvemb_st.from_base(qwen25, layers=[5, 17], prefix_bias=3.0)  # bias 3: a sharper check than 1.0
 
 
 def test_tokenizer_adds_no_bos_and_the_template_still_ends_the_input(model):
