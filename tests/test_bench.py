@@ -65,6 +65,7 @@ def test_shape_tiny_bench_reports_every_point_and_column(smollm2_tokenizer_dir, 
     assert "**kv / plain forward**" in table and "kv / plain encode" in table and "kv_keep / plain forward" in table
     assert "| fit | 240 | 0 |" in table and "| cut | 48 | 3 |" in table
     assert "Command: `python " in table
+    assert f"Provenance: `{json.dumps(result['provenance'])}`" in table
     # which path the re-routed layers took: CPU flash, self-checked, log-sum-exp merge
     assert "cpu FLASH_ATTENTION float32 head_dim=16 heads=4/2 causal: lse_merge (checked" in result["attention_paths"]
     assert "Re-routed attention path" in table and "lse_merge" in table

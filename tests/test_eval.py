@@ -94,6 +94,7 @@ def test_eval_script_end_to_end_on_a_tiny_model(tiny_llama, tmp_path):
         assert all(math.isfinite(row[k]) for k in ("sts_spearman", "docs_mrr@10", "docs_ndcg@10"))
     table = (tmp_path / "tiny.md").read_text()
     assert "| kv:layers=1-3,prefix_bias=2,template=compression |" in table and "python experiments/eval_sts/eval_sts.py" in table
+    assert f"Provenance: `{json.dumps(provenance)}`" in table  # the same record as the JSON beside it
     # deterministic, and the harness' STS score is the live evaluator's
     again = eval_sts.evaluate_spec("mean", tiny_llama, [sts_task(sts_pairs("dev", limit=8))])
     assert again[0]["sts_spearman"] == pytest.approx(saved["results"][1]["sts_spearman"], abs=1e-6)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 rule = pytest.importorskip("kvemb_lab.mteb_dev_rule", reason="the lab package is not installed (pip install -e ./lab)")
@@ -58,3 +60,14 @@ def test_the_outcome_is_final_only_with_every_backbone_and_candidate():
 def test_a_test_split_table_is_refused():
     with pytest.raises(ValueError, match="dev tables only"):
         rule.decide([table("a", {"kv_whiten": (0.6, 0.6)}, splits="test")])
+
+
+def test_the_decision_files_carry_the_tables_and_their_own_provenance(tmp_path):
+    written = table("a", {"kv_whiten": (0.6, 0.6), "kv_bias1_whiten": (0.7, 0.7)}) | {"provenance": {"commit": "abc"}}
+    path = tmp_path / "table_dev.json"
+    path.write_text(json.dumps(written))
+    rule.main([path], tmp_path / "choice", "cmd")
+    record = json.loads((tmp_path / "choice.json").read_text())
+    assert record["winner"] == "kv_bias1_whiten" and record["tables"] == [{"commit": "abc"}]
+    assert set(record["provenance"]) == {"commit", "dirty", "versions", "assets"}
+    assert f"Provenance: `{json.dumps(record['provenance'])}`" in (tmp_path / "choice.md").read_text()

@@ -73,3 +73,11 @@ def test_no_published_file_names_a_machine_path():
     leaks = [f"{path.relative_to(root)}: {match.group(0)}" for path in published
              for match in [MACHINE_PATH.search(path.read_text(encoding="utf-8"))] if match]  # fmt: skip
     assert not leaks, leaks
+
+
+def test_every_markdown_result_file_has_a_provenance_line():
+    """docs/results-index.md promises it: a table someone reads can be traced without opening its JSON."""
+    root = Path(__file__).resolve().parents[1]
+    missing = [str(path.relative_to(root)) for path in (root / "results").rglob("*.md")
+               if "Provenance" not in path.read_text(encoding="utf-8")]  # fmt: skip
+    assert not missing, missing

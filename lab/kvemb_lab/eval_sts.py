@@ -69,7 +69,7 @@ from kvemb_lab.evaluation import (
     write_json,
 )
 from kvemb_lab.paths import RESULTS
-from kvemb_lab.provenance import public_command, public_name
+from kvemb_lab.provenance import provenance_line, public_command, public_name
 from kvemb_lab.vector_cache import CachedEncode
 
 TEMPLATE_KEYS = ("template", "query_template", "document_template")
@@ -294,11 +294,12 @@ def write_outputs(
     """``<out>/<name>.json`` and ``.md`` with the rows so far: rewritten after every method, so a stopped run
     keeps what it finished."""
     rows = result["results"]
-    write_json(args.out / f"{name}.json", result, assets)
+    record = write_json(args.out / f"{name}.json", result, assets)
     metrics = list(dict.fromkeys(k for row in rows for k, v in row.items() if isinstance(v, float) and k != "seconds"))
     columns = ["name", *(["pooling"] if poolings else []), *(["postprocessing"] if posts else []), *metrics]
     table = markdown_table(rows, columns)
-    (args.out / f"{name}.md").write_text(f"{describe(args, names)}\n\n{table}\n`{result['command']}`\n")
+    text = f"{describe(args, names)}\n\n{table}\n`{result['command']}`\n\n{provenance_line(record)}\n"
+    (args.out / f"{name}.md").write_text(text)
 
 
 def describe(args: argparse.Namespace, names: Sequence[str]) -> str:

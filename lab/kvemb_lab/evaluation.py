@@ -405,12 +405,14 @@ def evaluate_model(
 
 
 # ------------------------------------------------------------------------------------------- writers
-def write_json(path: str | Path, data: Mapping[str, Any], assets: Iterable[str] = ()) -> None:
-    """A result file: ``data`` plus its ``provenance`` (commit, dirty flag, versions, the ``assets`` the run read)."""
+def write_json(path: str | Path, data: Mapping[str, Any], assets: Iterable[str] = ()) -> dict[str, Any]:
+    """A result file: ``data`` plus its ``provenance`` (commit, dirty flag, versions, the ``assets`` the run read),
+    which is returned for the markdown file beside it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {**data, "provenance": provenance(dict.fromkeys(assets))}
     path.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    return record["provenance"]
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], digits: int = 3) -> str:

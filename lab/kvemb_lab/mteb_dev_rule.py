@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kvemb_lab.backbones import BACKBONES
+from kvemb_lab.provenance import provenance, provenance_line
 
 DEFAULT_ROW = "kv_whiten"
 MARGIN = 0.005
@@ -124,9 +125,11 @@ def main(paths: Sequence[Path], out: Path | None, command: str) -> Verdict:
     print(text)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".md").write_text(text, encoding="utf-8")
+        decided = provenance()  # of the code that applied the rule; the tables' own runs are under "tables"
+        out.with_suffix(".md").write_text(f"{text}\n{provenance_line(decided)}\n", encoding="utf-8")
         record = {"winner": verdict.winner, "scores": verdict.scores, "incomplete": verdict.incomplete,
                   "per_backbone": verdict.per_backbone, "backbones": verdict.backbones, "margin": MARGIN,
-                  "command": command, "tables": [t.get("provenance") for t in tables]}  # fmt: skip
+                  "command": command, "tables": [t.get("provenance") for t in tables],
+                  "provenance": decided}  # fmt: skip
         out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return verdict

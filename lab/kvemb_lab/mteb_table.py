@@ -30,7 +30,7 @@ from kvemb_st.postprocessing import PostProcessing
 
 from kvemb_lab.assets import STS_DISTRIBUTION
 from kvemb_lab.backbones import BACKBONES, run_assets
-from kvemb_lab.provenance import provenance
+from kvemb_lab.provenance import provenance, provenance_line
 from kvemb_lab.vector_cache import CachedEncode
 
 BASELINES = ("mean", "last", "prompteol", "echo", "token_prepending")
@@ -236,7 +236,7 @@ def render_markdown(data: Mapping[str, Any]) -> str:
     lines += ["", f"Sampling: {json.dumps(sampling) if sampling else 'none (every example)'}"]
     if data.get("sampling_rule"):
         lines.append(f"({data['sampling_rule']}; rules: experiments/mteb/RULE.md)")
-    lines += ["", f"Command: `{data['command']}`", "", "Provenance: `" + json.dumps(data["provenance"]) + "`", ""]
+    lines += ["", f"Command: `{data['command']}`", "", provenance_line(data["provenance"]), ""]
     return "\n".join(lines)
 
 

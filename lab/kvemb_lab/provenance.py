@@ -4,15 +4,16 @@ recorded."""
 
 from __future__ import annotations
 
+import json
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from kvemb_st.public_paths import public_command, public_name
 
-__all__ = ["asset_pin", "package_version", "provenance", "public_command", "public_name"]
+__all__ = ["asset_pin", "package_version", "provenance", "provenance_line", "public_command", "public_name"]
 
 PACKAGES = ("torch", "transformers", "sentence-transformers", "mteb", "kvemb-st")
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -59,3 +60,9 @@ def provenance(assets: Iterable[str] = (), repository: Path = REPOSITORY) -> dic
         "versions": {name: package_version(name) for name in PACKAGES},
         "assets": [asset_pin(name) for name in assets],
     }
+
+
+def provenance_line(record: Mapping[str, Any]) -> str:
+    """The ``Provenance:`` line of a markdown result file: the record its JSON sibling holds, so the table a reader
+    sees is traceable without opening the JSON."""
+    return "Provenance: `" + json.dumps(record) + "`"

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from kvemb_lab.provenance import provenance, public_command
+from kvemb_lab.provenance import provenance, provenance_line, public_command
 
 
 def this_command() -> str:
@@ -24,8 +24,9 @@ def device_name(device: str) -> str:
 
 def write(result: dict[str, Any], out: str, assets: Iterable[str] = ()) -> None:
     """``out.json`` (as measured, with its provenance) and ``out.md``."""
-    Path(out + ".json").write_text(json.dumps({**result, "provenance": provenance(assets)}, indent=2) + "\n")
-    Path(out + ".md").write_text(markdown(result))
+    record = provenance(assets)
+    Path(out + ".json").write_text(json.dumps({**result, "provenance": record}, indent=2) + "\n")
+    Path(out + ".md").write_text(f"{markdown(result).rstrip()}\n\n{provenance_line(record)}\n")
 
 
 def _ratio(ratio: dict[str, Any], digits: int = 3) -> str:
