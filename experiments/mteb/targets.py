@@ -1,0 +1,46 @@
+"""Issue 26's targets on one backbone's test table: the default build against every baseline, same post-processing.
+
+    python experiments/mteb/targets.py results/mteb/smollm2/table.json --default kv_bias1 \
+        --out results/mteb/smollm2/targets
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from kvemb_st.public_paths import public_command
+
+from kvemb_lab.evaluation import write_json
+from kvemb_lab.mteb_targets import compare, render
+from kvemb_lab.provenance import provenance_line
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("table", type=Path, help="a backbone's table.json (run_table.py, test splits)")
+    parser.add_argument("--default", default="kv", help="the default build's row without its _whiten suffix")
+    parser.add_argument("--out", type=Path, help="write <out>.md and <out>.json")
+    args = parser.parse_args(argv)
+    table = json.loads(args.table.read_text(encoding="utf-8"))
+    if args.default not in table["rows"]:
+        parser.error(f"{args.table} has no row {args.default!r}; its rows: {', '.join(table['rows'])}")
+    comparisons = compare(table, args.default)
+    command = public_command(["python", "experiments/mteb/targets.py", *argv])
+    text = render(table, comparisons, args.default, command)
+    print(text)
+    if args.out is not None:
+        data = {"backbone": table["backbone"], "default": args.default, "command": command,
+                "comparisons": [asdict(c) | {"margin": c.margin, "verdict": c.verdict} for c in comparisons],
+                "table": table.get("provenance")}  # fmt: skip
+        record = write_json(args.out.with_suffix(".json"), data)
+        args.out.with_suffix(".md").write_text(f"{text}\n{provenance_line(record)}\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,93 @@
+"""Issue 26's targets read off one backbone's MTEB test table: does the default build beat every baseline?
+
+RULE.md's reporting rule: where the default build loses to a baseline *with the same post-processing*, say where and
+by how much. So each post-processing (none, whiten) is compared on its own, per task type (STS, retrieval,
+classification) and overall, always over the same tasks: a baseline's type mean counts only when it has every task of
+the type, and a baseline that lacks one is listed as not measured, never dropped silently, so a target can only be
+called met against baselines that were all measured. The moonshot is the overall mean beating the best complete
+baseline by 0.02. Nothing is computed here that mteb computed: the inputs are mteb's main scores in the table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvemb_lab.mteb_table import BASELINES, POSTS, TASK_TYPES, row_name, type_means
+
+MOONSHOT = 0.02  # the issue's overall margin over the best baseline
+KINDS = (*TASK_TYPES, "overall")
+
+
+@dataclass
+class Comparison:
+    """The default row against the baselines of one post-processing on one task type (or ``overall``)."""
+
+    kind: str
+    post: str
+    default: float | None
+    baselines: dict[str, float] = field(default_factory=dict)  # measured on every task of the kind
+    missing: list[str] = field(default_factory=list)  # baselines lacking a task of the kind
+
+    @property
+    def best(self) -> tuple[str, float] | None:
+        return max(self.baselines.items(), key=lambda item: item[1]) if self.baselines else None
+
+    @property
+    def margin(self) -> float | None:
+        """Default minus the best measured baseline (negative: the default loses)."""
+        best = self.best
+        return None if best is None or self.default is None else self.default - best[1]
+
+    @property
+    def verdict(self) -> str:
+        if self.default is None:
+            return "default not measured"
+        if self.margin is None:
+            return "no baseline measured"
+        wins = self.margin > 0
+        if self.missing:
+            return "leads so far" if wins else "misses"
+        return "met" if wins else "misses"
+
+
+def compare(table: Mapping[str, Any], default: str = "kv") -> list[Comparison]:
+    """One :class:`Comparison` per post-processing and kind; ``default`` is the default build's method row
+    (``kv``, or ``kv_<candidate>`` where the table's default build was a candidate row)."""
+    types, rows = table["task_types"], table["rows"]
+    means = {row: type_means(record.get("scores", {}), types) for row, record in rows.items()}
+    found = []
+    for post in POSTS:
+        for kind in KINDS:
+            own = means.get(row_name(default, post), {}).get(kind)
+            result = Comparison(kind, post, own)
+            for method in BASELINES:
+                value = means.get(row_name(method, post), {}).get(kind)
+                if value is None:
+                    result.missing.append(method)
+                else:
+                    result.baselines[method] = value
+            found.append(result)
+    return found
+
+
+def render(table: Mapping[str, Any], comparisons: list[Comparison], default: str, command: str) -> str:
+    """The comparisons as Markdown, one line per post-processing and kind, then the moonshot."""
+    lines = [f"# MTEB targets: {table['backbone']} ({table['splits']} splits), default row `{default}`", ""]
+    lines += ["| post | type | default | best baseline | margin | verdict | not measured |", "|---|---|---|---|---|---|---|"]
+
+    def number(value: float | None, sign: bool = False) -> str:
+        return "–" if value is None else (f"{value:+.4f}" if sign else f"{value:.4f}")
+
+    for c in comparisons:
+        best = "–" if c.best is None else f"{c.best[0]} {c.best[1]:.4f}"
+        cells = [c.post, c.kind, number(c.default), best, number(c.margin, sign=True), c.verdict, ", ".join(c.missing)]
+        lines.append("| " + " | ".join(cells) + " |")
+    whitened = next(c for c in comparisons if c.post == "whiten" and c.kind == "overall")
+    moonshot = "not measurable yet" if whitened.missing or whitened.margin is None else (
+        "reached" if whitened.margin >= MOONSHOT else f"not reached ({whitened.margin:+.4f})")  # fmt: skip
+    lines += ["", f"Moonshot (whitened overall mean, +{MOONSHOT} over the best baseline): **{moonshot}**.", ""]
+    lines += ["A baseline counts on a type only when it has every task of it; `leads so far`: ahead of the baselines "
+              "measured, with some not measured.", "", f"Command: `{command}`", ""]  # fmt: skip
+    return "\n".join(lines)

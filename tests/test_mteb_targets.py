@@ -1,0 +1,65 @@
+"""Issue 26's targets (lab/kvemb_lab/mteb_targets.py): same post-processing, complete types only, misses named."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+targets = pytest.importorskip("kvemb_lab.mteb_targets", reason="the lab package is not installed (pip install -e ./lab)")
+
+TYPES = {"STS12": "STS", "STS13": "STS", "SciFact": "Retrieval", "Banking77Classification": "Classification"}
+
+
+def table(rows: dict[str, dict[str, float]]) -> dict:
+    return {"backbone": "tiny", "splits": "test", "task_types": TYPES,
+            "rows": {row: {"scores": scores} for row, scores in rows.items()}}  # fmt: skip
+
+
+def every(value: float) -> dict[str, float]:
+    return dict.fromkeys(TYPES, value)
+
+
+def found(comparisons, post: str, kind: str):
+    return next(c for c in comparisons if (c.post, c.kind) == (post, kind))
+
+
+def test_met_only_against_every_baseline_with_the_same_post_processing():
+    rows = {"kv": every(0.5), "kv_whiten": every(0.7)}
+    rows |= {m: every(0.4) for m in targets.BASELINES} | {f"{m}_whiten": every(0.65) for m in targets.BASELINES}
+    rows["echo"] = every(0.9)  # a raw baseline beating the whitened default is not the whitened comparison
+    comparisons = targets.compare(table(rows))
+    whitened = found(comparisons, "whiten", "overall")
+    assert whitened.verdict == "met" and whitened.margin == pytest.approx(0.05) and not whitened.missing
+    raw = found(comparisons, "none", "STS")
+    assert raw.verdict == "misses" and raw.best == ("echo", 0.9) and raw.margin == pytest.approx(-0.4)
+
+
+def test_a_baseline_missing_a_task_of_a_type_is_named_and_never_counted_on_it():
+    rows = {"kv_bias1_whiten": every(0.6), "echo_whiten": every(0.5), "prompteol_whiten": every(0.7)}
+    del rows["prompteol_whiten"]["SciFact"]  # prompteol beats the default, but lacks the retrieval task
+    comparisons = targets.compare(table(rows), default="kv_bias1")
+    retrieval = found(comparisons, "whiten", "Retrieval")
+    assert retrieval.verdict == "leads so far" and retrieval.best == ("echo", 0.5)
+    assert retrieval.missing == ["mean", "last", "prompteol", "token_prepending"]
+    assert found(comparisons, "whiten", "STS").verdict == "misses"  # a measured baseline beats it: missed already
+    assert found(comparisons, "none", "STS").verdict == "default not measured"
+
+
+def test_the_command_writes_the_comparison_with_its_provenance(tmp_path):
+    rows = {"kv_whiten": every(0.7), "kv": every(0.5)} | {f"{m}_whiten": every(0.65) for m in targets.BASELINES}
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table(rows)))
+    script = Path(__file__).resolve().parents[1] / "experiments" / "mteb" / "targets.py"
+    done = subprocess.run([sys.executable, str(script), str(path), "--out", str(tmp_path / "targets")],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    assert "| whiten | overall | 0.7000 | mean 0.6500 | +0.0500 | met |  |" in done.stdout
+    assert "**reached**" in done.stdout
+    record = json.loads((tmp_path / "targets.json").read_text())
+    assert f"Provenance: `{json.dumps(record['provenance'])}`" in (tmp_path / "targets.md").read_text()
+    refused = subprocess.run([sys.executable, str(script), str(path), "--default", "kv_nope"], capture_output=True,
+                             text=True)  # fmt: skip
+    assert refused.returncode == 2 and "no row 'kv_nope'" in refused.stderr and "kv_whiten" in refused.stderr
