@@ -144,7 +144,10 @@ def test_type_means_and_the_markdown_table():
     }  # fmt: skip
     text = render_markdown(data)
     assert "| kv | 0.5000 | 0.7000 | 0.2000 | 0.6000 | 0.4000 | 0.6000 | 0.2000 | 0.5000 | 0.4800 |" in text
-    assert "| row | STS12 | STS13 | SciFact | Banking77 | Emotion | STS | Retrieval | Classification | overall |" in text
+    assert "| row | STS12 | STS13* | SciFact* | Banking77 | Emotion | STS | Retrieval | Classification | overall |" in text
+    assert "*: held out, never chosen on" in text
+    dev = render_markdown(data | {"splits": "dev"})  # on the dev splits nothing is held out
+    assert "| row | STS12 | STS13 | SciFact | Banking77 | Emotion |" in dev and "held out" not in dev
 
 
 def test_two_runs_of_one_table_keep_each_others_rows(tmp_path):
