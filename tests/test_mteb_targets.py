@@ -47,6 +47,11 @@ def test_a_baseline_missing_a_task_of_a_type_is_named_and_never_counted_on_it():
     assert retrieval.missing == ["mean", "last", "prompteol", "token_prepending"]
     assert found(comparisons, "whiten", "STS").verdict == "misses"  # a measured baseline beats it: missed already
     assert found(comparisons, "none", "STS").verdict == "default not measured"
+    text = targets.render(table(rows), comparisons, "kv_bias1", "cmd")  # prompteol lacks SciFact: not in overall
+    assert "**ahead so far (+0.1000; not measured: mean, last, prompteol, token_prepending)**" in text
+    behind = {"kv_whiten": every(0.5), "echo_whiten": every(0.6)}
+    assert "**not reached (-0.1000)**" in targets.render(  # missing baselines cannot rescue it
+        table(behind), targets.compare(table(behind)), "kv", "cmd")
 
 
 def test_the_command_writes_the_comparison_with_its_provenance(tmp_path):
