@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-targets = pytest.importorskip("kvemb_lab.mteb_targets", reason="the lab package is not installed (pip install -e ./lab)")
+LAB_MISSING = "the lab package is not installed (pip install -e ./lab)"
+targets = pytest.importorskip("kvemb_lab.mteb_targets", reason=LAB_MISSING)
 
 TYPES = {"STS12": "STS", "STS13": "STS", "SciFact": "Retrieval", "Banking77Classification": "Classification"}
 

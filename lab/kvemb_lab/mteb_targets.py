@@ -75,7 +75,8 @@ def compare(table: Mapping[str, Any], default: str = "kv") -> list[Comparison]:
 def render(table: Mapping[str, Any], comparisons: list[Comparison], default: str, command: str) -> str:
     """The comparisons as Markdown, one line per post-processing and kind, then the moonshot."""
     lines = [f"# MTEB targets: {table['backbone']} ({table['splits']} splits), default row `{default}`", ""]
-    lines += ["| post | type | default | best baseline | margin | verdict | not measured |", "|---|---|---|---|---|---|---|"]
+    head = ["post", "type", "default", "best baseline", "margin", "verdict", "not measured"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def number(value: float | None, sign: bool = False) -> str:
         return "–" if value is None else (f"{value:+.4f}" if sign else f"{value:.4f}")
@@ -91,7 +92,8 @@ def render(table: Mapping[str, Any], comparisons: list[Comparison], default: str
     elif margin < MOONSHOT:  # more baselines can only raise the best one: missed already
         moonshot = f"not reached ({margin:+.4f})"
     else:
-        moonshot = f"ahead so far ({margin:+.4f}; not measured: {', '.join(whitened.missing)})" if whitened.missing else "reached"
+        missing = ", ".join(whitened.missing)
+        moonshot = f"ahead so far ({margin:+.4f}; not measured: {missing})" if missing else "reached"
     lines += ["", f"Moonshot (whitened overall mean, +{MOONSHOT} over the best baseline): **{moonshot}**.", ""]
     lines += ["A baseline counts on a type only when it has every task of it; `leads so far`: ahead of the baselines "
               "measured, with some not measured.", "", f"Command: `{command}`", ""]  # fmt: skip
