@@ -14,9 +14,8 @@ from pathlib import Path
 
 from kvemb_st.public_paths import public_command
 
-from kvemb_lab.evaluation import write_json
+from kvemb_lab.evaluation import write_result
 from kvemb_lab.mteb_targets import compare, render
-from kvemb_lab.provenance import provenance_line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,8 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         data = {"backbone": table["backbone"], "default": args.default, "command": command,
                 "comparisons": [asdict(c) | {"margin": c.margin, "verdict": c.verdict} for c in comparisons],
                 "table": table.get("provenance")}  # fmt: skip
-        record = write_json(args.out.with_suffix(".json"), data)
-        args.out.with_suffix(".md").write_text(f"{text}\n{provenance_line(record)}\n", encoding="utf-8")
+        write_result(args.out.with_suffix(""), data, text)
     return 0
 
 

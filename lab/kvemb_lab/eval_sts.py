@@ -66,10 +66,10 @@ from kvemb_lab.evaluation import (
     sts_pairs,
     sts_task,
     topic_task,
-    write_json,
+    write_result,
 )
 from kvemb_lab.paths import RESULTS
-from kvemb_lab.provenance import provenance_line, public_command, public_name
+from kvemb_lab.provenance import public_command, public_name
 from kvemb_lab.vector_cache import CachedEncode
 
 TEMPLATE_KEYS = ("template", "query_template", "document_template")
@@ -294,12 +294,10 @@ def write_outputs(
     """``<out>/<name>.json`` and ``.md`` with the rows so far: rewritten after every method, so a stopped run
     keeps what it finished."""
     rows = result["results"]
-    record = write_json(args.out / f"{name}.json", result, assets)
     metrics = list(dict.fromkeys(k for row in rows for k, v in row.items() if isinstance(v, float) and k != "seconds"))
     columns = ["name", *(["pooling"] if poolings else []), *(["postprocessing"] if posts else []), *metrics]
     table = markdown_table(rows, columns)
-    text = f"{describe(args, names)}\n\n{table}\n`{result['command']}`\n\n{provenance_line(record)}\n"
-    (args.out / f"{name}.md").write_text(text)
+    write_result(args.out / name, result, f"{describe(args, names)}\n\n{table}\n`{result['command']}`", assets)
 
 
 def describe(args: argparse.Namespace, names: Sequence[str]) -> str:

@@ -44,7 +44,7 @@ from kvemb_st.postprocessing_fit import fit_postprocessing
 
 from kvemb_lab.assets import load_sts_b
 from kvemb_lab.doc_tasks import DocumentTask, SimilarityTask, TopicTask, knn_accuracy
-from kvemb_lab.provenance import provenance
+from kvemb_lab.provenance import provenance, provenance_line
 
 StsPair = tuple[str, str, float]
 DOC_METRICS = ("mrr@10", "ndcg@10", "accuracy@1")
@@ -413,6 +413,13 @@ def write_json(path: str | Path, data: Mapping[str, Any], assets: Iterable[str] 
     record = {**data, "provenance": provenance(dict.fromkeys(assets))}
     path.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     return record["provenance"]
+
+
+def write_result(stem: str | Path, data: Mapping[str, Any], markdown: str, assets: Iterable[str] = ()) -> None:
+    """``<stem>.json`` (:func:`write_json`) and ``<stem>.md``: ``markdown`` ending in the Provenance line of the very
+    record the JSON holds, so the table a reader sees is traceable without opening the JSON."""
+    record = write_json(f"{stem}.json", data, assets)
+    Path(f"{stem}.md").write_text(f"{markdown.rstrip()}\n\n{provenance_line(record)}\n", encoding="utf-8")
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], digits: int = 3) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kvemb_lab.backbones import BACKBONES
-from kvemb_lab.provenance import provenance, provenance_line
+from kvemb_lab.evaluation import write_result
 
 DEFAULT_ROW = "kv_whiten"
 MARGIN = 0.005
@@ -124,12 +124,9 @@ def main(paths: Sequence[Path], out: Path | None, command: str) -> Verdict:
     text = render(verdict, tables, command)
     print(text)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        decided = provenance()  # of the code that applied the rule; the tables' own runs are under "tables"
-        out.with_suffix(".md").write_text(f"{text}\n{provenance_line(decided)}\n", encoding="utf-8")
         record = {"winner": verdict.winner, "scores": verdict.scores, "incomplete": verdict.incomplete,
                   "per_backbone": verdict.per_backbone, "backbones": verdict.backbones, "margin": MARGIN,
-                  "command": command, "tables": [t.get("provenance") for t in tables],
-                  "provenance": decided}  # fmt: skip
-        out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+                  "command": command, "tables": [t.get("provenance") for t in tables]}  # fmt: skip
+        # its own provenance is the code that applied the rule; the tables' runs are under "tables"
+        write_result(out.with_suffix(""), record, text)
     return verdict

@@ -46,10 +46,9 @@ class Comparison:
             return "default not measured"
         if self.margin is None:
             return "no baseline measured"
-        wins = self.margin > 0
-        if self.missing:
-            return "leads so far" if wins else "misses"
-        return "met" if wins else "misses"
+        if self.margin <= 0:
+            return "misses"  # a measured baseline is ahead: no missing one can change that
+        return "leads so far" if self.missing else "met"
 
 
 def compare(table: Mapping[str, Any], default: str = "kv") -> list[Comparison]:

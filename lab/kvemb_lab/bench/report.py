@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import sys
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from kvemb_lab.provenance import provenance, provenance_line, public_command
+from kvemb_lab.evaluation import write_result
+from kvemb_lab.provenance import public_command
 
 
 def this_command() -> str:
@@ -24,9 +23,7 @@ def device_name(device: str) -> str:
 
 def write(result: dict[str, Any], out: str, assets: Iterable[str] = ()) -> None:
     """``out.json`` (as measured, with its provenance) and ``out.md``."""
-    record = provenance(assets)
-    Path(out + ".json").write_text(json.dumps({**result, "provenance": record}, indent=2) + "\n")
-    Path(out + ".md").write_text(f"{markdown(result).rstrip()}\n\n{provenance_line(record)}\n")
+    write_result(out, result, markdown(result), assets)
 
 
 def _ratio(ratio: dict[str, Any], digits: int = 3) -> str:
