@@ -205,3 +205,15 @@ def test_two_folders_with_the_same_raw_model_share_one_cache_file(tiny_llama, tm
     renamed.encode(texts)
     assert shared.cache.path == first_cache.cache.path and shared.counts.embedded == 0
     assert CachedEncode(other, tmp_path).cache.path != first_cache.cache.path
+
+
+def test_a_row_filled_over_two_commits_names_the_commit_behind_each_score(tmp_path):
+    """A table's ``provenance`` is its last run's; each score keeps the commit that measured it."""
+    Table = table_module.Table
+    plan = TablePlan("tiny", tmp_path, tmp_path, tmp_path, tmp_path / "out", tmp_path, "cmd", tasks=TASKS)
+    Table(plan, provenance={"commit": "aaa111", "dirty": False}).record("kv", "m", "r1", "BIOSSES", 0.5, 1.0, 3)
+    Table(plan, provenance={"commit": "bbb222", "dirty": True}).record("kv", "m", "r1", "SciFact", 0.2, 1.0, 3)
+    data = json.loads(Table(plan).json_path.read_text(encoding="utf-8"))
+    assert data["rows"]["kv"]["commits"] == {"BIOSSES": "aaa111", "SciFact": "bbb222+dirty"}
+    assert data["provenance"]["commit"] == "bbb222"  # the table's own: the last run's
+    assert "| kv | m | r1 | 2 | 6 | aaa111, bbb222+dirty |" in render_markdown(data)

@@ -163,6 +163,12 @@ class Table:
         self.provenance = self.provenance or {**provenance(assets), "models": models}
 
     @property
+    def commit(self) -> str | None:
+        """The commit this run measures with, marked ``+dirty`` when uncommitted changes were present."""
+        commit = self.provenance.get("commit")
+        return f"{commit}+dirty" if commit and self.provenance.get("dirty") else commit
+
+    @property
     def json_path(self) -> Path:
         return self.plan.output / f"{self.plan.mode}.json"
 
@@ -185,7 +191,9 @@ class Table:
         if record.get("revision") != revision:  # another model under the row's name: its old scores do not count
             record.clear()
         record.update(model=model, revision=revision, command=self.plan.command)  # rows of one table: several runs
-        for key, value in (("scores", score), ("seconds", round(seconds, 1)), ("embedded", embedded)):
+        # the commit per task: a row filled over several runs (and commits) names the code behind each score
+        per_task = {"scores": score, "seconds": round(seconds, 1), "embedded": embedded, "commits": self.commit}
+        for key, value in per_task.items():
             record.setdefault(key, {})[task] = value
         self.write()
 
@@ -234,15 +242,18 @@ def render_markdown(data: Mapping[str, Any]) -> str:
         lines.append("*: held out, never chosen on (RULE.md). The dev tasks' single-split ones (STS12, SICK-R, "
                      "Banking77) are the numbers the dev rule chose on.")  # fmt: skip
     lines.append("")
-    lines += ["| row | model | revision | seconds | texts embedded |", "|---|---|---|---|---|"]
+    lines += ["| row | model | revision | seconds | texts embedded | commits |", "|---|---|---|---|---|---|"]
     for row, record in data["rows"].items():
         seconds, embedded = sum(record.get("seconds", {}).values()), sum(record.get("embedded", {}).values())
-        lines.append(f"| {row} | {record.get('model')} | {record.get('revision')} | {seconds:.0f} | {embedded} |")
+        commits = ", ".join(sorted({str(record.get("commits", {}).get(t)) for t in record.get("scores", {})}))
+        lines.append(f"| {row} | {record.get('model')} | {record.get('revision')} | {seconds:.0f} | {embedded} "
+                     f"| {commits} |")  # fmt: skip
     sampling = data["sampling"]
     lines += ["", f"Sampling: {json.dumps(sampling) if sampling else 'none (every example)'}"]
     if data.get("sampling_rule"):
         lines.append(f"({data['sampling_rule']}; rules: experiments/mteb/RULE.md)")
-    lines += ["", f"Command: `{data['command']}`", "", provenance_line(data["provenance"]), ""]
+    lines += ["", f"Command (the last run's): `{data['command']}`. Commits: the code behind each row's scores "
+              "(None: not recorded).", "", provenance_line(data["provenance"]), ""]
     return "\n".join(lines)
 
 
