@@ -2,6 +2,7 @@
 
 from kvemb_st import attention as _attention  # noqa: F401  (registers the attention function at import)
 from kvemb_st.api import from_base, load
+from kvemb_st.benchmark.identity import mteb_model
 from kvemb_st.config import COMPRESSION_TEMPLATE, PROMPTEOL_TEMPLATE, ConfigError, KVEmbeddingConfig
 from kvemb_st.module import KVEmbedding
 from kvemb_st.postprocessing import PostProcessing
@@ -20,4 +21,5 @@ __all__ = [
     "fit_postprocessing",
     "from_base",
     "load",
+    "mteb_model",
 ]

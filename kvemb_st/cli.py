@@ -27,7 +27,6 @@ from kvemb_st.build import (
 from kvemb_st.config import ROPE_MODES, KVEmbeddingConfig
 from kvemb_st.intrinsic_dim import ESTIMATORS
 from kvemb_st.layer_spec import AUTO, format_layer_spec
-from kvemb_st.pooling import SPANS
 from kvemb_st.postprocessing import DEFAULT_EIGENVALUE_FLOOR, POSTPROCESSING_MODES
 from kvemb_st.version import __version__
 from kvemb_st.window_rule import (

@@ -157,12 +157,15 @@ def _postprocessing_text(postprocessing: tuple[PostProcessing | Router, str] | N
     return f"{module.mode} (see below)", text
 
 
+NO_EVAL_RESULTS = (
+    "No evaluation results were recorded at build time (pass them with `kvemb build ... --eval-results results.json`, "
+    "a JSON object of metric name to value; `kvemb eval FOLDER --tasks ... --card` writes MTEB scores here)."
+)
+
+
 def _evaluation_text(eval_results: Mapping[str, int | float | str] | None) -> str:
     if not eval_results:
-        return (
-            "No evaluation results were recorded at build time (pass them with "
-            "`kvemb build ... --eval-results results.json`, a JSON object of metric name to value)."
-        )
+        return NO_EVAL_RESULTS
     rows = "\n".join(
         f"| {name} | {value:.4f} |" if isinstance(value, float) else f"| {name} | {value} |"
         for name, value in eval_results.items()

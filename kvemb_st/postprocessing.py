@@ -14,7 +14,7 @@ folder holds a small JSON config and ``statistics.safetensors`` with the calibra
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np

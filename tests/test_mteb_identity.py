@@ -15,7 +15,14 @@ import pytest
 from sentence_transformers import SentenceTransformer
 
 import kvemb_st
-from kvemb_st.benchmark.identity import folder_source, mteb_model_meta, refresh_revision
+from kvemb_st.benchmark.identity import (
+    Source,
+    assign_identity,
+    content_revision,
+    folder_source,
+    mteb_model_meta,
+    refresh_revision,
+)
 from kvemb_st.calibration import DEFAULT_CALIBRATION_FILE, calibration_hash, read_calibration_file
 from kvemb_st.postprocessing import PostProcessing
 
@@ -151,3 +158,45 @@ def test_side_statistics_fitted_on_stsb_train_are_not_zero_shot_on_it(tiny_llama
         routes = {"document": PostProcessing("center", 64, calibration=document)}
         model.append(side_router(PostProcessing("center", 64, calibration=default), routes, {"document": "document"}))
         assert mteb_model_meta(model).training_datasets == {"STSBenchmark"}
+
+
+def test_a_model_changed_in_memory_after_loading_is_never_filed_under_its_old_revision(tiny_llama, tmp_path):
+    """A knob changed after loading makes other vectors: the meta handed to mteb names the model as it is now, so
+    mteb's cache (which keeps the first score of a revision) cannot hand it the old model's score."""
+    folder = tmp_path / "kv"
+    kvemb_st.from_base(tiny_llama, layers="1-2").save(str(folder))
+    model = kvemb_st.load(str(folder))
+    cache = mteb.ResultCache(cache_path=tmp_path / "cache")
+    loaded = identity(model)[1]
+    first = mteb.evaluate(kvemb_st.mteb_model(model), MockSTSTask(), cache=cache, show_progress_bar=False)
+    model.max_seq_length = 12  # the template is 9 tokens: the mock task's sentences are cut, another model
+    wrapped = kvemb_st.mteb_model(model)
+    assert wrapped.mteb_model_meta.revision not in (loaded, None)
+    second = mteb.evaluate(wrapped, MockSTSTask(), cache=cache, show_progress_bar=False)
+    filed = sorted(path.parent.name for path in (tmp_path / "cache").rglob("MockSTSTask.json"))
+    assert filed == sorted([loaded, wrapped.mteb_model_meta.revision])  # computed and filed apart, not handed over
+    assert second.model_revision == wrapped.mteb_model_meta.revision and first.model_revision == loaded
+    model.max_seq_length = 512
+    assert kvemb_st.mteb_model(model).mteb_model_meta.revision == loaded  # the same content, the same revision
+
+
+def test_a_hub_commit_names_the_model_only_while_it_holds_what_was_downloaded(tiny_llama):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    model = kvemb_st.from_base(tiny_llama, layers="1-2")
+    assign_identity(model, Source("org/kv", commit), None)  # as loading a Hub snapshot does
+    assert mteb_model_meta(model).revision == commit
+    model[0].config.prefix_bias = 9.0
+    assert mteb_model_meta(model).revision not in (commit, None)
+
+
+def test_mteb_model_hands_mteb_the_full_meta(tiny_llama):
+    """A bare SentenceTransformer gives mteb no parameter count and no training data; ``kvemb_st.mteb_model`` does."""
+    model = kvemb_st.from_base(tiny_llama, layers="1-2")
+    model.append(PostProcessing("center", 64, calibration={"name": "sts-b-train", "hash": "x", "count": 1}))
+    bare, full = SentenceTransformerEncoderWrapper(model).mteb_model_meta, kvemb_st.mteb_model(model).mteb_model_meta
+    assert (bare.n_parameters, bare.training_datasets) == (None, None)
+    assert full.n_parameters == sum(p.numel() for p in model.parameters())
+    assert full.training_datasets == {"STSBenchmark"}
+    assert (full.name, full.revision) == (bare.name, content_revision(model))
+    result = mteb.evaluate(kvemb_st.mteb_model(model), MockSTSTask(), cache=None, show_progress_bar=False)
+    assert (result.model_name, result.model_revision) == (full.name, full.revision)  # what mteb files it under

@@ -58,12 +58,11 @@ def test_every_local_task_loads_with_mtebs_sample_counts(name):
             assert rows + KNOWN_DIFFERENCES.get((name, split, subset), 0) == mteb_count(stats, split, subset)
 
 
-def test_a_missing_file_names_the_file_and_the_option(tmp_path, capsys):
-    with pytest.raises(FileNotFoundError, match=r"STS12/test\.tsv is missing from --data-dir"):
-        load_local_task("STS12", tmp_path)
-    # the command checks the data before it loads the model (a folder that does not exist)
-    assert main(["eval", str(tmp_path / "no-model"), "--tasks", "STS12", "--data-dir", str(tmp_path)]) == 1
-    assert "STS12/test.tsv is missing" in capsys.readouterr().err
+def test_amazon_counterfactual_is_scored_as_mtebs_english_benchmark_scores_it():
+    """MTEB(eng, v1) scores its test split, English only: the local copy's en-ext subset is never read."""
+    task, origin = load_local_task("AmazonCounterfactualClassification", DATA)
+    assert (task.eval_splits, task.hf_subsets, list(task.dataset)) == (["test"], ["en"], ["en"])
+    assert not any("en-ext" in name for name in origin.files)
 
 
 def test_mtebs_evaluator_end_to_end_on_slices(tiny_llama, tmp_path):

@@ -7,11 +7,17 @@ need it, so ``import kvemb_st`` never needs it; :func:`import_mteb` gives the on
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import lru_cache
 from types import ModuleType
+from typing import Any
 
 INSTALL_HINT = "pip install 'kvemb-st[mteb]'"
+# The classic English MTEB, which holds all 14 tasks of our table and is what the paper and the leaderboard score:
+# a task listed there is evaluated on its splits and subsets there (AmazonCounterfactual: test split, "en" only,
+# where mteb.get_task alone averages validation and test over four languages).
+ENGLISH_BENCHMARK = "MTEB(eng, v1)"
 # Raised by mteb's own code on every run (its calls to a renamed sentence-transformers method and to its own
 # deprecated argument); nothing about the model, and nothing a user of kvemb eval can change.
 MTEB_INTERNAL_WARNINGS = (
@@ -36,3 +42,17 @@ def quiet_mteb() -> Iterator[None]:
         for message in MTEB_INTERNAL_WARNINGS:
             warnings.filterwarnings("ignore", message=message)
         yield
+
+
+@lru_cache(maxsize=1)
+def _english_scopes() -> dict[str, tuple[list[str], list[str]]]:
+    tasks = import_mteb().get_benchmark(ENGLISH_BENCHMARK).tasks
+    return {task.metadata.name: (list(task.eval_splits), list(task.hf_subsets)) for task in tasks}
+
+
+def get_task(name: str, eval_splits: Sequence[str] | None = None) -> Any:
+    """mteb's task ``name``, scoped as :data:`ENGLISH_BENCHMARK` scores it (mteb's own scope for a task not listed
+    there), so a main score here is the benchmark's number whether the data comes from the Hub or a local copy.
+    ``eval_splits`` overrides the splits (a dev run's validation split)."""
+    splits, subsets = _english_scopes().get(name, (None, None))
+    return import_mteb().get_task(name, eval_splits=eval_splits or splits, hf_subsets=subsets)

@@ -64,6 +64,6 @@ def run_eval(args: argparse.Namespace) -> int:
     print(summary.table())
     print(f"results: {summary.folder}")
     if args.card:
-        source = Path(args.data_dir).resolve().name if args.data_dir else None
-        print(f"model card: {write_model_index(args.folder, summary.model, summary.results, source)}")
+        sources = {task: origin["source"] for task, origin in summary.data.items()}
+        print(f"model card: {write_model_index(args.folder, summary.model, summary.results, sources)}")
     return 0

@@ -16,7 +16,8 @@ holds a :class:`~kvemb_st.module.KVEmbedding` (it runs when ST finishes building
 ``base_model_revision`` carries our revision because it is the field mteb reads (ST's own card, written by a
 plain ``model.save``, shows it in a comment beside the base model; ``kvemb build`` writes its own card).
 :func:`mteb_model_meta` adds what mteb cannot read from a ``SentenceTransformer``: loader, parameter count and
-the training data (the calibration texts, for mteb's zero-shot flag).
+the training data (the calibration texts, for mteb's zero-shot flag); :func:`mteb_model` hands mteb the model with
+it (``mteb.evaluate(mteb_model(model), tasks)``).
 """
 
 from __future__ import annotations
@@ -138,14 +139,26 @@ def _jsonable(value: Any) -> Any:
 def assign_identity(model: Any, source: Source, base_model: str | None) -> None:
     """Give ``model`` (a SentenceTransformer) the name, revision and base model that mteb reads."""
     card = model.model_card_data
+    content = content_revision(model)
+    model._kvemb_loaded_content = content  # a Hub commit names the model only while it holds what was downloaded
     card.model_name = source.name
     card.base_model = base_model
-    card.base_model_revision = source.hub_commit or content_revision(model)
+    card.base_model_revision = source.hub_commit or content
+
+
+def current_revision(model: Any) -> str:
+    """The revision that names ``model`` as it is now: its Hub commit while it holds what was downloaded, else the
+    hash of its content, so a knob changed in memory (``max_seq_length``, a config field, a module added) since it
+    was loaded is another revision and never gets the scores filed under the old one."""
+    content = content_revision(model)
+    commit = model.model_card_data.base_model_revision or ""
+    loaded = getattr(model, "_kvemb_loaded_content", None)
+    return commit if HUB_COMMIT.match(commit) and loaded == content else content
 
 
 def refresh_revision(model: Any) -> None:
-    """After a module was added to a built model: it is another model now, so it gets its content revision."""
-    model.model_card_data.base_model_revision = content_revision(model)
+    """Set the revision mteb reads to :func:`current_revision` (after the model was changed in memory)."""
+    model.model_card_data.base_model_revision = current_revision(model)
 
 
 def training_datasets(model: Any) -> set[str]:
@@ -176,12 +189,14 @@ def _with_routes(model: Any) -> list[Any]:
 
 
 def mteb_model_meta(model: Any) -> Any:
-    """mteb's ``ModelMeta`` of ``model``: what mteb reads itself, plus loader, parameters and training data."""
+    """mteb's ``ModelMeta`` of ``model``: what mteb reads itself, plus loader, parameters and training data. The
+    model's revision is refreshed first (:func:`refresh_revision`), so the meta names the model as it is now."""
     from kvemb_st.benchmark import import_mteb, quiet_mteb
 
     import_mteb()
     from mteb.models import ModelMeta, SentenceTransformerEncoderWrapper
 
+    refresh_revision(model)
     with quiet_mteb():
         meta = ModelMeta.from_sentence_transformer_model(model)
     return meta.model_copy(
@@ -191,3 +206,20 @@ def mteb_model_meta(model: Any) -> Any:
             training_datasets=training_datasets(model),
         )
     )
+
+
+def mteb_model(model: Any, experiment_kwargs: dict[str, Any] | None = None) -> Any:
+    """``model`` as ``mteb.evaluate`` should get it: mteb's own SentenceTransformer wrapper, carrying the full
+    :func:`mteb_model_meta` (given a bare SentenceTransformer, mteb builds a meta without the parameter count and
+    the calibration texts, so its zero-shot flag is wrong for a model calibrated on STS-B train).
+    ``experiment_kwargs`` (e.g. a subsampling) become part of mteb's result path."""
+    from kvemb_st.benchmark import quiet_mteb
+    from mteb.models import SentenceTransformerEncoderWrapper
+
+    meta = mteb_model_meta(model)
+    if experiment_kwargs:
+        meta = meta.model_copy(update={"experiment_kwargs": experiment_kwargs})
+    with quiet_mteb():
+        wrapper = SentenceTransformerEncoderWrapper(model)
+    wrapper.mteb_model_meta = meta  # mteb.evaluate reads the meta of a wrapped model from this attribute
+    return wrapper

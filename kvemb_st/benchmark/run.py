@@ -5,7 +5,8 @@ Results go through mteb's own result objects and :class:`mteb.ResultCache` into
 ``.../<revision>/experiments/max_examples_<n>_seed_<s>/``, because the sampling is part of the model meta's
 ``experiment_kwargs``, so it can never be taken for a full run). Every task is run again (``overwrite_strategy
 ="always"``): a cached score is never reused. ``kvemb_summary.json`` beside them holds the main score per task,
-where each task's data came from, the sampling, and the package versions.
+where each task's data came from, the sampling, and the package versions (of every task filed there: a later run
+of other tasks adds its own).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvemb_st.benchmark import import_mteb, quiet_mteb
-from kvemb_st.benchmark.identity import mteb_model_meta
+from kvemb_st.benchmark import get_task, import_mteb, quiet_mteb
+from kvemb_st.benchmark.identity import mteb_model
 from kvemb_st.benchmark.local_tasks import SAMPLING_RULE, DataOrigin, Sampling, load_local_task
 
 SUMMARY_FILE = "kvemb_summary.json"
@@ -52,21 +53,20 @@ class RunSummary:
 
 def load_tasks(names: Sequence[str], data_dir: str | Path | None, sampling: Sampling) -> list[tuple[Any, DataOrigin]]:
     """mteb's tasks with their data loaded: from ``data_dir`` (offline copy) or, without it, as mteb loads them."""
-    mteb = import_mteb()
     if data_dir is not None:
         return [load_local_task(name, data_dir, sampling=sampling) for name in names]
     if sampling.max_examples is not None:
         raise ValueError("max_examples subsamples the local copies: give a data folder (--data-dir) with it")
     loaded = []
     for name in names:
-        task = mteb.get_task(name)
+        task = get_task(name)
         dataset = task.metadata.dataset
         try:
             task.load_data()
-        except Exception as err:  # datasets/huggingface_hub raise many types for "not reachable"
+        except OSError as err:  # ConnectionError, requests' and huggingface_hub's errors, a dataset not found
             raise ConnectionError(
                 f"the data of MTEB task {name} (Hugging Face dataset {dataset['path']}) could not be loaded: "
-                f"{type(err).__name__}: {err}. Without internet, pass the offline copy with --data-dir"
+                f"{type(err).__name__}: {err}. Without access to the Hub, pass the offline copy with --data-dir"
             ) from None
         loaded.append((task, DataOrigin(f"huggingface:{dataset['path']}@{dataset['revision']}")))
     return loaded
@@ -88,15 +88,10 @@ def run_tasks(
     mteb's result cache folder (``None``: nothing written). Returns the :class:`RunSummary`.
     """
     mteb = import_mteb()
-    from mteb.models import SentenceTransformerEncoderWrapper
     from tqdm.auto import tqdm
 
-    with quiet_mteb():
-        meta = mteb_model_meta(model)
-        wrapper = SentenceTransformerEncoderWrapper(model)
-    if sampling.record():
-        meta = meta.model_copy(update={"experiment_kwargs": sampling.record()})
-    wrapper.mteb_model_meta = meta  # mteb reads the full meta from the wrapper (evaluate's `mteb_model_meta` path)
+    wrapper = mteb_model(model, experiment_kwargs=sampling.record())
+    meta = wrapper.mteb_model_meta
     cache = mteb.ResultCache(cache_path=Path(output)) if output is not None else None
     summary = RunSummary(
         model=meta.name,
@@ -121,5 +116,16 @@ def run_tasks(
     if cache is not None:
         summary.folder = cache.get_task_result_path(SUMMARY_FILE, meta).parent
         summary.folder.mkdir(parents=True, exist_ok=True)
-        (summary.folder / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2) + "\n", encoding="utf-8")
+        path = summary.folder / SUMMARY_FILE
+        path.write_text(json.dumps(_with_earlier_tasks(summary.to_dict(), path), indent=2) + "\n", encoding="utf-8")
     return summary
+
+
+def _with_earlier_tasks(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The summary to write: this run's tasks plus those an earlier run of the same model revision and sampling
+    filed in the same folder, whose result files stay there and so must keep their scores and data origin."""
+    earlier = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if (earlier.get("revision"), earlier.get("sampling")) != (data["revision"], data["sampling"]):
+        return data
+    merged = {key: {**earlier.get(key, {}), **data[key]} for key in ("scores", "main_scores", "data")}
+    return {**data, **merged}

@@ -23,9 +23,9 @@ from typing import Any
 from sentence_transformers.base.modules import Router
 
 from kvemb_st.benchmark import import_mteb
-from kvemb_st.benchmark.identity import mteb_model_meta, refresh_revision
+from kvemb_st.benchmark.identity import refresh_revision
 from kvemb_st.benchmark.local_tasks import SAMPLING_RULE, Sampling, load_local_task
-from kvemb_st.benchmark.run import SUMMARY_FILE, run_tasks
+from kvemb_st.benchmark.run import run_tasks
 from kvemb_st.postprocessing import PostProcessing
 
 from kvemb_lab.assets import STS_DISTRIBUTION
@@ -257,40 +257,18 @@ def render_markdown(data: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _merge_summary(path: Path, earlier: dict[str, Any] | None) -> None:
-    """run_tasks writes the summary of the one task it ran: keep the earlier tasks of the row beside it."""
-    if earlier is None or not path.is_file():
-        return
-    summary = json.loads(path.read_text(encoding="utf-8"))
-    if (earlier.get("revision"), earlier.get("sampling")) != (summary.get("revision"), summary.get("sampling")):
-        return
-    for key in ("scores", "main_scores", "data"):
-        summary[key] = {**earlier.get(key, {}), **summary.get(key, {})}
-    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-
-
-def _summary_path(model: Any, folder: Path, sampling: Sampling) -> Path:
-    """Where run_tasks writes the row's summary: mteb's folder of the model's results (as run_tasks finds it)."""
-    meta = mteb_model_meta(model)
-    meta = meta.model_copy(update={"experiment_kwargs": sampling.record()}) if sampling.record() else meta
-    return import_mteb().ResultCache(cache_path=folder).get_task_result_path(SUMMARY_FILE, meta).parent / SUMMARY_FILE
-
-
 def run_task(model: Any, row: str, name: str, table: Table, encode: CachedEncode, log: Any = print) -> None:
     """One task for one row, unless the table already holds it for this model revision."""
     plan = table.plan
     if table.done(row, model.model_card_data.base_model_revision, name):
         return
     task, origin = plan.load_task(name)
-    summary_path = _summary_path(model, plan.row_dir(row), plan.sampling)
-    earlier = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
     embedded, start = encode.counts.embedded, time.perf_counter()
     summary = run_tasks(
         model, [(task, origin)], plan.row_dir(row), sampling=plan.sampling, batch_size=plan.batch_size,
         show_progress_bar=False, command=plan.command,
     )  # fmt: skip
     seconds, embedded = time.perf_counter() - start, encode.counts.embedded - embedded
-    _merge_summary(summary_path, earlier)
     table.record(row, summary.model, summary.revision, name, summary.scores[name], seconds, embedded)
     log(f"{plan.backbone} {row} {name}: {summary.scores[name]:.4f} ({seconds:.0f} s, {embedded} texts embedded)")
 
