@@ -28,10 +28,20 @@ def test_without_mteb_the_error_names_the_extra(monkeypatch, capsys, tmp_path):
     assert "kvemb-st[mteb]" in err and "Traceback" not in err
 
 
+def test_an_mteb_outside_the_extras_range_is_refused_with_the_upgrade_line(monkeypatch, capsys, tmp_path):
+    mteb = pytest.importorskip("mteb")
+    monkeypatch.setattr(mteb, "__version__", "2.3.1")  # before the wrappers and result cache this package uses
+    assert main(["eval", str(tmp_path), "--tasks", "BIOSSES"]) == 1
+    err = capsys.readouterr().err
+    assert "mteb 2.3.1 is installed" in err and "kvemb-st[mteb]' --upgrade" in err and "Traceback" not in err
+
+
 def test_unknown_task_and_a_card_of_a_slice_are_refused(capsys, tmp_path):
     pytest.importorskip("mteb")
     assert main(["eval", str(tmp_path), "--tasks", "NoSuchTask"]) == 1
     assert "NoSuchTask" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path), "--tasks", "Banking77"]) == 1  # the README's example once said this
+    assert "in MTEB(eng, v1): Banking77Classification" in capsys.readouterr().err
     assert main(["eval", str(tmp_path), "--tasks", "BIOSSES", "--card", "--max-examples", "5"]) == 1
     assert "leave out --max-examples" in capsys.readouterr().err
 

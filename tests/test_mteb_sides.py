@@ -4,12 +4,13 @@ The rule through mteb 2.x (its SentenceTransformer wrapper): retrieval queries g
 (``task="query"``: the query side), the corpus through ``encode_document`` (``task="document"``: the document
 side); STS and classification call plain ``encode`` (no task: the top-level settings, the default side). A
 model with a document side only (what ``kvemb build`` writes) embeds queries with the default side.
-Budget: ~10 s (mteb's mock tasks, a tiny random model, no data files).
+Budget: ~20 s (mteb's mock tasks, a tiny random model loaded three ways, no data files).
 """
 
 from __future__ import annotations
 
 import pytest
+from sentence_transformers import SentenceTransformer
 
 import kvemb_st
 
@@ -42,10 +43,18 @@ def retrieval_texts(task) -> tuple[set[str], set[str]]:
     return set(split["queries"]["text"]), corpus
 
 
-@pytest.fixture(scope="module")
-def both_sides(tiny_llama):
+@pytest.fixture(scope="module", params=["from_base", "kvemb_st.load", "SentenceTransformer"])
+def both_sides(request, tiny_llama, tmp_path_factory):
+    """A model with a query and a document side, as each of the three ways a user gets one hands it to mteb."""
     sides = {"query": {"template": QUERY}, "document": {"template": DOCUMENT}}
-    return kvemb_st.from_base(tiny_llama, layers="1-2", sides=sides)
+    model = kvemb_st.from_base(tiny_llama, layers="1-2", sides=sides)
+    if request.param == "from_base":
+        return model
+    folder = tmp_path_factory.mktemp("both-sides")
+    model.save(str(folder))
+    if request.param == "kvemb_st.load":
+        return kvemb_st.load(str(folder))
+    return SentenceTransformer(str(folder), trust_remote_code=True)
 
 
 def test_retrieval_queries_use_the_query_side_and_the_corpus_the_document_side(both_sides, monkeypatch):
@@ -74,3 +83,22 @@ def test_a_model_with_a_document_side_only_embeds_queries_with_the_default_side(
     mteb.evaluate(model, task, cache=None, show_progress_bar=False)
     used = {text: side for text, _, side in calls}
     assert {used[q] for q in queries} == {None} and {used[d] for d in corpus} == {"document"}
+
+
+def test_mteb_raises_no_warning_about_the_model(both_sides, caplog):
+    """mteb warns about a model it cannot describe (name, embedding parameters, prompts without a query/document
+    pair, output dtypes): none of that for ours, given bare or through ``kvemb_st.mteb_model``. What is left is
+    mteb's own internal noise (:data:`MTEB_INTERNAL_WARNINGS`), the same for every model."""
+    import re
+    import warnings
+
+    from kvemb_st.benchmark import MTEB_INTERNAL_WARNINGS
+
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("WARNING", logger="mteb"):
+        warnings.simplefilter("always")
+        for model in (both_sides, kvemb_st.mteb_model(both_sides)):
+            for task in (MockSTSTask(), MockRetrievalTask()):
+                mteb.evaluate(model, task, cache=None, show_progress_bar=False)
+    messages = [str(w.message) for w in caught]
+    assert [m for m in messages if not any(re.search(internal, m) for internal in MTEB_INTERNAL_WARNINGS)] == []
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("mteb") and r.levelname != "INFO"] == []

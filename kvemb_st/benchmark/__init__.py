@@ -6,6 +6,7 @@ need it, so ``import kvemb_st`` never needs it; :func:`import_mteb` gives the on
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ from types import ModuleType
 from typing import Any
 
 INSTALL_HINT = "pip install 'kvemb-st[mteb]'"
+MTEB_VERSIONS = (2, 26), (3, 0)  # the extra's range (pyproject.toml): its result cache, wrappers and benchmarks
 # The classic English MTEB, which holds all 14 tasks of our table and is what the paper and the leaderboard score:
 # a task listed there is evaluated on its splits and subsets there (AmazonCounterfactual: test split, "en" only,
 # where mteb.get_task alone averages validation and test over four languages).
@@ -27,11 +29,18 @@ MTEB_INTERNAL_WARNINGS = (
 
 
 def import_mteb() -> ModuleType:
-    """``mteb``, or an ImportError that names the extra to install."""
+    """``mteb``, or an ImportError that names the extra to install (also for an mteb outside the extra's range)."""
     try:
         import mteb
     except ImportError as err:
         raise ImportError(f"MTEB evaluation needs the mteb package ({err}); install it with: {INSTALL_HINT}") from None
+    version = tuple(int(part) for part in re.findall(r"\d+", mteb.__version__)[:2])
+    low, high = MTEB_VERSIONS
+    if not low <= version < high:
+        raise ImportError(
+            f"mteb {mteb.__version__} is installed; kvemb-st works with mteb >={'.'.join(map(str, low))},"
+            f"<{'.'.join(map(str, high))}: {INSTALL_HINT} --upgrade"
+        )
     return mteb
 
 
@@ -54,5 +63,12 @@ def get_task(name: str, eval_splits: Sequence[str] | None = None) -> Any:
     """mteb's task ``name``, scoped as :data:`ENGLISH_BENCHMARK` scores it (mteb's own scope for a task not listed
     there), so a main score here is the benchmark's number whether the data comes from the Hub or a local copy.
     ``eval_splits`` overrides the splits (a dev run's validation split)."""
-    splits, subsets = _english_scopes().get(name, (None, None))
-    return import_mteb().get_task(name, eval_splits=eval_splits or splits, hf_subsets=subsets)
+    scopes = _english_scopes()
+    splits, subsets = scopes.get(name, (None, None))
+    try:
+        return import_mteb().get_task(name, eval_splits=eval_splits or splits, hf_subsets=subsets)
+    except KeyError as err:  # mteb's own "did you mean" guesses from every task; a benchmark task named in short
+        close = [task for task in scopes if task.lower().startswith(name.lower())]
+        if not close:
+            raise
+        raise KeyError(f"{err.args[0]}; in {ENGLISH_BENCHMARK}: {', '.join(close)}") from None

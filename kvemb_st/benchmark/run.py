@@ -107,7 +107,7 @@ def run_tasks(
         with quiet_mteb():
             result = mteb.evaluate(
                 wrapper, task, cache=cache, overwrite_strategy="always", encode_kwargs={"batch_size": batch_size},
-                show_progress_bar=False,
+                show_progress_bar=show_progress_bar,
             ).task_results[0]  # fmt: skip
         summary.results.append(result)
         summary.scores[name] = float(result.get_score())
