@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kvemb_st.benchmark import ENGLISH_BENCHMARK
 from kvemb_st.benchmark.local_tasks import LOCAL_TASKS, Sampling
 from kvemb_st.public_paths import public_command
 
 DESCRIPTION = (
     "Evaluate a saved model on MTEB tasks with mteb's own evaluator: a summary table of the main score per task, "
     "mteb's result files under --output (<model>/<revision>/<task>.json), and with --card the scores in the "
-    "folder's model card as Hugging Face model-index metadata. Tasks load from the Hub as mteb loads them, or "
-    f"from an offline copy with --data-dir (tasks read locally: {', '.join(LOCAL_TASKS)})."
+    "folder's model card as Hugging Face model-index metadata and a table. Tasks load from the Hub as mteb loads "
+    f"them, or from an offline copy with --data-dir (tasks read locally: {', '.join(LOCAL_TASKS)}); either way a "
+    f"task is scored on the splits and subsets {ENGLISH_BENCHMARK} scores it on."
 )
 
 
