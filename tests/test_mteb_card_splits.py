@@ -61,3 +61,13 @@ def test_a_build_cards_no_results_line_gives_way_to_the_scores(tmp_path):
     (entry,) = model_index_to_eval_results(metadata_load(tmp_path / "README.md")["model-index"])[1]
     assert text.endswith(f"# kv\n\n## Evaluation\n\n{scores_table([entry])}\n\n## Citation\n\nx\n")
     assert "| 0.2500 |" in text and NO_EVAL_RESULTS not in text
+
+
+def test_an_evaluation_heading_gets_the_scores_under_it_and_a_deeper_one_is_left_alone(tmp_path):
+    card = "# kv\n\n### Evaluation\n\nx\n\n## Evaluation\n\nHand-written notes.\n\n## Citation\n\ny\n"
+    (tmp_path / "README.md").write_text(f"---\nlibrary_name: sentence-transformers\n---\n{card}")
+    write_model_index(tmp_path, "kv", [_Result("test", 0.5)])
+    text = (tmp_path / "README.md").read_text()
+    (entry,) = model_index_to_eval_results(metadata_load(tmp_path / "README.md")["model-index"])[1]
+    notes = "\n## Evaluation\n\nHand-written notes."
+    assert text.endswith(card.replace(notes, f"\n## Evaluation\n\n{scores_table([entry])}\n\nHand-written notes."))

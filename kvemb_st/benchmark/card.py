@@ -50,9 +50,9 @@ def _with_table(text: str, table: str) -> str:
         return re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: table, text, count=1, flags=re.S)
     if NO_EVAL_RESULTS in text:
         return text.replace(NO_EVAL_RESULTS, table, 1)
-    if f"\n{HEADING}\n" in f"\n{text}":
-        head, _, tail = text.partition(f"{HEADING}\n")
-        return f"{head}{HEADING}\n\n{table}\n{tail}"
+    head, found, tail = f"\n{text}".partition(f"\n{HEADING}\n")  # the heading itself, not "### Evaluation ..."
+    if found:
+        return f"{head[1:]}\n{HEADING}\n\n{table}\n{tail}"
     return f"{text.rstrip()}\n\n{HEADING}\n\n{table}\n"
 
 
