@@ -36,6 +36,20 @@ def test_an_mteb_outside_the_extras_range_is_refused_with_the_upgrade_line(monke
     assert "mteb 2.3.1 is installed" in err and "kvemb-st[mteb]' --upgrade" in err and "Traceback" not in err
 
 
+def test_the_checked_range_is_the_extras_range():
+    """MTEB_VERSIONS, which import_mteb checks, repeats by hand the range pyproject.toml gives the `mteb` extra."""
+    import tomllib
+    from pathlib import Path
+
+    from kvemb_st.benchmark import MTEB_VERSIONS
+
+    extras = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    low, high = (".".join(map(str, bound)) for bound in MTEB_VERSIONS)
+    wanted = f"mteb>={low},<{high.removesuffix('.0')}"
+    for extra in ("mteb", "ray", "test"):
+        assert wanted in extras["optional-dependencies"][extra], extra
+
+
 def test_unknown_task_and_a_card_of_a_slice_are_refused(capsys, tmp_path):
     pytest.importorskip("mteb")
     assert main(["eval", str(tmp_path), "--tasks", "NoSuchTask"]) == 1
