@@ -25,7 +25,7 @@ def every(value: float) -> dict[str, float]:
 
 
 def found(comparisons, post: str, kind: str):
-    return next(c for c in comparisons if (c.post, c.kind) == (post, kind))
+    return next(c for c in comparisons if (c.tasks, c.post, c.kind) == (targets.ALL, post, kind))
 
 
 def test_met_only_against_every_baseline_with_the_same_post_processing():
@@ -69,3 +69,19 @@ def test_the_command_writes_the_comparison_with_its_provenance(tmp_path):
     refused = subprocess.run([sys.executable, str(script), str(path), "--default", "kv_nope"], capture_output=True,
                              text=True)  # fmt: skip
     assert refused.returncode == 2 and "no row 'kv_nope'" in refused.stderr and "kv_whiten" in refused.stderr
+
+
+def test_held_out_comparisons_average_only_the_tasks_no_default_was_chosen_on():
+    rows = {"kv_whiten": every(0.6), "echo_whiten": every(0.5)}
+    rows["echo_whiten"]["STS12"] = 0.9  # a dev task: echo wins STS over all tasks, not over the held-out STS13
+    comparisons = targets.compare(table(rows))
+    held_out = {(c.post, c.kind): c for c in comparisons if c.tasks == targets.HELD_OUT}
+    assert found(comparisons, "whiten", "STS").verdict == "misses"
+    assert held_out["whiten", "STS"].verdict == "leads so far" and held_out["whiten", "STS"].margin == pytest.approx(0.1)
+    assert ("whiten", "Classification") not in held_out  # Banking77 is a dev task: no held-out classification
+    assert held_out["whiten", "overall"].default == pytest.approx(0.6)  # STS13 and SciFact
+    text = targets.render(table(rows), comparisons, "kv", "cmd")
+    assert "## Held out: the 2 tasks no default was chosen on\n\nSTS13, SciFact\n" in text
+    dev = targets.compare(table(rows) | {"splits": "dev"})  # on dev splits every task is a dev task
+    assert {c.tasks for c in dev} == {targets.ALL} and "Held out" not in targets.render(
+        table(rows) | {"splits": "dev"}, dev, "kv", "cmd")

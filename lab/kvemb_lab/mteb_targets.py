@@ -5,7 +5,9 @@ by how much. So each post-processing (none, whiten) is compared on its own, per 
 classification) and overall, always over the same tasks: a baseline's type mean counts only when it has every task of
 the type, and a baseline that lacks one is listed as not measured, never dropped silently, so a target can only be
 called met against baselines that were all measured. The moonshot is the overall mean beating the best complete
-baseline by 0.02. Nothing is computed here that mteb computed: the inputs are mteb's main scores in the table.
+baseline by 0.02. On a test table the same comparisons are made again over the held-out tasks alone (RULE.md: every
+task but the dev ones), which no default was chosen on. Nothing is computed here that mteb computed: the inputs are
+mteb's main scores in the table.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvemb_lab.mteb_table import BASELINES, POSTS, TASK_TYPES, row_name, type_means
+from kvemb_lab.mteb_table import BASELINES, DEV_SPLITS, POSTS, TASK_TYPES, row_name, type_means
 
 MOONSHOT = 0.02  # the issue's overall margin over the best baseline
 KINDS = (*TASK_TYPES, "overall")
+ALL, HELD_OUT = "all", "held out"  # the tasks a comparison averages over
 
 
 @dataclass
@@ -29,6 +32,7 @@ class Comparison:
     default: float | None
     baselines: dict[str, float] = field(default_factory=dict)  # measured on every task of the kind
     missing: list[str] = field(default_factory=list)  # baselines lacking a task of the kind
+    tasks: str = ALL  # ALL of the table's tasks, or HELD_OUT: those no default was chosen on
 
     @property
     def best(self) -> tuple[str, float] | None:
@@ -52,39 +56,36 @@ class Comparison:
 
 
 def compare(table: Mapping[str, Any], default: str = "kv") -> list[Comparison]:
-    """One :class:`Comparison` per post-processing and kind; ``default`` is the default build's method row
-    (``kv``, or ``kv_<candidate>`` where the table's default build was a candidate row)."""
+    """One :class:`Comparison` per post-processing and kind, over all tasks and (test splits) the held-out ones;
+    ``default`` is the default build's method row (``kv``, or ``kv_<candidate>`` where the table's default build
+    was a candidate row). A kind with no held-out task has no held-out comparison."""
     types, rows = table["task_types"], table["rows"]
-    means = {row: type_means(record.get("scores", {}), types) for row, record in rows.items()}
+    scopes = {ALL: types}
+    if table["splits"] == "test":
+        scopes[HELD_OUT] = {name: kind for name, kind in types.items() if name not in DEV_SPLITS}
     found = []
-    for post in POSTS:
-        for kind in KINDS:
-            own = means.get(row_name(default, post), {}).get(kind)
-            result = Comparison(kind, post, own)
-            for method in BASELINES:
-                value = means.get(row_name(method, post), {}).get(kind)
-                if value is None:
-                    result.missing.append(method)
-                else:
-                    result.baselines[method] = value
-            found.append(result)
+    for scope, scoped in scopes.items():
+        means = {row: type_means(record.get("scores", {}), scoped) for row, record in rows.items()}
+        kinds = [kind for kind in KINDS if kind == "overall" or kind in scoped.values()]
+        for post in POSTS:
+            for kind in kinds:
+                result = Comparison(kind, post, means.get(row_name(default, post), {}).get(kind), tasks=scope)
+                for method in BASELINES:
+                    value = means.get(row_name(method, post), {}).get(kind)
+                    if value is None:
+                        result.missing.append(method)
+                    else:
+                        result.baselines[method] = value
+                found.append(result)
     return found
 
 
 def render(table: Mapping[str, Any], comparisons: list[Comparison], default: str, command: str) -> str:
-    """The comparisons as Markdown, one line per post-processing and kind, then the moonshot."""
+    """The comparisons as Markdown, one line per post-processing and kind, then the moonshot, then the same
+    comparisons over the held-out tasks."""
     lines = [f"# MTEB targets: {table['backbone']} ({table['splits']} splits), default row `{default}`", ""]
-    head = ["post", "type", "default", "best baseline", "margin", "verdict", "not measured"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-
-    def number(value: float | None, sign: bool = False) -> str:
-        return "–" if value is None else (f"{value:+.4f}" if sign else f"{value:.4f}")
-
-    for c in comparisons:
-        best = "–" if c.best is None else f"{c.best[0]} {c.best[1]:.4f}"
-        cells = [c.post, c.kind, number(c.default), best, number(c.margin, sign=True), c.verdict, ", ".join(c.missing)]
-        lines.append("| " + " | ".join(cells) + " |")
-    whitened = next(c for c in comparisons if c.post == "whiten" and c.kind == "overall")
+    lines += _comparison_lines([c for c in comparisons if c.tasks == ALL])
+    whitened = next(c for c in comparisons if (c.tasks, c.post, c.kind) == (ALL, "whiten", "overall"))
     margin = whitened.margin
     if margin is None:
         moonshot = "not measurable yet"
@@ -94,6 +95,25 @@ def render(table: Mapping[str, Any], comparisons: list[Comparison], default: str
         missing = ", ".join(whitened.missing)
         moonshot = f"ahead so far ({margin:+.4f}; not measured: {missing})" if missing else "reached"
     lines += ["", f"Moonshot (whitened overall mean, +{MOONSHOT} over the best baseline): **{moonshot}**.", ""]
+    held_out = [c for c in comparisons if c.tasks == HELD_OUT]
+    if held_out:
+        names = [name for name in table["task_types"] if name not in DEV_SPLITS]
+        lines += [f"## Held out: the {len(names)} tasks no default was chosen on", "", ", ".join(names), ""]
+        lines += [*_comparison_lines(held_out), ""]
     lines += ["A baseline counts on a type only when it has every task of it; `leads so far`: ahead of the baselines "
               "measured, with some not measured.", "", f"Command: `{command}`", ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def _comparison_lines(comparisons: list[Comparison]) -> list[str]:
+    head = ["post", "type", "default", "best baseline", "margin", "verdict", "not measured"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def number(value: float | None, sign: bool = False) -> str:
+        return "–" if value is None else (f"{value:+.4f}" if sign else f"{value:.4f}")
+
+    for c in comparisons:
+        best = "–" if c.best is None else f"{c.best[0]} {c.best[1]:.4f}"
+        cells = [c.post, c.kind, number(c.default), best, number(c.margin, sign=True), c.verdict, ", ".join(c.missing)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
