@@ -86,7 +86,9 @@ def test_rows_from_cached_raw_vectors_equal_the_models_run_directly_and_a_rerun_
     for row, model in (("kv_whiten", built), ("mean_whiten", mean), ("kv", unwhitened)):
         assert rows[row] == pytest.approx(direct_scores(model), abs=1e-6), row
     assert rows["kv_whiten"] != pytest.approx(rows["kv"], abs=1e-3)  # whitening did change the scores
-    assert first.rows["kv_whiten"]["revision"] == built.model_card_data.base_model_revision
+    assert first.rows["kv_whiten"]["revision"] == built.model_card_data.base_model_revision == first.rows["kv_whiten"]["recipe"]
+    # a baseline's whitened row is resumed by its raw model (its whitening is refitted by every run)
+    assert first.rows["mean_whiten"]["recipe"] == first.rows["mean"]["revision"] != first.rows["mean_whiten"]["revision"]
 
     # a second run (fresh output, same cache): every text comes from the cache, the scores are the same
     forward_calls.clear()
@@ -217,3 +219,28 @@ def test_a_row_filled_over_two_commits_names_the_commit_behind_each_score(tmp_pa
     assert data["rows"]["kv"]["commits"] == {"BIOSSES": "aaa111", "SciFact": "bbb222+dirty"}
     assert data["provenance"]["commit"] == "bbb222"  # the table's own: the last run's
     assert "| kv | m | r1 | 2 | 6 | aaa111, bbb222+dirty |" in render_markdown(data)
+
+
+def test_a_baseline_whitened_on_another_machine_resumes_and_a_rebuilt_kv_folder_does_not(tmp_path):
+    """The statistics of a refitted whitening can differ in their last bits (another revision): a whitened baseline
+    row keeps its scores, each with its own revision; a kv folder whose content changed starts its row again."""
+    Table = table_module.Table
+    plan = TablePlan("tiny", tmp_path, tmp_path, tmp_path, tmp_path / "out", tmp_path, "cmd", tasks=TASKS)
+    before = {"echo": {"model": "m", "revision": "raw1", "scores": {"BIOSSES": 0.4}},  # written before recipes
+              "echo_whiten": {"model": "m", "revision": "wh1", "scores": {"BIOSSES": 0.5}},
+              "kv_whiten": {"model": "k", "revision": "kv1", "scores": {"BIOSSES": 0.6}}}  # fmt: skip
+    plan.output.mkdir()
+    (plan.output / "table.json").write_text(json.dumps({"splits": "test", "sampling": plan.sampling.record(),
+                                                        "rows": before}))  # fmt: skip
+    table = Table(plan)
+    table.resume()
+    assert table.rows["echo_whiten"]["recipe"] == "raw1" and table.rows["kv_whiten"]["recipe"] == "kv1"
+    recipe = table_module.row_recipe("echo", "raw1", "wh2")
+    assert table.done("echo_whiten", recipe, "BIOSSES") and not table.done("echo_whiten", recipe, "SciFact")
+    table.record("echo_whiten", "m", "wh2", "SciFact", 0.3, 1.0, 3, recipe)
+    table.record("kv_whiten", "k", "kv2", "SciFact", 0.2, 1.0, 3, table_module.row_recipe("kv", "kvraw", "kv2"))
+    rows = json.loads(table.json_path.read_text(encoding="utf-8"))["rows"]
+    assert rows["echo_whiten"]["scores"] == {"BIOSSES": 0.5, "SciFact": 0.3}
+    assert rows["echo_whiten"]["revisions"] == {"BIOSSES": "wh1", "SciFact": "wh2"}
+    assert rows["kv_whiten"]["scores"] == {"SciFact": 0.2} and rows["kv_whiten"]["revisions"] == {"SciFact": "kv2"}
+    assert "| echo_whiten | m | wh1, wh2 |" in table.json_path.with_suffix(".md").read_text(encoding="utf-8")

@@ -177,22 +177,26 @@ class Table:
         if self.json_path.is_file():
             old = json.loads(self.json_path.read_text(encoding="utf-8"))
             if old.get("sampling") == self.plan.sampling.record() and old.get("splits") == self.plan.splits:
-                self.rows = old.get("rows", {})
+                self.rows = with_recipes(old.get("rows", {}))
 
-    def done(self, row: str, revision: str, task: str) -> bool:
+    def done(self, row: str, recipe: str, task: str) -> bool:
         record = self.rows.get(row, {})
-        return record.get("revision") == revision and task in record.get("scores", {})
+        return record.get("recipe") == recipe and task in record.get("scores", {})
 
     def record(
-        self, row: str, model: str, revision: str, task: str, score: float, seconds: float, embedded: int
+        self, row: str, model: str, revision: str, task: str, score: float, seconds: float, embedded: int,
+        recipe: str | None = None,
     ) -> None:
+        """One score; ``recipe`` (default: ``revision``) is what the row measures, see :func:`row_recipe`."""
         self.resume()  # the rows another run of this table wrote meanwhile: two runs never drop each other's rows
+        recipe = recipe or revision
         record = self.rows.setdefault(row, {})
-        if record.get("revision") != revision:  # another model under the row's name: its old scores do not count
+        if record.get("recipe") != recipe:  # another model under the row's name: its old scores do not count
             record.clear()
-        record.update(model=model, revision=revision, command=self.plan.command)  # rows of one table: several runs
-        # the commit per task: a row filled over several runs (and commits) names the code behind each score
-        per_task = {"scores": score, "seconds": round(seconds, 1), "embedded": embedded, "commits": self.commit}
+        record.update(model=model, recipe=recipe, revision=revision, command=self.plan.command)  # the last run's
+        # per task: a row filled over several runs names the code (commit) and model (revision) behind each score
+        per_task = {"scores": score, "seconds": round(seconds, 1), "embedded": embedded, "commits": self.commit,
+                    "revisions": revision}  # fmt: skip
         for key, value in per_task.items():
             record.setdefault(key, {})[task] = value
         self.write()
@@ -245,9 +249,10 @@ def render_markdown(data: Mapping[str, Any]) -> str:
     lines += ["| row | model | revision | seconds | texts embedded | commits |", "|---|---|---|---|---|---|"]
     for row, record in data["rows"].items():
         seconds, embedded = sum(record.get("seconds", {}).values()), sum(record.get("embedded", {}).values())
-        commits = ", ".join(sorted({str(record.get("commits", {}).get(t)) for t in record.get("scores", {})}))
-        lines.append(f"| {row} | {record.get('model')} | {record.get('revision')} | {seconds:.0f} | {embedded} "
-                     f"| {commits} |")  # fmt: skip
+        tasks = record.get("scores", {})
+        commits = ", ".join(sorted({str(record.get("commits", {}).get(t)) for t in tasks}))
+        revisions = ", ".join(sorted({str(record.get("revisions", {}).get(t, record.get("revision"))) for t in tasks}))
+        lines.append(f"| {row} | {record.get('model')} | {revisions} | {seconds:.0f} | {embedded} | {commits} |")
     sampling = data["sampling"]
     lines += ["", f"Sampling: {json.dumps(sampling) if sampling else 'none (every example)'}"]
     if data.get("sampling_rule"):
@@ -257,10 +262,12 @@ def render_markdown(data: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_task(model: Any, row: str, name: str, table: Table, encode: CachedEncode, log: Any = print) -> None:
-    """One task for one row, unless the table already holds it for this model revision."""
+def run_task(
+    model: Any, row: str, recipe: str, name: str, table: Table, encode: CachedEncode, log: Any = print
+) -> None:
+    """One task for one row, unless the table already holds it for this recipe (:func:`row_recipe`)."""
     plan = table.plan
-    if table.done(row, model.model_card_data.base_model_revision, name):
+    if table.done(row, recipe, name):
         return
     task, origin = plan.load_task(name)
     embedded, start = encode.counts.embedded, time.perf_counter()
@@ -269,7 +276,7 @@ def run_task(model: Any, row: str, name: str, table: Table, encode: CachedEncode
         show_progress_bar=False, command=plan.command,
     )  # fmt: skip
     seconds, embedded = time.perf_counter() - start, encode.counts.embedded - embedded
-    table.record(row, summary.model, summary.revision, name, summary.scores[name], seconds, embedded)
+    table.record(row, summary.model, summary.revision, name, summary.scores[name], seconds, embedded, recipe)
     log(f"{plan.backbone} {row} {name}: {summary.scores[name]:.4f} ({seconds:.0f} s, {embedded} texts embedded)")
 
 
@@ -297,6 +304,26 @@ def use_post(model: Any, post: PostProcessing | Router | None) -> None:
     refresh_revision(model)
 
 
+def row_recipe(method: str, raw_revision: str, revision: str) -> str:
+    """What a row measures, so a later run resumes it only for the same thing: the kv build's revision (its folder,
+    statistics included), but a baseline's raw revision, whitened or not. A baseline's whitening is refitted by every
+    run, by the same code on the same texts; its statistics (and so the revision mteb files the scores under) can
+    differ in the last bits between machines, which is not another model. Each score keeps its own revision."""
+    return revision if method == "kv" else raw_revision
+
+
+def with_recipes(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``rows`` as :meth:`Table.record` writes them: a row written before recipes were recorded gets its recipe
+    (:func:`row_recipe`: a whitened baseline's raw row's revision) and each score the row's revision."""
+    for row, record in rows.items():
+        if "recipe" in record:
+            continue
+        raw = next((method for method in BASELINES if row == row_name(method, "whiten")), row)
+        record["recipe"] = rows.get(raw, record)["revision"]
+        record["revisions"] = dict.fromkeys(record.get("scores", {}), record["revision"])
+    return rows
+
+
 def run_table(plan: TablePlan, log: Any = print) -> Table:
     """Every (method, post-processing) row of ``plan``, task by task: a method's rows advance together (the
     whitened row costs no forward pass), and the table is rewritten after every task."""
@@ -306,12 +333,14 @@ def run_table(plan: TablePlan, log: Any = print) -> Table:
     for method in plan.methods:
         model, post = load_method(plan, method)
         encode = CachedEncode(model, plan.cache_dir)
+        raw_revision = model.model_card_data.base_model_revision
         if post is None and "whiten" in posts:  # a baseline: fitted as kvemb build fits it, through the cache
             post = fit_build_whitening(model, plan.batch_size)[-1]
             use_post(model, None)
         for name in plan.tasks:
             for kind in posts:
                 use_post(model, post if kind == "whiten" else None)
-                run_task(model, row_of(plan, method, kind), name, table, encode, log)
+                recipe = row_recipe(method, raw_revision, model.model_card_data.base_model_revision)
+                run_task(model, row_of(plan, method, kind), recipe, name, table, encode, log)
         encode.cache.close()
     return table
