@@ -258,7 +258,9 @@ def render_markdown(data: Mapping[str, Any]) -> str:
     if data.get("sampling_rule"):
         lines.append(f"({data['sampling_rule']}; rules: experiments/mteb/RULE.md)")
     lines += ["", f"Command (the last run's): `{data['command']}`. Commits: the code behind each row's scores "
-              "(None: not recorded).", "", provenance_line(data["provenance"]), ""]
+              "(None: not recorded). Revisions: the models mteb filed them under; a baseline's whitened row can "
+              "name several, as each run refits its whitening (same texts, same code: statistics that differ in "
+              "the last bits between machines).", "", provenance_line(data["provenance"]), ""]
     return "\n".join(lines)
 
 
