@@ -86,7 +86,8 @@ def test_rows_from_cached_raw_vectors_equal_the_models_run_directly_and_a_rerun_
     for row, model in (("kv_whiten", built), ("mean_whiten", mean), ("kv", unwhitened)):
         assert rows[row] == pytest.approx(direct_scores(model), abs=1e-6), row
     assert rows["kv_whiten"] != pytest.approx(rows["kv"], abs=1e-3)  # whitening did change the scores
-    assert first.rows["kv_whiten"]["revision"] == built.model_card_data.base_model_revision == first.rows["kv_whiten"]["recipe"]
+    assert first.rows["kv_whiten"]["revision"] == built.model_card_data.base_model_revision
+    assert first.rows["kv_whiten"]["recipe"] == table_module.row_recipe("kv", built, "unused")
     # a baseline's whitened row is resumed by its raw model (its whitening is refitted by every run)
     assert first.rows["mean_whiten"]["recipe"] == first.rows["mean"]["revision"] != first.rows["mean_whiten"]["revision"]
 
@@ -235,12 +236,35 @@ def test_a_baseline_whitened_on_another_machine_resumes_and_a_rebuilt_kv_folder_
     table = Table(plan)
     table.resume()
     assert table.rows["echo_whiten"]["recipe"] == "raw1" and table.rows["kv_whiten"]["recipe"] == "kv1"
-    recipe = table_module.row_recipe("echo", "raw1", "wh2")
+    recipe = table_module.row_recipe("echo", None, "raw1")  # the whitened row of a baseline: its raw revision
     assert table.done("echo_whiten", recipe, "BIOSSES") and not table.done("echo_whiten", recipe, "SciFact")
     table.record("echo_whiten", "m", "wh2", "SciFact", 0.3, 1.0, 3, recipe)
-    table.record("kv_whiten", "k", "kv2", "SciFact", 0.2, 1.0, 3, table_module.row_recipe("kv", "kvraw", "kv2"))
+    table.record("kv_whiten", "k", "kv2", "SciFact", 0.2, 1.0, 3, "kv-another-build")
     rows = json.loads(table.json_path.read_text(encoding="utf-8"))["rows"]
     assert rows["echo_whiten"]["scores"] == {"BIOSSES": 0.5, "SciFact": 0.3}
     assert rows["echo_whiten"]["revisions"] == {"BIOSSES": "wh1", "SciFact": "wh2"}
     assert rows["kv_whiten"]["scores"] == {"SciFact": 0.2} and rows["kv_whiten"]["revisions"] == {"SciFact": "kv2"}
     assert "| echo_whiten | m | wh1, wh2 |" in table.json_path.with_suffix(".md").read_text(encoding="utf-8")
+
+
+def test_a_kv_rows_recipe_ignores_the_bits_a_build_measures_but_never_a_knob(kv_folder):
+    """The same build made on another machine: another ID curve and statistics in their last bits (another
+    revision), one recipe; another knob, another recipe."""
+    from dataclasses import replace
+
+    from kvemb_st.benchmark.identity import content_revision
+
+    built, again, raw, other = (kvemb_st.load(str(kv_folder)) for _ in range(4))
+    selection = again[0].config.layer_selection
+    selection["id_curve"] = [value * (1 + 1e-9) for value in selection["id_curve"]]
+    selection["spread"] *= 1 + 1e-9
+    for tensor in again[-1].state_dict().values():
+        tensor.mul_(1 + 1e-6)
+    assert content_revision(again) != content_revision(built)
+    recipe = table_module.row_recipe
+    del raw[-1]  # the unwhitened row
+    assert recipe("kv", again, "r") == recipe("kv", built, "r") != recipe("kv", raw, "r")
+    again[0].config = replace(again[0].config, prefix_bias=again[0].config.prefix_bias + 1)
+    next(m for m in other[-1].modules() if isinstance(m, table_module.PostProcessing)).calibration = {"hash": "x"}
+    assert len({recipe("kv", model, "r") for model in (built, again, other)}) == 3  # a knob, a calibration set
+    assert recipe("echo", built, "r") == "r"  # a baseline: its raw revision

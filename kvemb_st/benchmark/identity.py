@@ -99,7 +99,7 @@ def content_revision(model: Any) -> str:
     digest = hashlib.sha256()
     for module in model:
         config = _hashed_config(module)
-        digest.update(f"{type(module).__name__}\n{json.dumps(_jsonable(config), sort_keys=True, default=str)}\n".encode())
+        digest.update(f"{type(module).__name__}\n{json.dumps(jsonable(config), sort_keys=True, default=str)}\n".encode())
         if not hasattr(module, "auto_model"):  # the backbone's weights are identified by name + revision above
             for name, tensor in sorted(module.state_dict().items()):
                 digest.update(name.encode() + tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
@@ -127,12 +127,12 @@ def _hashed_config(module: Any) -> dict[str, Any]:
     return config
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """``value`` with every mapping key a string (a Router's ``route_mappings`` are keyed by tuples)."""
     if isinstance(value, dict):
-        return {str(key): _jsonable(item) for key, item in value.items()}
+        return {str(key): jsonable(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
+        return [jsonable(item) for item in value]
     return value
 
 

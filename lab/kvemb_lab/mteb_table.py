@@ -11,6 +11,7 @@ The subsampling and the choice rules are fixed in ``experiments/mteb/RULE.md``, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -23,7 +24,7 @@ from typing import Any
 from sentence_transformers.base.modules import Router
 
 from kvemb_st.benchmark import import_mteb
-from kvemb_st.benchmark.identity import refresh_revision
+from kvemb_st.benchmark.identity import jsonable, refresh_revision
 from kvemb_st.benchmark.local_tasks import SAMPLING_RULE, Sampling, load_local_task
 from kvemb_st.benchmark.run import run_tasks
 from kvemb_st.postprocessing import PostProcessing
@@ -48,6 +49,7 @@ DEV_SPLITS: dict[str, list[str] | None] = {
 }  # fmt: skip
 TASK_TYPES = ("STS", "Retrieval", "Classification")
 CAPPED = Sampling(1000, 0)  # RULE.md: every evaluated split capped at 1,000 examples, seed 0
+MEASURED = frozenset({"id_curve", "spread"})  # what a build's layer selection measures: the last bits vary by machine
 
 
 def row_name(method: str, post: str) -> str:
@@ -258,9 +260,9 @@ def render_markdown(data: Mapping[str, Any]) -> str:
     if data.get("sampling_rule"):
         lines.append(f"({data['sampling_rule']}; rules: experiments/mteb/RULE.md)")
     lines += ["", f"Command (the last run's): `{data['command']}`. Commits: the code behind each row's scores "
-              "(None: not recorded). Revisions: the models mteb filed them under; a baseline's whitened row can "
-              "name several, as each run refits its whitening (same texts, same code: statistics that differ in "
-              "the last bits between machines).", "", provenance_line(data["provenance"]), ""]
+              "(None: not recorded). Revisions: the models mteb filed them under; a row can name several where its "
+              "statistics were fitted again on another machine (same texts, same code, other last bits): a "
+              "baseline's whitening, refitted by every run, or the same kv build made again.", "", provenance_line(data["provenance"]), ""]
     return "\n".join(lines)
 
 
@@ -306,12 +308,25 @@ def use_post(model: Any, post: PostProcessing | Router | None) -> None:
     refresh_revision(model)
 
 
-def row_recipe(method: str, raw_revision: str, revision: str) -> str:
-    """What a row measures, so a later run resumes it only for the same thing: the kv build's revision (its folder,
-    statistics included), but a baseline's raw revision, whitened or not. A baseline's whitening is refitted by every
-    run, by the same code on the same texts; its statistics (and so the revision mteb files the scores under) can
-    differ in the last bits between machines, which is not another model. Each score keeps its own revision."""
-    return revision if method == "kv" else raw_revision
+def row_recipe(method: str, model: Any, raw_revision: str) -> str:
+    """What a row measures, so a later run resumes it only for the same thing, on any machine; each score keeps the
+    revision mteb filed it under. A baseline: its raw revision, whitened or not (each run refits its whitening, same
+    texts, same code). The kv build: every module's configuration, without what a build measures in floats (the ID
+    curve, the whitening statistics), whose last bits differ between machines: the same build made again resumes
+    its rows, a build with another knob (window, bias, calibration set) starts them again."""
+    if method != "kv":
+        return raw_revision
+    parts = []
+    for module in model:
+        for name, sub in [("", module)] if hasattr(module, "auto_model") else module.named_modules():
+            if hasattr(sub, "get_config_dict"):  # a Router's own, then its sides' PostProcessing
+                config = {key: value for key, value in sub.get_config_dict().items() if key != "kvemb_st_version"}
+                if isinstance(config.get("layer_selection"), dict):
+                    selection = config["layer_selection"].items()
+                    config["layer_selection"] = {key: value for key, value in selection if key not in MEASURED}
+                parts.append([name, type(sub).__name__, config])
+    text = json.dumps(jsonable(parts), sort_keys=True, default=str)
+    return "kv-" + hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def with_recipes(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -321,7 +336,7 @@ def with_recipes(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         if "recipe" in record:
             continue
         raw = next((method for method in BASELINES if row == row_name(method, "whiten")), row)
-        record["recipe"] = rows.get(raw, record)["revision"]
+        record["recipe"] = rows.get(raw, record)["revision"]  # a kv row: its revision (a run today starts it again)
         record["revisions"] = dict.fromkeys(record.get("scores", {}), record["revision"])
     return rows
 
@@ -342,7 +357,7 @@ def run_table(plan: TablePlan, log: Any = print) -> Table:
         for name in plan.tasks:
             for kind in posts:
                 use_post(model, post if kind == "whiten" else None)
-                recipe = row_recipe(method, raw_revision, model.model_card_data.base_model_revision)
+                recipe = row_recipe(method, model, raw_revision)
                 run_task(model, row_of(plan, method, kind), recipe, name, table, encode, log)
         encode.cache.close()
     return table
