@@ -89,7 +89,8 @@ def test_rows_from_cached_raw_vectors_equal_the_models_run_directly_and_a_rerun_
     assert first.rows["kv_whiten"]["revision"] == built.model_card_data.base_model_revision
     assert first.rows["kv_whiten"]["recipe"] == table_module.row_recipe("kv", built, "unused")
     # a baseline's whitened row is resumed by its raw model (its whitening is refitted by every run)
-    assert first.rows["mean_whiten"]["recipe"] == first.rows["mean"]["revision"] != first.rows["mean_whiten"]["revision"]
+    mean, whitened = first.rows["mean"], first.rows["mean_whiten"]
+    assert whitened["recipe"] == mean["revision"] != whitened["revision"]
 
     # a second run (fresh output, same cache): every text comes from the cache, the scores are the same
     forward_calls.clear()

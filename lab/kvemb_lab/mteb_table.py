@@ -262,7 +262,8 @@ def render_markdown(data: Mapping[str, Any]) -> str:
     lines += ["", f"Command (the last run's): `{data['command']}`. Commits: the code behind each row's scores "
               "(None: not recorded). Revisions: the models mteb filed them under; a row can name several where its "
               "statistics were fitted again on another machine (same texts, same code, other last bits): a "
-              "baseline's whitening, refitted by every run, or the same kv build made again.", "", provenance_line(data["provenance"]), ""]
+              "baseline's whitening, refitted by every run, or the same kv build made again.", "",
+              provenance_line(data["provenance"]), ""]
     return "\n".join(lines)
 
 
