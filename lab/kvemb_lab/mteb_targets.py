@@ -12,11 +12,11 @@ mteb's main scores in the table.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvemb_lab.mteb_table import BASELINES, DEV_SPLITS, POSTS, TASK_TYPES, row_name, type_means
+from kvemb_lab.mteb_table import BASELINES, POSTS, TASK_TYPES, held_out_tasks, row_name, type_means
 
 MOONSHOT = 0.02  # the issue's overall margin over the best baseline
 KINDS = (*TASK_TYPES, "overall")
@@ -103,11 +103,6 @@ def render(table: Mapping[str, Any], comparisons: list[Comparison], default: str
     lines += ["A baseline counts on a type only when it has every task of it; `leads so far`: ahead of the baselines "
               "measured, with some not measured.", "", f"Command: `{command}`", ""]  # fmt: skip
     return "\n".join(lines)
-
-
-def held_out_tasks(names: Iterable[str]) -> list[str]:
-    """RULE.md: on test splits every task but the dev ones is held out, never chosen on."""
-    return [name for name in names if name not in DEV_SPLITS]
 
 
 def _comparison_lines(comparisons: list[Comparison]) -> list[str]:
