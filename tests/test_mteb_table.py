@@ -46,7 +46,7 @@ def kv_folder(tiny_llama, tmp_path_factory):
 def plan(tiny_llama, kv_folder, output, cache_dir) -> TablePlan:
     return TablePlan(
         backbone="tiny", base_folder=Path(tiny_llama), kv_folder=kv_folder, data_dir=DATA, output=output,
-        cache_dir=cache_dir, command="test", methods=("kv", "mean"), tasks=TASKS, sampling=SLICE,
+        cache_dir=cache_dir, command="test", methods=("kv", "mean", "last"), tasks=TASKS, sampling=SLICE,
     )  # fmt: skip
 
 
@@ -73,7 +73,8 @@ def test_rows_from_cached_raw_vectors_equal_the_models_run_directly_and_a_rerun_
     tiny_llama, kv_folder, tmp_path, forward_calls
 ):
     first = run_table(plan(tiny_llama, kv_folder, tmp_path / "a", tmp_path / "cache"), log=lambda line: None)
-    assert set(first.rows) == {"kv", "kv_whiten", "mean", "mean_whiten"}
+    assert set(first.rows) == {"kv", "kv_whiten", "mean", "mean_whiten", "last", "last_whiten"}
+    assert sum(first.rows["last"]["embedded"].values()) == 0  # read out of mean's forward pass (one plain forward)
     assert {record["command"] for record in first.rows.values()} == {"test"}  # each row names the run that wrote it
     assert forward_calls  # the first run embedded
     rows = {row: record["scores"] for row, record in first.rows.items()}
@@ -83,7 +84,8 @@ def test_rows_from_cached_raw_vectors_equal_the_models_run_directly_and_a_rerun_
     mean = fit_build_whitening(kvemb_st.from_base(tiny_llama, method="mean"))
     unwhitened = kvemb_st.load(str(kv_folder))
     del unwhitened[-1]
-    for row, model in (("kv_whiten", built), ("mean_whiten", mean), ("kv", unwhitened)):
+    last = fit_build_whitening(kvemb_st.from_base(tiny_llama, method="last"))
+    for row, model in (("kv_whiten", built), ("mean_whiten", mean), ("kv", unwhitened), ("last_whiten", last)):
         assert rows[row] == pytest.approx(direct_scores(model), abs=1e-6), row
     assert rows["kv_whiten"] != pytest.approx(rows["kv"], abs=1e-3)  # whitening did change the scores
     assert first.rows["kv_whiten"]["revision"] == built.model_card_data.base_model_revision

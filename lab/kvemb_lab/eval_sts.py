@@ -173,7 +173,7 @@ def evaluate_spec(
         results = evaluate_model(model, tasks, postprocessing, calibration, batch_size, poolings)
     finally:
         if cached is not None:
-            cached.cache.close()
+            cached.close()
     seconds = round(time.perf_counter() - start, 1)
     rows = []
     for key, metrics in results.items():

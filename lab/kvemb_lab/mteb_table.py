@@ -4,7 +4,8 @@ Scores are mteb's own (``kvemb_st.benchmark``: mteb's task objects fed from the 
 mteb's result files per row under ``<output>/<row>/``); nothing here computes a metric. What this module adds:
 the rows (``kvemb_st.from_base(base, method=m)`` for the baselines, the default build folder for ``kv``), the
 whitening fitted on the baselines exactly as ``kvemb build`` fits it, one cached forward pass per text and side
-shared by a method's two rows (:mod:`kvemb_lab.vector_cache`), and the table (main score per task, mean per task
+shared by a method's two rows (and by ``mean`` and ``last``, two readouts of one forward:
+:mod:`kvemb_lab.vector_cache`), and the table (main score per task, mean per task
 type, overall mean) rewritten after every task, so a stopped run keeps what it finished and resumes there.
 The subsampling and the choice rules are fixed in ``experiments/mteb/RULE.md``, written before any run.
 """
@@ -32,7 +33,7 @@ from kvemb_st.postprocessing import PostProcessing
 from kvemb_lab.assets import STS_DISTRIBUTION
 from kvemb_lab.backbones import BACKBONES, run_assets
 from kvemb_lab.provenance import provenance, provenance_line
-from kvemb_lab.vector_cache import CachedEncode
+from kvemb_lab.vector_cache import CachedEncode, forward_signature
 
 BASELINES = ("mean", "last", "prompteol", "echo", "token_prepending")
 METHODS = ("kv", *BASELINES)
@@ -305,6 +306,14 @@ def load_method(plan: TablePlan, method: str) -> tuple[Any, PostProcessing | Rou
     return model, post
 
 
+def siblings_of(plan: TablePlan, model: Any, methods: Sequence[str]) -> list[Any]:
+    """The baselines among ``methods`` that run ``model``'s forward pass (``mean`` and ``last``: the same plain
+    forward, two readouts): embedding a text for ``model`` caches their vectors of it too."""
+    signature = forward_signature(model)
+    others = (load_method(plan, method)[0] for method in methods if method != "kv")
+    return [other for other in others if forward_signature(other) == signature]
+
+
 def use_post(model: Any, post: PostProcessing | Router | None) -> None:
     """Make ``post`` (or none) the model's last module; the model is another one then, with its own revision."""
     if isinstance(model[-1], (PostProcessing, Router)):
@@ -353,9 +362,9 @@ def run_table(plan: TablePlan, log: Any = print) -> Table:
     table = Table(plan)
     table.resume()
     posts = [p for p in POSTS if p in plan.posts]
-    for method in plan.methods:
+    for index, method in enumerate(plan.methods):
         model, post = load_method(plan, method)
-        encode = CachedEncode(model, plan.cache_dir)
+        encode = CachedEncode(model, plan.cache_dir, siblings=siblings_of(plan, model, plan.methods[index + 1 :]))
         raw_revision = model.model_card_data.base_model_revision
         if post is None and "whiten" in posts:  # a baseline: fitted as kvemb build fits it, through the cache
             post = fit_build_whitening(model, plan.batch_size)[-1]
@@ -365,5 +374,5 @@ def run_table(plan: TablePlan, log: Any = print) -> Table:
                 use_post(model, post if kind == "whiten" else None)
                 recipe = row_recipe(method, model, raw_revision)
                 run_task(model, row_of(plan, method, kind), recipe, name, table, encode, log)
-        encode.cache.close()
+        encode.close()
     return table

@@ -3,7 +3,9 @@
 The MTEB table scores each method twice, without post-processing and with whitening. The whitened vector of a
 text is its raw vector through the model's own :class:`~kvemb_st.postprocessing.PostProcessing` transform for the
 side the call reached, so one forward pass serves both rows; and since each embedded chunk is committed at once,
-a stopped run resumes with everything it had embedded. A cache file belongs to one raw model (its content
+a stopped run resumes with everything it had embedded. Methods that differ only in their readout (``mean`` and
+``last``: the same plain forward) share a forward pass too: the encode of one fills the other's cache
+(:func:`forward_signature`). A cache file belongs to one raw model (its content
 revision; the file name also carries the model's name, for people); a row is the side (the embedding module's own
 ``side_for``, plus any extra prompt) and the sha256 of the text.
 """
@@ -11,6 +13,7 @@ revision; the file name also carries the model's name, for people); a row is the
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +28,7 @@ from sentence_transformers.base.modules import Router
 from kvemb_st.api import KVSentenceTransformer
 from kvemb_st.benchmark.identity import content_revision
 from kvemb_st.postprocessing import PostProcessing
+from kvemb_st.side import READOUT_KEYS
 from kvemb_st.side_router import route_of
 
 DEFAULT_CHUNK = 128  # texts embedded between two commits: what a stopped run can lose
@@ -33,6 +37,8 @@ FIXED_ARGUMENTS = {
     "output_value": "sentence_embedding", "precision": "float32", "device": None, "truncate_dim": None,
     "pool": None, "chunk_size": None,
 }  # fmt: skip
+# Config keys that never change the forward pass: the readout knobs, and what only names or describes the config.
+FORWARD_FREE_KEYS = ("method", "kvemb_st_version", "layer_selection", *READOUT_KEYS)
 
 
 def post_module(model: Any, side: str | None) -> PostProcessing | None:
@@ -108,14 +114,59 @@ def cache_path(raw: Any, cache_dir: str | Path) -> Path:
     return existing[0] if existing else Path(cache_dir) / f"{name}-{revision}.sqlite"
 
 
+def forward_signature(model: Any) -> str:
+    """What decides the hidden states of the model's embedding module: its config without the readout knobs (top
+    level and per side) and the method's forward (its class, its copies of the text). Two models of one signature
+    run the same forward pass on every text, so each one's vectors are a readout of the other's states."""
+    module = model[0]
+    config = module.config.to_dict()
+    kept = {key: value for key, value in config.items() if key not in FORWARD_FREE_KEYS}
+    sides = {name: {k: v for k, v in over.items() if k not in READOUT_KEYS} for name, over in config["sides"].items()}
+    kept["sides"] = {name: over for name, over in sides.items() if over}
+    kept["forward"] = [type(module.method).__name__, module.method.copies]
+    return json.dumps(kept, sort_keys=True, default=str)
+
+
+@dataclass
+class Sibling:
+    """A model read out of another's forward pass: its config (the readout per side) and its own cache file."""
+
+    config: Any
+    cache: VectorCache
+
+    def vectors(self, side: str | None, items: Sequence[dict[str, Any]]) -> np.ndarray:
+        """Its unit vectors from the per-text outputs of the other model's forward (``encode(output_value=None)``)."""
+        readout = self.config.readout(side)
+        pooled = [readout.pool(item["token_embeddings"][None], item["attention_mask"][None])[0] for item in items]
+        return F.normalize(torch.stack(pooled), dim=-1).numpy()
+
+
+def sibling(model: Any, other: Any, cache_dir: str | Path) -> Sibling:
+    """``other`` as a :class:`Sibling` of ``model``; a clear error where its vectors need another forward pass."""
+    config = other[0].config
+    if forward_signature(other) != forward_signature(model):
+        raise ValueError(
+            f"method {config.method!r} runs another forward pass than {model[0].config.method!r} (template, layers or "
+            "method differ), so its vectors cannot be read out of it: cache it on its own"
+        )
+    sides = [config.side(name) for name in (None, *config.sides)]
+    if any(s.pool_layers is not None or s.pool_span != "all" or s.long_inputs != "truncate" for s in sides):
+        raise ValueError(
+            f"method {config.method!r} pools intermediate layers, averages the text's own tokens or chunks long "
+            "inputs; a sibling is read out of the final hidden states of all tokens of one input: cache it on its own"
+        )
+    return Sibling(config, VectorCache(cache_path(raw_model(other), cache_dir)))
+
+
 class CachedEncode:
     """Replaces ``model.encode`` (so ``encode_query``/``encode_document`` go through it too): raw vectors come from
     the cache or one forward pass of the embedding module, then the model's PostProcessing (if it has one now) is
     applied for the call's side, as its ``forward`` would. The cache file is found by the raw pipeline's content
     revision (post-processing left out, see :func:`cache_path`), so a changed knob or base model never reads another's
-    vectors."""
+    vectors. ``siblings``: models of the same forward pass (:func:`sibling`) whose caches get their vectors of every
+    text embedded here, from the same forward pass."""
 
-    def __init__(self, model: Any, cache_dir: str | Path, chunk: int = DEFAULT_CHUNK) -> None:
+    def __init__(self, model: Any, cache_dir: str | Path, chunk: int = DEFAULT_CHUNK, siblings: Sequence[Any] = ()) -> None:
         config = getattr(model[0], "config", None)
         sides = {name or "default": config.side(name) for name in (None, *config.sides)} if config is not None else {}
         after = [name for name, side in sides.items() if side.long_inputs == "chunk" and side.chunk_combine == "after"]
@@ -126,6 +177,7 @@ class CachedEncode:
             )
         self.model, self.chunk = model, chunk
         self.raw = raw_model(model)
+        self.siblings = [sibling(model, other, cache_dir) for other in siblings]  # refused before any file is made
         self.cache = VectorCache(cache_path(self.raw, cache_dir))
         self.counts = CacheCounts()
         model.encode = self  # an instance attribute: ST's encode_query/encode_document call self.encode
@@ -165,10 +217,7 @@ class CachedEncode:
         by_key = dict(zip(keys, texts))
         for start in range(0, len(missing), self.chunk):
             part = missing[start : start + self.chunk]
-            vectors = self.raw.encode(
-                [by_key[k] for k in part], prompt=prompt, task=task, batch_size=batch_size,
-                show_progress_bar=bool(show_progress_bar), convert_to_numpy=True,
-            )  # fmt: skip
+            vectors = self.embed([by_key[k] for k in part], part, side, key, prompt, task, batch_size, show_progress_bar)
             self.cache.put(key, part, vectors)
             found.update(zip(part, np.asarray(vectors, dtype=np.float32)))
             self.counts.embedded += len(part)
@@ -180,3 +229,20 @@ class CachedEncode:
             vectors = F.normalize(torch.from_numpy(vectors), dim=-1).numpy()
         result: np.ndarray | torch.Tensor = torch.from_numpy(vectors) if convert_to_tensor else vectors
         return result[0] if isinstance(inputs, str) else result
+
+    def embed(
+        self, texts: list[str], keys: list[str], side: str | None, key: str, prompt: str | None, task: str | None,
+        batch_size: int, show_progress_bar: bool | None,
+    ) -> np.ndarray:
+        """The raw vectors of ``texts`` by one forward pass; each sibling's vectors of them go to its cache."""
+        options = dict(prompt=prompt, task=task, batch_size=batch_size, show_progress_bar=bool(show_progress_bar))
+        if not self.siblings:
+            return self.raw.encode(texts, convert_to_numpy=True, **options)
+        items = self.raw.encode(texts, output_value=None, **options)
+        for other in self.siblings:
+            other.cache.put(key, keys, other.vectors(side, items))
+        return torch.stack([item["sentence_embedding"] for item in items]).numpy()
+
+    def close(self) -> None:
+        for cache in (self.cache, *(other.cache for other in self.siblings)):
+            cache.close()
