@@ -27,6 +27,7 @@ from sentence_transformers.base.modules import Router
 
 from kvemb_st.api import KVSentenceTransformer
 from kvemb_st.benchmark.identity import content_revision
+from kvemb_st.config import KVEmbeddingConfig
 from kvemb_st.postprocessing import PostProcessing
 from kvemb_st.side import READOUT_KEYS
 from kvemb_st.side_router import route_of
@@ -117,7 +118,8 @@ def cache_path(raw: Any, cache_dir: str | Path) -> Path:
 def forward_signature(model: Any) -> str:
     """What decides the hidden states of the model's embedding module: its config without the readout knobs (top
     level and per side) and the method's forward (its class, its copies of the text). Two models of one signature
-    run the same forward pass on every text, so each one's vectors are a readout of the other's states."""
+    run the same forward pass on every text, so each one's vectors are a readout of the other's states (loaded the
+    same way: like the cache file's name, the signature does not see a dtype passed at load time)."""
     module = model[0]
     config = module.config.to_dict()
     kept = {key: value for key, value in config.items() if key not in FORWARD_FREE_KEYS}
@@ -131,7 +133,7 @@ def forward_signature(model: Any) -> str:
 class Sibling:
     """A model read out of another's forward pass: its config (the readout per side) and its own cache file."""
 
-    config: Any
+    config: KVEmbeddingConfig
     cache: VectorCache
 
     def vectors(self, side: str | None, items: Sequence[dict[str, Any]]) -> np.ndarray:
