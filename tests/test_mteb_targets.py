@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -55,7 +56,7 @@ def test_a_baseline_missing_a_task_of_a_type_is_named_and_never_counted_on_it():
         table(behind), targets.compare(table(behind)), "kv", "cmd")
 
 
-def test_the_command_writes_the_comparison_with_its_provenance(tmp_path):
+def test_the_command_writes_the_comparison_with_its_provenance(tmp_path, capsys):
     rows = {"kv_whiten": every(0.7), "kv": every(0.5)} | {f"{m}_whiten": every(0.65) for m in targets.BASELINES}
     path = tmp_path / "table.json"
     path.write_text(json.dumps(table(rows)))
@@ -66,9 +67,10 @@ def test_the_command_writes_the_comparison_with_its_provenance(tmp_path):
     assert "**reached**" in done.stdout
     record = json.loads((tmp_path / "targets.json").read_text())
     assert f"Provenance: `{json.dumps(record['provenance'])}`" in (tmp_path / "targets.md").read_text()
-    refused = subprocess.run([sys.executable, str(script), str(path), "--default", "kv_nope"], capture_output=True,
-                             text=True)  # fmt: skip
-    assert refused.returncode == 2 and "no row 'kv_nope'" in refused.stderr and "kv_whiten" in refused.stderr
+    with pytest.raises(SystemExit) as refused:  # in-process: a second interpreter would only repeat the imports
+        runpy.run_path(str(script))["main"]([str(path), "--default", "kv_nope"])
+    stderr = capsys.readouterr().err
+    assert refused.value.code == 2 and "no row 'kv_nope'" in stderr and "kv_whiten" in stderr
 
 
 def test_held_out_comparisons_average_only_the_tasks_no_default_was_chosen_on():
