@@ -140,7 +140,7 @@ class Sibling:
         """Its unit vectors from the per-text outputs of the other model's forward (``encode(output_value=None)``)."""
         readout = self.config.readout(side)
         pooled = [readout.pool(item["token_embeddings"][None], item["attention_mask"][None])[0] for item in items]
-        return F.normalize(torch.stack(pooled), dim=-1).numpy()
+        return F.normalize(torch.stack(pooled), dim=-1).cpu().numpy()
 
 
 def sibling(model: Any, other: Any, cache_dir: str | Path) -> Sibling:
@@ -243,7 +243,7 @@ class CachedEncode:
         items = self.raw.encode(texts, output_value=None, **options)
         for other in self.siblings:
             other.cache.put(key, keys, other.vectors(side, items))
-        return torch.stack([item["sentence_embedding"] for item in items]).numpy()
+        return torch.stack([item["sentence_embedding"] for item in items]).cpu().numpy()
 
     def close(self) -> None:
         for cache in (self.cache, *(other.cache for other in self.siblings)):
