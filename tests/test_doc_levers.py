@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
-import json
-import numpy as np
 import pytest
 
-import kvemb_st
-
 from kvemb_lab import doc_levers as levers
-from kvemb_lab import selective_pooling
-from kvemb_lab.doc_scoring import Scorer
 
 
 def row(backbone, setting, depth, width, pooling, whiten, lee, ng, ndcg):
