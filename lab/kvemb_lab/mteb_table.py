@@ -28,6 +28,7 @@ from kvemb_st.benchmark import import_mteb
 from kvemb_st.benchmark.identity import jsonable, refresh_revision
 from kvemb_st.benchmark.local_tasks import SAMPLING_RULE, Sampling, load_local_task
 from kvemb_st.benchmark.run import run_tasks
+from kvemb_st.config import KVEmbeddingConfig
 from kvemb_st.postprocessing import PostProcessing
 
 from kvemb_lab.assets import STS_DISTRIBUTION
@@ -308,10 +309,15 @@ def load_method(plan: TablePlan, method: str) -> tuple[Any, PostProcessing | Rou
 
 def siblings_of(plan: TablePlan, model: Any, methods: Sequence[str]) -> list[Any]:
     """The baselines among ``methods`` that run ``model``'s forward pass (``mean`` and ``last``: the same plain
-    forward, two readouts): embedding a text for ``model`` caches their vectors of it too."""
-    signature = forward_signature(model)
-    others = (load_method(plan, method)[0] for method in methods if method != "kv")
-    return [other for other in others if forward_signature(other) == signature]
+    forward, two readouts): embedding a text for ``model`` caches their vectors of it too. Told apart by their
+    configs (a baseline's is ``from_base``'s for the method), so only a sibling's weights are loaded; the cache
+    checks the loaded pair again."""
+    signature = forward_signature(model[0].config)
+    same = [
+        method for method in methods
+        if method != "kv" and forward_signature(KVEmbeddingConfig(str(plan.base_folder), method=method)) == signature
+    ]  # fmt: skip
+    return [load_method(plan, method)[0] for method in same]
 
 
 def use_post(model: Any, post: PostProcessing | Router | None) -> None:

@@ -28,6 +28,7 @@ from sentence_transformers.base.modules import Router
 from kvemb_st.api import KVSentenceTransformer
 from kvemb_st.benchmark.identity import content_revision
 from kvemb_st.config import KVEmbeddingConfig
+from kvemb_st.methods import get_method
 from kvemb_st.postprocessing import PostProcessing
 from kvemb_st.side import READOUT_KEYS
 from kvemb_st.side_router import route_of
@@ -115,17 +116,18 @@ def cache_path(raw: Any, cache_dir: str | Path) -> Path:
     return existing[0] if existing else Path(cache_dir) / f"{name}-{revision}.sqlite"
 
 
-def forward_signature(model: Any) -> str:
-    """What decides the hidden states of the model's embedding module: its config without the readout knobs (top
-    level and per side) and the method's forward (its class, its copies of the text). Two models of one signature
-    run the same forward pass on every text, so each one's vectors are a readout of the other's states (loaded the
-    same way: like the cache file's name, the signature does not see a dtype passed at load time)."""
-    module = model[0]
-    config = module.config.to_dict()
-    kept = {key: value for key, value in config.items() if key not in FORWARD_FREE_KEYS}
-    sides = {name: {k: v for k, v in over.items() if k not in READOUT_KEYS} for name, over in config["sides"].items()}
+def forward_signature(config: KVEmbeddingConfig) -> str:
+    """What decides the hidden states of an embedding module of this config: the config without the readout knobs
+    (top level and per side) and the method's forward (its class, its copies of the text). Two models of one
+    signature run the same forward pass on every text, so each one's vectors are a readout of the other's states
+    (loaded the same way: like the cache file's name, the signature does not see a dtype passed at load time). A
+    config is enough, so a runner can tell which models share a forward before loading any weights."""
+    method = get_method(config.method)
+    values = config.to_dict()
+    kept = {key: value for key, value in values.items() if key not in FORWARD_FREE_KEYS}
+    sides = {name: {k: v for k, v in over.items() if k not in READOUT_KEYS} for name, over in values["sides"].items()}
     kept["sides"] = {name: over for name, over in sides.items() if over}
-    kept["forward"] = [type(module.method).__name__, module.method.copies]
+    kept["forward"] = [type(method).__name__, method.copies]
     return json.dumps(kept, sort_keys=True, default=str)
 
 
@@ -146,7 +148,7 @@ class Sibling:
 def sibling(model: Any, other: Any, cache_dir: str | Path) -> Sibling:
     """``other`` as a :class:`Sibling` of ``model``; a clear error where its vectors need another forward pass."""
     config = other[0].config
-    if forward_signature(other) != forward_signature(model):
+    if forward_signature(config) != forward_signature(model[0].config):
         raise ValueError(
             f"method {config.method!r} runs another forward pass than {model[0].config.method!r} (template, layers or "
             "method differ), so its vectors cannot be read out of it: cache it on its own"
