@@ -298,7 +298,7 @@ def load_method(plan: TablePlan, method: str) -> tuple[Any, PostProcessing | Rou
     import kvemb_st
 
     if method != "kv":
-        return kvemb_st.from_base(str(plan.base_folder), method=method), None
+        return kvemb_st.from_base(**baseline_knobs(plan, method)), None
     model = kvemb_st.load(str(plan.kv_folder))
     post = model[-1] if isinstance(model[-1], (PostProcessing, Router)) else None
     if post is None:
@@ -307,17 +307,20 @@ def load_method(plan: TablePlan, method: str) -> tuple[Any, PostProcessing | Rou
     return model, post
 
 
-def siblings_of(plan: TablePlan, model: Any, methods: Sequence[str]) -> list[Any]:
+def baseline_knobs(plan: TablePlan, method: str) -> dict[str, Any]:
+    """What a baseline row is built from (``from_base``'s arguments, equally a config's fields)."""
+    return {"base_model": str(plan.base_folder), "method": method}
+
+
+def sibling_methods(plan: TablePlan, model: Any, methods: Sequence[str]) -> list[str]:
     """The baselines among ``methods`` that run ``model``'s forward pass (``mean`` and ``last``: the same plain
     forward, two readouts): embedding a text for ``model`` caches their vectors of it too. Told apart by their
-    configs (a baseline's is ``from_base``'s for the method), so only a sibling's weights are loaded; the cache
-    checks the loaded pair again."""
+    configs, so no weights are loaded to find them; the cache checks the loaded pair again."""
     signature = forward_signature(model[0].config)
-    same = [
+    return [
         method for method in methods
-        if method != "kv" and forward_signature(KVEmbeddingConfig(str(plan.base_folder), method=method)) == signature
+        if method != "kv" and forward_signature(KVEmbeddingConfig(**baseline_knobs(plan, method))) == signature
     ]  # fmt: skip
-    return [load_method(plan, method)[0] for method in same]
 
 
 def use_post(model: Any, post: PostProcessing | Router | None) -> None:
@@ -368,9 +371,12 @@ def run_table(plan: TablePlan, log: Any = print) -> Table:
     table = Table(plan)
     table.resume()
     posts = [p for p in POSTS if p in plan.posts]
+    siblings: dict[str, Any] = {}  # loaded once: for the cache of an earlier method's forward, then for their rows
     for index, method in enumerate(plan.methods):
-        model, post = load_method(plan, method)
-        encode = CachedEncode(model, plan.cache_dir, siblings=siblings_of(plan, model, plan.methods[index + 1 :]))
+        model, post = (siblings.pop(method), None) if method in siblings else load_method(plan, method)
+        same = sibling_methods(plan, model, plan.methods[index + 1 :])
+        siblings |= {other: load_method(plan, other)[0] for other in same if other not in siblings}
+        encode = CachedEncode(model, plan.cache_dir, siblings=[siblings[other] for other in same])
         raw_revision = model.model_card_data.base_model_revision
         if post is None and "whiten" in posts:  # a baseline: fitted as kvemb build fits it, through the cache
             post = fit_build_whitening(model, plan.batch_size)[-1]
