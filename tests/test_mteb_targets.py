@@ -88,3 +88,28 @@ def test_held_out_comparisons_average_only_the_tasks_no_default_was_chosen_on():
     dev = targets.compare(table(rows) | {"splits": "dev"})  # on dev splits every task is a dev task
     assert {c.tasks for c in dev} == {targets.ALL} and "Held out" not in targets.render(
         table(rows) | {"splits": "dev"}, dev, "kv", "cmd")
+
+
+def test_the_summary_sets_the_backbones_side_by_side_and_names_every_miss(tmp_path):
+    ahead = {"kv_bias1_whiten": every(0.7), "echo_whiten": every(0.6), "kv_bias1": every(0.5)}
+    behind = {"kv_bias1_whiten": every(0.5), "echo_whiten": every(0.6)} | {m: every(0.4) for m in targets.BASELINES}
+    behind["kv_bias1"] = every(0.45)
+    paths = []
+    for name, rows in (("ahead", ahead), ("behind", behind)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(table(rows) | {"backbone": name}))
+    script = Path(__file__).resolve().parents[1] / "experiments" / "mteb" / "summary.py"
+    main = runpy.run_path(str(script))["main"]
+    assert main([*map(str, paths), "--default", "kv_bias1", "--out", str(tmp_path / "summary")]) == 0
+    text = (tmp_path / "summary.md").read_text()
+    whitened = text.split("## All tasks, post-processing `whiten`")[1].split("##")[0]
+    assert "| backbone | STS | Retrieval | Classification | overall |" in whitened
+    assert "| ahead | +0.1000 vs echo (**leads so far**) |" in whitened  # the other baselines were never run
+    assert "| behind | -0.1000 vs echo (**misses**) | -0.1000 vs echo (**misses**) |" in whitened
+    raw = text.split("## All tasks, post-processing `none`")[1].split("##")[0]
+    assert "| ahead | no baseline measured | no baseline measured |" in raw and "| behind | +0.0500 vs mean | +0.0500 vs mean |" in raw
+    assert "## Held out tasks, post-processing `whiten`" in text and "STS13" not in text  # a table per scope
+    record = json.loads((tmp_path / "summary.json").read_text())
+    assert set(record["backbones"]) == {"ahead", "behind"} and record["default"] == "kv_bias1"
+    with pytest.raises(SystemExit):  # one backbone's table given twice would hide the other's row
+        main([str(paths[0]), str(paths[0]), "--default", "kv_bias1"])

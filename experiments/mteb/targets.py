@@ -7,15 +7,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 from kvemb_st.public_paths import public_command
 
 from kvemb_lab.evaluation import write_result
-from kvemb_lab.mteb_targets import compare, render
+from kvemb_lab.mteb_targets import compare, read_table, render
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,16 +23,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--default", default="kv", help="the default build's row without its _whiten suffix")
     parser.add_argument("--out", type=Path, help="write <out>.md and <out>.json")
     args = parser.parse_args(argv)
-    table = json.loads(args.table.read_text(encoding="utf-8"))
-    if args.default not in table["rows"]:
-        parser.error(f"{args.table} has no row {args.default!r}; its rows: {', '.join(table['rows'])}")
+    try:
+        table = read_table(args.table, args.default)
+    except ValueError as err:
+        parser.error(str(err))
     comparisons = compare(table, args.default)
     command = public_command(["python", "experiments/mteb/targets.py", *argv])
     text = render(table, comparisons, args.default, command)
     print(text)
     if args.out is not None:
         data = {"backbone": table["backbone"], "default": args.default, "command": command,
-                "comparisons": [asdict(c) | {"margin": c.margin, "verdict": c.verdict} for c in comparisons],
+                "comparisons": [c.record() for c in comparisons],
                 "table": table.get("provenance")}  # fmt: skip
         write_result(args.out.with_suffix(""), data, text)
     return 0

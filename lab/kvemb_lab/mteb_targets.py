@@ -12,8 +12,10 @@ mteb's main scores in the table.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kvemb_lab.mteb_table import BASELINES, POSTS, TASK_TYPES, held_out_tasks, row_name, type_means
@@ -53,6 +55,19 @@ class Comparison:
         if self.margin <= 0:
             return "misses"  # a measured baseline is ahead: no missing one can change that
         return "leads so far" if self.missing else "met"
+
+    def record(self) -> dict[str, Any]:
+        """The comparison as written to JSON: its fields and what they decide."""
+        return asdict(self) | {"margin": self.margin, "verdict": self.verdict}
+
+
+def read_table(path: Path, default: str) -> dict[str, Any]:
+    """A backbone's table.json (``run_table.py``), refused with a ``ValueError`` that names its rows when it has no
+    default row ``default`` -- a misspelt row would otherwise read as "default not measured" everywhere."""
+    table = json.loads(path.read_text(encoding="utf-8"))
+    if default not in table["rows"]:
+        raise ValueError(f"{path} has no row {default!r}; its rows: {', '.join(table['rows'])}")
+    return table
 
 
 def compare(table: Mapping[str, Any], default: str = "kv") -> list[Comparison]:
@@ -103,6 +118,38 @@ def render(table: Mapping[str, Any], comparisons: list[Comparison], default: str
     lines += ["A baseline counts on a type only when it has every task of it; `leads so far`: ahead of the baselines "
               "measured, with some not measured.", "", f"Command: `{command}`", ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def render_summary(comparisons: Mapping[str, list[Comparison]], default: str, command: str) -> str:
+    """Every backbone's verdicts side by side (``comparisons`` by backbone, from :func:`compare`): one table per
+    post-processing and scope, a row per backbone, a cell per kind -- the default build minus the best baseline,
+    which is named, and the verdict wherever it is not ``met``. Cross-backbone claims ("missed on classification
+    twice") are read here, not assembled by hand from several files."""
+    lines = [f"# MTEB targets on every backbone, default row `{default}`", ""]
+    for scope in (ALL, HELD_OUT):
+        for post in ("whiten", "none"):
+            found = {name: {c.kind: c for c in listed if (c.tasks, c.post) == (scope, post)}
+                     for name, listed in comparisons.items()}  # fmt: skip
+            kinds = [kind for kind in KINDS if any(kind in cells for cells in found.values())]
+            if not kinds:
+                continue
+            lines += [f"## {scope.capitalize()} tasks, post-processing `{post}`", "", "| backbone | " + " | ".join(kinds) + " |",
+                      "|" + "---|" * (len(kinds) + 1)]  # fmt: skip
+            lines += [f"| {name} | " + " | ".join(_summary_cell(cells.get(kind)) for kind in kinds) + " |"
+                      for name, cells in found.items()]  # fmt: skip
+            lines.append("")
+    lines += ["A cell: the default build minus the best baseline with the same post-processing (negative: it loses), "
+              "that baseline, and the verdict unless `met`.", "", f"Command: `{command}`", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _summary_cell(comparison: Comparison | None) -> str:
+    if comparison is None:
+        return "–"
+    if comparison.best is None or comparison.margin is None:
+        return comparison.verdict
+    cell = f"{comparison.margin:+.4f} vs {comparison.best[0]}"
+    return cell if comparison.verdict == "met" else f"{cell} (**{comparison.verdict}**)"
 
 
 def _comparison_lines(comparisons: list[Comparison]) -> list[str]:
