@@ -127,14 +127,14 @@ def render_summary(comparisons: Mapping[str, list[Comparison]], default: str, co
     twice") are read here, not assembled by hand from several files."""
     lines = [f"# MTEB targets on every backbone, default row `{default}`", ""]
     for scope in (ALL, HELD_OUT):
-        for post in ("whiten", "none"):
+        for post in POSTS[::-1]:  # whitened first: the folder as built
             found = {name: {c.kind: c for c in listed if (c.tasks, c.post) == (scope, post)}
                      for name, listed in comparisons.items()}  # fmt: skip
             kinds = [kind for kind in KINDS if any(kind in cells for cells in found.values())]
             if not kinds:
                 continue
-            lines += [f"## {scope.capitalize()} tasks, post-processing `{post}`", "", "| backbone | " + " | ".join(kinds) + " |",
-                      "|" + "---|" * (len(kinds) + 1)]  # fmt: skip
+            lines += [f"## {scope.capitalize()} tasks, post-processing `{post}`", "",
+                      "| backbone | " + " | ".join(kinds) + " |", "|" + "---|" * (len(kinds) + 1)]  # fmt: skip
             lines += [f"| {name} | " + " | ".join(_summary_cell(cells.get(kind)) for kind in kinds) + " |"
                       for name, cells in found.items()]  # fmt: skip
             lines.append("")
