@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvemb_lab.evaluation import markdown_table
 from kvemb_lab.mteb_table import BASELINES, POSTS, TASK_TYPES, held_out_tasks, row_name, type_means
 
 MOONSHOT = 0.02  # the overall margin over the best baseline
@@ -133,11 +134,10 @@ def render_summary(comparisons: Mapping[str, list[Comparison]], default: str, co
             kinds = [kind for kind in KINDS if any(kind in cells for cells in found.values())]
             if not kinds:
                 continue
+            rows = [{"backbone": name} | {kind: _summary_cell(cells.get(kind)) for kind in kinds}
+                    for name, cells in found.items()]  # fmt: skip
             lines += [f"## {scope.capitalize()} tasks, post-processing `{post}`", "",
-                      "| backbone | " + " | ".join(kinds) + " |", "|" + "---|" * (len(kinds) + 1)]  # fmt: skip
-            lines += [f"| {name} | " + " | ".join(_summary_cell(cells.get(kind)) for kind in kinds) + " |"
-                      for name, cells in found.items()]  # fmt: skip
-            lines.append("")
+                      markdown_table(rows, ["backbone", *kinds])]  # fmt: skip
     lines += ["A cell: the default build minus the best baseline with the same post-processing (negative: it loses), "
               "that baseline, and the verdict unless `met`.", "", f"Command: `{command}`", ""]  # fmt: skip
     return "\n".join(lines)
@@ -146,7 +146,7 @@ def render_summary(comparisons: Mapping[str, list[Comparison]], default: str, co
 def _summary_cell(comparison: Comparison | None) -> str:
     if comparison is None:
         return "–"
-    if comparison.best is None or comparison.margin is None:
+    if comparison.margin is None:  # no default or no baseline measured
         return comparison.verdict
     cell = f"{comparison.margin:+.4f} vs {comparison.best[0]}"
     return cell if comparison.verdict == "met" else f"{cell} (**{comparison.verdict}**)"
