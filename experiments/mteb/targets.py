@@ -13,15 +13,14 @@ from pathlib import Path
 from kvemb_st.public_paths import public_command
 
 from kvemb_lab.evaluation import write_result
-from kvemb_lab.mteb_targets import compare, read_table, render
+from kvemb_lab.mteb_targets import add_target_options, compare, read_table, render
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("table", type=Path, help="a backbone's table.json (run_table.py, test splits)")
-    parser.add_argument("--default", default="kv", help="the default build's row without its _whiten suffix")
-    parser.add_argument("--out", type=Path, help="write <out>.md and <out>.json")
+    add_target_options(parser)
     args = parser.parse_args(argv)
     try:
         table = read_table(args.table, args.default)

@@ -12,6 +12,7 @@ mteb's main scores in the table.
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -71,6 +72,12 @@ def read_table(path: Path, default: str) -> dict[str, Any]:
     return table
 
 
+def add_target_options(parser: argparse.ArgumentParser) -> None:
+    """The options of every script that reads targets off test tables (``targets.py``, ``summary.py``)."""
+    parser.add_argument("--default", default="kv", help="the default build's row without its _whiten suffix")
+    parser.add_argument("--out", type=Path, help="write <out>.md and <out>.json")
+
+
 def compare(table: Mapping[str, Any], default: str = "kv") -> list[Comparison]:
     """One :class:`Comparison` per post-processing and kind, over all tasks and (test splits) the held-out ones;
     ``default`` is the default build's method row (``kv``, or ``kv_<candidate>`` where the table's default build
@@ -100,7 +107,7 @@ def render(table: Mapping[str, Any], comparisons: list[Comparison], default: str
     """The comparisons as Markdown, one line per post-processing and kind, then the moonshot, then the same
     comparisons over the held-out tasks."""
     lines = [f"# MTEB targets: {table['backbone']} ({table['splits']} splits), default row `{default}`", ""]
-    lines += _comparison_lines([c for c in comparisons if c.tasks == ALL])
+    lines += _comparison_table([c for c in comparisons if c.tasks == ALL]).splitlines()
     whitened = next(c for c in comparisons if (c.tasks, c.post, c.kind) == (ALL, "whiten", "overall"))
     margin = whitened.margin
     if margin is None:
@@ -115,7 +122,7 @@ def render(table: Mapping[str, Any], comparisons: list[Comparison], default: str
     if held_out:
         names = held_out_tasks(table["task_types"])
         lines += [f"## Held out: the {len(names)} tasks no default was chosen on", "", ", ".join(names), ""]
-        lines += [*_comparison_lines(held_out), ""]
+        lines += [*_comparison_table(held_out).splitlines(), ""]
     lines += ["A baseline counts on a type only when it has every task of it; `leads so far`: ahead of the baselines "
               "measured, with some not measured.", "", f"Command: `{command}`", ""]  # fmt: skip
     return "\n".join(lines)
@@ -152,15 +159,12 @@ def _summary_cell(comparison: Comparison | None) -> str:
     return cell if comparison.verdict == "met" else f"{cell} (**{comparison.verdict}**)"
 
 
-def _comparison_lines(comparisons: list[Comparison]) -> list[str]:
-    head = ["post", "type", "default", "best baseline", "margin", "verdict", "not measured"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-
+def _comparison_table(comparisons: list[Comparison]) -> str:
     def number(value: float | None, sign: bool = False) -> str:
         return "–" if value is None else (f"{value:+.4f}" if sign else f"{value:.4f}")
 
-    for c in comparisons:
-        best = "–" if c.best is None else f"{c.best[0]} {c.best[1]:.4f}"
-        cells = [c.post, c.kind, number(c.default), best, number(c.margin, sign=True), c.verdict, ", ".join(c.missing)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+    rows = [{"post": c.post, "type": c.kind, "default": number(c.default),
+             "best baseline": "–" if c.best is None else f"{c.best[0]} {c.best[1]:.4f}",
+             "margin": number(c.margin, sign=True), "verdict": c.verdict, "not measured": ", ".join(c.missing)}
+            for c in comparisons]  # fmt: skip
+    return markdown_table(rows, ["post", "type", "default", "best baseline", "margin", "verdict", "not measured"])
