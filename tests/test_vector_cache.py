@@ -1,7 +1,10 @@
-"""The lab's vector cache (lab/kvemb_lab/vector_cache.py): a sibling read out of another model's forward pass.
+"""The lab's vector cache (lab/kvemb_lab/vector_cache.py): a sibling read out of another model's forward pass, and
+two runs sharing one task.
 
 ``mean`` and ``last`` run the same plain forward; the MTEB table embeds each text once for both. The sibling's cached
-vectors must be what the sibling model returns on its own, on every side, with padding in the batch.
+vectors must be what the sibling model returns on its own, on every side, with padding in the batch. Two runs of the
+same task (one ``shortest_first``) must split the texts between them, never embed one twice, and both return what
+the model gives on its own.
 """
 
 from __future__ import annotations
@@ -58,3 +61,38 @@ def test_a_model_of_another_forward_pass_is_no_sibling(tiny_llama, tmp_path):
         with pytest.raises(ValueError, match="pools intermediate layers, averages the text's own tokens or chunks"):
             CachedEncode(first, tmp_path, siblings=[other])
     assert not list(tmp_path.iterdir())  # refused before any cache file was made
+
+
+def test_two_runs_of_one_task_meet_in_the_middle(tiny_llama, tmp_path):
+    """A run embeds longest first, chunk by chunk; a second run started beside it (shortest first, its own process
+    in real use, its own model object here) embeds from the other end, and each skips what the other has cached."""
+    first, second = (kvemb_st.from_base(tiny_llama, method="mean") for _ in range(2))
+    expected = own_vectors(first, TEXTS, "encode")
+    longest = sorted(TEXTS, key=len, reverse=True)
+    lanes = {"first": CachedEncode(first, tmp_path, chunk=2),
+             "second": CachedEncode(second, tmp_path, chunk=2, shortest_first=True)}  # fmt: skip
+    assert lanes["first"].cache.path == lanes["second"].cache.path
+    embedded = {name: [] for name in lanes}
+
+    def recording(name):
+        original = lanes[name].embed
+
+        def embed(texts, *args):
+            embedded[name].append(texts)
+            if name == "first" and len(embedded["first"]) == 1:  # the second run starts during the first's chunk 1
+                second.encode(longest[2:], batch_size=2)  # ...and is done with its end meanwhile
+            return original(texts, *args)
+
+        lanes[name].embed = embed
+
+    for name in lanes:
+        recording(name)
+    got = first.encode(TEXTS, batch_size=2)
+
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert embedded["first"] == [longest[:2]]  # its first chunk only: the rest was cached before it got there
+    assert embedded["second"] == [longest[2:][::-1][:2], longest[2:][::-1][2:]]  # shortest first
+    assert lanes["first"].counts.embedded == 2 and lanes["first"].counts.cached == len(TEXTS) - 2
+    assert lanes["second"].counts.embedded == len(TEXTS) - 2
+    np.testing.assert_allclose(second.encode(TEXTS, batch_size=2), expected, atol=1e-5)  # all cached, none twice
+    assert lanes["second"].counts.embedded == len(TEXTS) - 2

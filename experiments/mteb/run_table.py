@@ -7,7 +7,8 @@ Rows: the baselines from ``kvemb_st.from_base(base, method=m)`` and ``kv`` = the
 without post-processing and with the default whitening; mteb's result files per row under
 ``results/mteb/<backbone>/<row>/``, the table in ``results/mteb/<backbone>/table.{md,json}`` (``table_full``
 with ``--full``, ``table_dev`` with ``--splits dev``). Stopped, the same command resumes: finished tasks are
-kept and every text already embedded is read from ``--cache-dir``.
+kept and every text already embedded is read from ``--cache-dir``. The same command again with ``--shortest-first``,
+started beside the first, puts a second core on the same tasks.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--full", action="store_true", help="every example (default: RULE.md's cap of 1,000, seed 0)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--kv-row", default="kv", help="row name of --kv-folder: kv_<candidate> for a candidate build")
+    parser.add_argument("--shortest-first", action="store_true",
+                        help="embed the shortest texts first: started beside a run of the same command, the two "
+                        "share the cache and meet in the middle (two cores on one long task)")
     return parser.parse_args(argv)
 
 
@@ -53,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         methods=split(args.methods), posts=split(args.post),
         tasks=split(args.tasks) if args.tasks else None, splits=args.splits,
         sampling=Sampling() if args.full else CAPPED, batch_size=args.batch_size, kv_row=args.kv_row,
+        shortest_first=args.shortest_first,
     )  # fmt: skip
     table = run_table(plan, log=lambda line: print(line, flush=True))
     print(table.json_path.with_suffix(".md").read_text(encoding="utf-8"))

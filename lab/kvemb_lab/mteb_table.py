@@ -117,6 +117,7 @@ class TablePlan:
     sampling: Sampling = CAPPED
     batch_size: int = 32
     kv_row: str = "kv"  # the rows of kv_folder: "kv" for the default build, another name for a candidate build
+    shortest_first: bool = False  # embed shortest texts first: a second run of the same tasks beside a first
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS] + [p for p in self.posts if p not in POSTS]
@@ -376,7 +377,8 @@ def run_table(plan: TablePlan, log: Any = print) -> Table:
         model, post = (siblings.pop(method), None) if method in siblings else load_method(plan, method)
         same = sibling_methods(plan, model, plan.methods[index + 1 :])
         siblings |= {other: load_method(plan, other)[0] for other in same if other not in siblings}
-        encode = CachedEncode(model, plan.cache_dir, siblings=[siblings[other] for other in same])
+        encode = CachedEncode(model, plan.cache_dir, siblings=[siblings[other] for other in same],
+                              shortest_first=plan.shortest_first)
         raw_revision = model.model_card_data.base_model_revision
         if post is None and "whiten" in posts:  # a baseline: fitted as kvemb build fits it, through the cache
             post = fit_build_whitening(model, plan.batch_size)[-1]

@@ -8,6 +8,10 @@ a stopped run resumes with everything it had embedded. Methods that differ only 
 (:func:`forward_signature`). A cache file belongs to one raw model (its content
 revision; the file name also carries the model's name, for people); a row is the side (the embedding module's own
 ``side_for``, plus any extra prompt) and the sha256 of the text.
+
+Two runs of the same task can share one long job (two cores, one Imdb): texts are embedded longest first, or
+shortest first for the second run, and each chunk asks the cache again first, so the runs skip what the other
+embedded meanwhile and meet in the middle.
 """
 
 from __future__ import annotations
@@ -168,9 +172,13 @@ class CachedEncode:
     applied for the call's side, as its ``forward`` would. The cache file is found by the raw pipeline's content
     revision (post-processing left out, see :func:`cache_path`), so a changed knob or base model never reads another's
     vectors. ``siblings``: models of the same forward pass (:func:`sibling`) whose caches get their vectors of every
-    text embedded here, from the same forward pass."""
+    text embedded here, from the same forward pass. ``shortest_first``: the order for a second run beside a first
+    (module docstring)."""
 
-    def __init__(self, model: Any, cache_dir: str | Path, chunk: int = DEFAULT_CHUNK, siblings: Sequence[Any] = ()) -> None:
+    def __init__(
+        self, model: Any, cache_dir: str | Path, chunk: int = DEFAULT_CHUNK, siblings: Sequence[Any] = (),
+        shortest_first: bool = False,
+    ) -> None:
         config = getattr(model[0], "config", None)
         sides = {name or "default": config.side(name) for name in (None, *config.sides)} if config is not None else {}
         after = [name for name, side in sides.items() if side.long_inputs == "chunk" and side.chunk_combine == "after"]
@@ -179,7 +187,7 @@ class CachedEncode:
                 f"side(s) {after} combine their chunk vectors after the post-processing, which needs every chunk's "
                 "vector; the cache holds one raw vector per text, so it cannot serve this model: run it uncached"
             )
-        self.model, self.chunk = model, chunk
+        self.model, self.chunk, self.shortest_first = model, chunk, shortest_first
         self.raw = raw_model(model)
         self.siblings = [sibling(model, other, cache_dir) for other in siblings]  # refused before any file is made
         self.cache = VectorCache(cache_path(self.raw, cache_dir))
@@ -211,17 +219,26 @@ class CachedEncode:
         if prompt is None:
             name = prompt_name if prompt_name is not None else self.model.default_prompt_name
             if name is not None and name not in self.model.prompts:
-                raise ValueError(f"prompt name {name!r} is not one of the model's prompts {sorted(self.model.prompts)}")
+                known = sorted(self.model.prompts)
+                raise ValueError(f"prompt name {name!r} is not one of the model's prompts {known}")
             prompt = self.model.prompts.get(name) if name is not None else None
         side, key = self.side_key(prompt, task)
         keys = [text_key(text) for text in texts]
         found = self.cache.get(key, keys)
-        missing = list(dict.fromkeys(k for k in keys if k not in found))
-        self.counts.cached += len(texts) - len(missing)
         by_key = dict(zip(keys, texts))
+        missing = list(dict.fromkeys(k for k in keys if k not in found))
+        missing.sort(key=lambda k: len(by_key[k]), reverse=not self.shortest_first)  # stable: ties keep their order
+        self.counts.cached += len(texts) - len(missing)
         for start in range(0, len(missing), self.chunk):
             part = missing[start : start + self.chunk]
-            vectors = self.embed([by_key[k] for k in part], part, side, key, prompt, task, batch_size, show_progress_bar)
+            meanwhile = self.cache.get(key, part)  # embedded by another run of the same task since this call began
+            found.update(meanwhile)
+            self.counts.cached += len(meanwhile)
+            part = [k for k in part if k not in meanwhile]
+            if not part:
+                continue
+            batch = [by_key[k] for k in part]
+            vectors = self.embed(batch, part, side, key, prompt, task, batch_size, show_progress_bar)
             self.cache.put(key, part, vectors)
             found.update(zip(part, np.asarray(vectors, dtype=np.float32)))
             self.counts.embedded += len(part)
